@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up this checkout on a Debian 12 machine: system packages, the Python virtualenv
+# (.venv) with every dependency, and the collection link Ansible uses in place.
+# Idempotent; safe to re-run. Caches the tpm2-pytss wheel under $KCRYPT_CACHE
+# (default ~/.cache/kcrypt) but works without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${KCRYPT_CACHE:-$HOME/.cache/kcrypt}
+PYTHON=${PYTHON:-python3}
+
+DEBS=(swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin cryptsetup e2fsprogs util-linux fdisk gdisk
+      iproute2 openssl gcc python3-dev tang curl)
+missing=()
+for p in "${DEBS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip wheel 2>&1 | grep -v "is ignored" || true
+mkdir -p "$CACHE/wheels"
+if ! ls "$CACHE"/wheels/tpm2_pytss-3.0.0-*.whl >/dev/null 2>&1; then
+  echo "setup: building the tpm2-pytss wheel (~30 s, cached in $CACHE/wheels)"
+  .venv/bin/python -m pip wheel -q --no-deps -w "$CACHE/wheels" tpm2-pytss==3.0.0 2>&1 | grep -v "is ignored" || true
+fi
+.venv/bin/python -m pip install -q --find-links "$CACHE/wheels" -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+
+mkdir -p .collections/ansible_collections/kairos
+ln -sfn ../../.. .collections/ansible_collections/kairos/kcrypt
+echo "setup: done ($(.venv/bin/ansible --version | head -1))"
