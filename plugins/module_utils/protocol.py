@@ -87,6 +87,11 @@ NONCE_WHEN_SUPPORTED = "when-supported"
 NONCE_REQUIRED = "required"
 NONCE_MODES = (NONCE_OFF, NONCE_WHEN_SUPPORTED, NONCE_REQUIRED)
 
+# Endpoints (the server serves exactly these paths at the root, spec §2.A transport)
+ATTESTATION_PATH = "/tpm-attestation"
+GET_PASS_PATH = "/getPass"
+POST_PASS_PATH = "/postPass"
+
 # Legacy protocol
 BEARER_PREFIX = "Bearer TPM"
 GENERATED_BY_TPM = "tpm"
