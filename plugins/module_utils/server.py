@@ -97,6 +97,14 @@ class _Abort(Exception):
         self.close_code = close_code
 
 
+def _json_error(text):
+    return protocol.write_json({"error": text})
+
+
+def _legacy_error(text):
+    return protocol.legacy_payload(error=text)
+
+
 class Metrics:
     """Counters and a latency histogram in the Prometheus text format (no client library needed)."""
 
@@ -198,13 +206,16 @@ class Challenger:
         await ws.prepare(request)
         return ws
 
-    async def _read(self, ws, what, stage_prefix):
-        """One frame's data, or _Abort: a timeout, an oversized frame, or the node hanging up."""
+    async def _read(self, ws, what, stage_prefix, reply):
+        """One frame's data, or _Abort: a timeout, an oversized frame, or the node hanging up.
+
+        ``reply(text)`` makes the error frame of the protocol in use.
+        """
         try:
             msg = await ws.receive(timeout=self.read_timeout)
         except asyncio.TimeoutError:
             detail = "%sno %s within %gs" % (stage_prefix, what, self.read_timeout)
-            raise _Abort(OUTCOME_TIMEOUT, detail, message=detail) from None
+            raise _Abort(OUTCOME_TIMEOUT, detail, message=reply(detail)) from None
         if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
             return msg.data
         if msg.type == aiohttp.WSMsgType.ERROR:
@@ -258,18 +269,18 @@ class Challenger:
         outcome, detail, extra = OUTCOME_SUCCESS, "", ""
         self.metrics.in_flight += 1
         try:
-            init = await self._read(ws, "attestation init", "WebSocket read: reading attestation init: ")
+            init = await self._read(ws, "attestation init", "WebSocket read: reading attestation init: ", _json_error)
             try:
                 challenge = session.challenge(init)
             except protocol.StageError as error:
-                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=protocol.write_json({"error": str(error)})) from None
+                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
             await ws.send_str(protocol.write_json(challenge))
-            proof = await self._read(ws, "proof", "Proof read: reading proof: ")
+            proof = await self._read(ws, "proof", "Proof read: reading proof: ", _json_error)
             try:
                 verified = session.verify(proof)
             except protocol.StageError as error:
                 kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
-                raise _Abort(kind, str(error), message=protocol.write_json({"error": str(error)})) from None
+                raise _Abort(kind, str(error), message=_json_error(str(error))) from None
             extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
             try:
                 passphrase = await self._store(
@@ -278,7 +289,7 @@ class Challenger:
                 )
             except PolicyRejection as error:
                 text = "%s: %s" % (protocol.STAGE_VERIFY, error)
-                raise _Abort(OUTCOME_REJECTED, text, message=protocol.write_json({"error": text})) from None
+                raise _Abort(OUTCOME_REJECTED, text, message=_json_error(text)) from None
             except Exception as error:  # the store failed: close with 1011 so the node retries
                 raise self._internal_error("issuing a passphrase for TPM %s" % verified.tpm_hash, error) from None
             if not passphrase:
@@ -301,14 +312,14 @@ class Challenger:
         try:
             auth = protocol.LegacyAuth(request.headers.get("Authorization", ""))
         except protocol.ProtocolError as error:
-            raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=protocol.legacy_payload(error=str(error))) from None
+            raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_legacy_error(str(error))) from None
         await ws.send_bytes(auth.challenge_frame())
-        answer = await self._read(ws, "challenge response", "")
+        answer = await self._read(ws, "challenge response", "", _legacy_error)
         try:
             auth.check_answer(answer)
         except protocol.Rejection as error:
             text = "TPM authentication failed: %s" % error
-            raise _Abort(OUTCOME_REJECTED, text, message=protocol.legacy_payload(error=text)) from None
+            raise _Abort(OUTCOME_REJECTED, text, message=_legacy_error(text)) from None
         return auth.tpm_hash
 
     async def handle_get_pass(self, request):
@@ -349,15 +360,15 @@ class Challenger:
         self.metrics.in_flight += 1
         try:
             tpm_hash = await self._legacy_auth(request, ws)
-            frame = await self._read(ws, "passphrase payload", "")
+            frame = await self._read(ws, "passphrase payload", "", _legacy_error)
             try:
                 payload = protocol.parse_legacy_payload(frame)
             except protocol.ProtocolError as error:
-                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=protocol.legacy_payload(error=str(error))) from None
+                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_legacy_error(str(error))) from None
             try:
                 created = await self._store(self.policy.legacy_post_pass, tpm_hash, partition, payload)
             except PolicyRejection as error:
-                raise _Abort(OUTCOME_REJECTED, str(error), message=protocol.legacy_payload(error=str(error))) from None
+                raise _Abort(OUTCOME_REJECTED, str(error), message=_legacy_error(str(error))) from None
             except Exception as error:
                 raise self._internal_error("storing the passphrase of TPM %s" % tpm_hash, error) from None
             extra = " stored=%s" % ("new" if created else "kept-existing")
@@ -405,10 +416,10 @@ async def start(challenger, host, port, ssl_context=None):
     runner = web.AppRunner(
         challenger.application(), access_log=None, handle_signals=False,
         max_field_size=MAX_HEADER_SIZE, max_line_size=MAX_HEADER_SIZE,
-        keepalive_timeout=challenger.read_timeout,
+        keepalive_timeout=challenger.read_timeout, shutdown_timeout=5.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024, shutdown_timeout=5.0)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
     try:
         await site.start()
     except OSError as error:
