@@ -187,3 +187,18 @@ def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node):
             client.get_passphrase(_config(kms, node, attempts=30, retry_delay=1.0), PERSISTENT)
         assert time.monotonic() - started < 5  # not retried
         assert "wss://127.0.0.1:%d/tpm-attestation" % port in str(info.value)
+
+
+def test_mdns_announced_kms(tmp_path, node):
+    """kcrypt-challenger --mdns-host announces on 127.0.0.1; the client resolves the .local name and dials ip:port."""
+    import os
+
+    port = _free_port()
+    host = "kcrypt-wire-%d.local" % os.getpid()
+    args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
+            "--mdns-host", host, "--mdns-interface", "127.0.0.1"]
+    with ChallengerProcess(args, port, log_path=str(tmp_path / "kms.log")):
+        config = client.ClientConfig("http://%s" % host, mdns=True, mdns_interfaces=["127.0.0.1"], mdns_timeout=10,
+                                     tpm_device=node.tcti, attempts=2, retry_delay=0.1)
+        assert len(client.get_passphrase(config, PERSISTENT)) == 44
+    assert "announcing %s on mDNS" % host in open(str(tmp_path / "kms.log")).read()
