@@ -276,3 +276,38 @@ def tpm_public_to_key(public):
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     return rsa.RSAPublicNumbers(public.parameters.rsaDetail.exponent or 65537, int.from_bytes(bytes(public.unique.rsa), "big")).public_key()
+
+
+def test_ek_nonce_in_nv_is_honoured(swtpm_plain, tmp_path):
+    """A nonce at NV 0x01c00003 goes into the template's unique field (TCG EK profile, go-attestation).
+
+    tpm2_createek ignores the nonce and tpm2_createprimary 5.4 fails on --unique-data, so the
+    expectation comes from CreatePrimary with the TCG low-range template spelled out here by hand.
+    """
+    import tpm2_pytss as tss
+
+    env = tools_env(swtpm_plain)
+    nonce = b"kairos-ek-nonce"
+    (tmp_path / "nonce").write_bytes(nonce)
+    subprocess.run(["tpm2_nvdefine", "0x01c00003", "-C", "o", "-s", str(len(nonce)), "-a", "ownerread|ownerwrite|authread|authwrite"],
+                   env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x01c00003", "-C", "o", "-i", str(tmp_path / "nonce")], env=env, check=True, capture_output=True)
+    template = tss.TPM2B_PUBLIC(publicArea=tss.TPMT_PUBLIC(
+        type=tss.TPM2_ALG.RSA,
+        nameAlg=tss.TPM2_ALG.SHA256,
+        objectAttributes=tss.TPMA_OBJECT.FIXEDTPM | tss.TPMA_OBJECT.FIXEDPARENT | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | tss.TPMA_OBJECT.ADMINWITHPOLICY | tss.TPMA_OBJECT.RESTRICTED | tss.TPMA_OBJECT.DECRYPT,
+        authPolicy=bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa"),
+        parameters=tss.TPMU_PUBLIC_PARMS(rsaDetail=tss.TPMS_RSA_PARMS(
+            symmetric=tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.AES, keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
+                                              mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB)),
+            scheme=tss.TPMT_RSA_SCHEME(scheme=tss.TPM2_ALG.NULL), keyBits=2048, exponent=0)),
+        unique=tss.TPMU_PUBLIC_ID(rsa=nonce + b"\x00" * (256 - len(nonce))),
+    ))
+    with TPM(swtpm_plain.tcti) as tpm:
+        handle, public = tpm.esys.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)[:2]
+        tpm.esys.flush_context(handle)
+        expected = int.from_bytes(bytes(public.publicArea.unique.rsa), "big")
+        ek = tpm.endorsement_key()
+    assert ek.public_key.public_numbers().n == expected
+    assert ek.tpm_hash != tpm2_tools_hash(swtpm_plain, tmp_path)  # without the nonce the key differs
