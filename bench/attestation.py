@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
@@ -273,7 +272,7 @@ class TangClient:
         writer.write_eof()  # tangd serves requests until EOF on stdin; clevis sends just this one
         response = await reader.read()
         writer.close()
-        head, _, payload = response.partition(b"\r\n\r\n")
+        head, _sep, payload = response.partition(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError("tang recovery failed: %r" % head[:80])
         elapsed = time.perf_counter() - started
@@ -401,13 +400,13 @@ def print_rows(title, rows):
     print(title)
     print("  %-30s %8s %10s %9s %9s %17s" % ("scenario", "n", "ops/s", "p50 ms", "p99 ms", "server CPU ms/op"))
     for row in rows:
-        print("  %-30s %8d %10.0f %9.1f %9.1f %17.3f" % (row["scenario"], row["n"], row["per_s"], row["p50_ms"],
-                                                        row["p99_ms"], row["cpu_ms"]))
+        values = (row["scenario"], row["n"], row["per_s"], row["p50_ms"], row["p99_ms"], row["cpu_ms"])
+        print("  %-30s %8d %10.0f %9.1f %9.1f %17.3f" % values)
     sys.stdout.flush()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--clients", type=int, default=50, help="concurrent nodes in the closed-loop scenarios")
     parser.add_argument("--rounds", type=int, default=20, help="attestations per node in the closed-loop scenarios")
     parser.add_argument("--burst", type=int, default=500, help="nodes connecting at once in the burst scenario")

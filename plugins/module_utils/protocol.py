@@ -894,7 +894,7 @@ class LegacyAuth:
         ek_pem, params = parse_legacy_token(authorization)
         self.ek = load_ek_pem(ek_pem)
         self.tpm_hash = identity.tpm_hash(self.ek)
-        _, self._secret, self._credential = generate_challenge(self.ek, params)
+        _ak, self._secret, self._credential = generate_challenge(self.ek, params)
 
     def challenge_frame(self):
         return legacy_challenge(self._credential)
