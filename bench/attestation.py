@@ -11,6 +11,8 @@ Each run starts fresh servers and measures, in this order:
 * kcrypt ws://  enrolled      — ``--clients`` nodes attest ``--rounds`` times each, closed loop;
 * kcrypt ws://  burst         — ``--burst`` enrolled nodes connect at the same moment, once each;
 * kcrypt wss:// enrolled      — as above over TLS terminated in the challenger process;
+* aiohttp floor              — the same four messages against a bare aiohttp handler (no
+  crypto, no store, no logging): what the WebSocket exchange alone costs on this machine;
 * tang          recovery      — ``--clients`` clevis-like clients, one McCallum-Relyea key
   recovery per connection (``POST /rec/<kid>``), tangd spawned per connection like
   Debian's tangd.socket (Accept=yes) does.
@@ -160,6 +162,39 @@ while True:
 """ % {"tangd": TANGD}
 
 
+BARE_SERVER = r"""
+import asyncio, sys
+from aiohttp import web
+
+CHALLENGE = '{"challenge":{"Credential":"%s","Secret":"%s"}}\n' % ("A" * 200, "A" * 344)
+PASSPHRASE = '{"passphrase":"%s"}\n' % ("A" * 60)
+
+
+async def exchange(request):  # the same four messages, no crypto, no store: aiohttp's floor
+    ws = web.WebSocketResponse(compress=False, max_msg_size=65536)
+    await ws.prepare(request)
+    await ws.receive(timeout=10)
+    await ws.send_str(CHALLENGE)
+    await ws.receive(timeout=10)
+    await ws.send_str(PASSPHRASE)
+    await ws.close()
+    return ws
+
+
+app = web.Application()
+app.router.add_get("/tpm-attestation", exchange)
+app.router.add_get("/healthz", lambda request: web.Response(text="ok"))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def start_bare(workdir):
+    port = free_port()
+    process = Process([sys.executable, "-c", BARE_SERVER, str(port)], os.path.join(workdir, "bare.log"))
+    wait_http("http://127.0.0.1:%d/healthz" % port)
+    return process, "ws://127.0.0.1:%d" % port
+
+
 def start_tang(workdir):
     keys = os.path.join(workdir, "tang-keys")
     os.makedirs(keys)
@@ -181,6 +216,8 @@ class Node:
         self.init = protocol.write_json(self.tpm.init_message())
         self.nonce = nonce
         self._quote = None
+        self.bare_proof = protocol.write_json({"secret": "A" * 44, "pcr_quote": {"quote": {"version": "2", "quote": "A" * 196,
+                                               "signature": "A" * 352}, "pcrs": {"0": "A" * 44, "11": "A" * 44, "7": "A" * 44}}})
 
     def proof(self, challenge_text):
         ec = protocol.parse_challenge(json.loads(challenge_text))
@@ -195,7 +232,7 @@ class Node:
         return protocol.write_json(protocol.proof_message(secret, pcr_quote))
 
 
-async def attest(session, url, node, ssl_context):
+async def attest(session, url, node, ssl_context, bare=False):
     import aiohttp
 
     started = time.perf_counter()
@@ -206,7 +243,7 @@ async def attest(session, url, node, ssl_context):
         challenge = await ws.receive()
         if challenge.type != aiohttp.WSMsgType.TEXT:
             raise RuntimeError("no challenge: %r" % (challenge,))
-        await ws.send_str(node.proof(challenge.data))
+        await ws.send_str(node.bare_proof if bare else node.proof(challenge.data))
         answer = await ws.receive()
     if answer.type != aiohttp.WSMsgType.TEXT or "passphrase" not in json.loads(answer.data):
         raise RuntimeError("attestation failed: %r" % (answer.data,))
@@ -328,8 +365,9 @@ def client_process(job, results):
                 latencies = await asyncio.gather(*tasks)
                 return list(latencies), time.perf_counter() - started
             started = time.perf_counter()
+            bare = job["kind"] == "bare"
             latencies = await closed_loop(job, job["rounds"], job["clients"],
-                                          lambda n: attest(session, job["url"], nodes[n % len(nodes)], context))
+                                          lambda n: attest(session, job["url"], nodes[n % len(nodes)], context, bare))
             return latencies, time.perf_counter() - started
 
     try:
@@ -367,6 +405,13 @@ def measure(name, pid, job, children=False):
 def one_run(args, workdir):
     rows = []
     pki = make_pki(workdir)
+    process, url = start_bare(workdir)
+    try:
+        job = {"identities": args.identities, "nonce": False, "kind": "bare", "url": url, "clients": args.clients}
+        run_clients(dict(job, rounds=1))
+        rows.append(measure("aiohttp bare exchange (floor)", process.pid, dict(job, rounds=args.rounds)))
+    finally:
+        process.stop()
     base = {"identities": args.identities, "nonce": not args.head_quotes, "ca": None}
     process, url = start_challenger(os.path.join(workdir, "ws"))
     try:
