@@ -45,6 +45,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import re
 import ssl
 import time
 
@@ -184,8 +185,19 @@ class Challenger:
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_get("/metrics", self.handle_metrics)
+        # Last: a legacy node whose challenger_server ends in "/" asks for "//getPass" (upstream's ServeMux
+        # answers that with a redirect the WebSocket dialer cannot follow, kairos#1248). Serve it.
+        app.router.add_get("/{path:.*}", self.handle_repeated_slashes)
         app.on_cleanup.append(self._cleanup)
         return app
+
+    async def handle_repeated_slashes(self, request):
+        path = re.sub("/{2,}", "/", request.path)
+        handler = {ATTESTATION_PATH: self.handle_attestation, GET_PASS_PATH: self.handle_get_pass,
+                   POST_PASS_PATH: self.handle_post_pass}.get(path)
+        if handler is None or path == request.path:
+            raise web.HTTPNotFound()
+        return await handler(request)
 
     async def _cleanup(self, _app):
         if self._executor is not None:
