@@ -378,16 +378,32 @@ def secret_to_wire(doc):
     return clean
 
 
+def yaml_text(data, all_documents=False, sort_keys=False):
+    """YAML with multi-line strings (PEM keys) as literal blocks, as kubectl shows them."""
+    require("yaml", "to write YAML")
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    if all_documents:
+        return yaml.dump_all(data, Dumper=Dumper, default_flow_style=False, sort_keys=sort_keys, explicit_start=True)
+    return yaml.dump(data, Dumper=Dumper, default_flow_style=False, sort_keys=sort_keys)
+
+
 def dump_yaml(docs):
     """Multi-document YAML of SealedVolumes/Secrets, server-assigned fields removed."""
-    require("yaml", "to write YAML")
     out = []
     for doc in docs:
         doc = strip_server_fields(doc)
         if doc.get("kind") == "Secret":
             doc = secret_to_wire(doc)
         out.append(doc)
-    return yaml.safe_dump_all(out, default_flow_style=False, sort_keys=False, explicit_start=True)
+    return yaml_text(out, all_documents=True)
 
 
 def load_yaml(text, namespace=None):
