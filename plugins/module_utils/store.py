@@ -147,7 +147,8 @@ def open_store(url, **options):
 
     * ``sqlite:///abs/path/kms.db`` (also a bare absolute path) — options:
       ``key_file`` (default ``<db>.key``), ``namespace`` (default ``kcrypt``),
-      ``busy_timeout`` (seconds, default 30).
+      ``busy_timeout`` (seconds, default 30), ``create`` (default true: create the
+      database and key file if missing; false: fail instead).
     * ``kubernetes://`` — options: ``namespace`` (default: the pod's namespace in a
       cluster, else ``kcrypt``), ``kubeconfig`` (path; default: in-cluster config, then
       ``$KUBECONFIG``/``~/.kube/config``), ``context``, ``timeout`` (seconds, default 10).
@@ -163,6 +164,7 @@ def open_store(url, **options):
     if scheme == "kubernetes":
         from ansible_collections.kairos.kcrypt.plugins.module_utils import store_kubernetes
 
+        query.pop("create", None)  # a namespace needs no creating
         return store_kubernetes.KubernetesStore(**query)
     raise StoreError("unsupported store URL %r: use sqlite:///path/to/kms.db or kubernetes://?namespace=NS" % url)
 

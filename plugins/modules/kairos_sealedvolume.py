@@ -238,6 +238,10 @@ secrets:
       partition: label=COS_PERSISTENT
 """
 
+import os
+import shutil
+import tempfile
+
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import registration as reg
@@ -245,11 +249,18 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import Kcrypt
 from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
 
 
-def open_backend(params):
+def open_backend(params, check_mode, scratch_dir):
+    """The store to plan and write against; None when there is nothing to remove from."""
     if params["backend"] == "kubernetes":
         return open_store("kubernetes://", kubeconfig=params["kubeconfig"], context=params["context"],
                           namespace=params["namespace"])
-    return open_store("sqlite://" + params["store_path"], key_file=params["key_file"])
+    path = params["store_path"]
+    if not os.path.exists(path):
+        if params["state"] == "absent":
+            return None
+        if check_mode:  # plan against an empty store without creating the real one
+            path = os.path.join(scratch_dir, "kms.db")
+    return open_store("sqlite://" + path, key_file=params["key_file"] if path == params["store_path"] else None)
 
 
 def wishes(params):
@@ -289,8 +300,12 @@ def main():
         supports_check_mode=True,
     )
     params = module.params
+    scratch = tempfile.mkdtemp(prefix="kairos_sealedvolume-")
     try:
-        store = open_backend(params)
+        reg.validate_tpm_hash(params["tpm_hash"])
+        store = open_backend(params, module.check_mode, scratch)
+        if store is None:
+            module.exit_json(changed=False, sealedvolume={}, secrets=[])
         try:
             if params["state"] == "absent":
                 plan = reg.plan_removal(store, params["tpm_hash"], params["name"])
@@ -315,6 +330,8 @@ def main():
         module.fail_json(msg=missing_required_lib(exc.library), exception=exc.traceback_text)
     except KcryptError as exc:
         module.fail_json(msg=str(exc))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     module.exit_json(**result)
 
 

@@ -1,10 +1,11 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The admin subcommands as a process, against every store backend."""
+"""The admin subcommands of ``kcrypt-challenger``, against every store backend."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -14,39 +15,48 @@ import sys
 import pytest
 import yaml
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils import store_admin
 from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import Policy
 
 HASH = "d" * 64
 PASS = b"Static passphrase with spaces & symbols"
 
-LAUNCHER = r"""
-import sys
-sys.path.insert(0, sys.argv.pop(1))
-import _checkout
-_checkout.setup()
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store_admin
-sys.exit(store_admin.main(sys.argv[1:]))
-"""
 
-
-def admin_command(repo_root):
-    """``kcrypt-challenger`` when the checkout has it (wire branch), else store_admin on its own."""
-    exe = os.path.join(repo_root, "bin", "kcrypt-challenger")
-    if os.path.exists(exe):
-        return [sys.executable, exe]
-    return [sys.executable, "-c", LAUNCHER, os.path.join(repo_root, "bin")]
+class Result(object):
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
 @pytest.fixture
-def admin(repo_root, store_target, subprocess_env):
+def admin(store_target):
+    """Run an admin subcommand in this process (store_admin.main, the code the CLI mounts)."""
     def run(*args, input=None, check=True):
-        result = subprocess.run(admin_command(repo_root) + list(args) + ["--store", store_target.url],
-                                input=input, capture_output=True, env=subprocess_env, timeout=60)
+        stdout, stderr = io.StringIO(), io.StringIO()
+        stdin = io.TextIOWrapper(io.BytesIO(input or b""))
+        code = store_admin.main(list(args) + ["--store", store_target.url], stdin=stdin, stdout=stdout, stderr=stderr)
+        result = Result(code, stdout.getvalue().encode(), stderr.getvalue().encode())
         if check:
-            assert result.returncode == 0, result.stderr.decode()
+            assert code == 0, result.stderr.decode()
         return result
     return run
+
+
+def test_entry_point_reads_the_passphrase_from_stdin(repo_root, store_target, subprocess_env):
+    """The real ``kcrypt-challenger`` process: subcommands mounted, passphrase piped on stdin, never echoed."""
+    command = [sys.executable, os.path.join(repo_root, "bin", "kcrypt-challenger"), "--store", store_target.url]
+    result = subprocess.run(command + ["add", "--tpm-hash", HASH, "--partition", "COS_PERSISTENT", "--passphrase-file", "-"],
+                            input=PASS, capture_output=True, env=subprocess_env, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert PASS not in result.stdout + result.stderr
+    listing = subprocess.run(command + ["list"], capture_output=True, env=subprocess_env, timeout=60)
+    assert listing.returncode == 0 and HASH.encode() in listing.stdout
+    missing = subprocess.run([sys.executable, os.path.join(repo_root, "bin", "kcrypt-challenger"), "--store",
+                              "sqlite:///nonexistent-kcrypt-store-dir/kms.db", "list"], capture_output=True, env=subprocess_env, timeout=60)
+    assert missing.returncode == 1 and b"there is no store at /nonexistent-kcrypt-store-dir/kms.db" in missing.stderr
+    assert not os.path.exists("/nonexistent-kcrypt-store-dir")
+    with store_target.open() as store:
+        assert store.get_secret("tpm-%s-cos-persistent" % HASH[:16])["data"]["passphrase"] == PASS
 
 
 def test_register_static_passphrase_from_stdin_and_serve(admin, store_target):
