@@ -248,7 +248,7 @@ class Challenger:
                 await ws.close(code=abort.close_code, message=abort.detail.encode("utf-8")[:120])
             else:
                 await ws.close()
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+        except (ConnectionError, RuntimeError):
             pass  # the node is gone; nothing left to tell it
 
     def _audit(self, protocol_name, started, outcome, tpm_hash, partition, detail, peer, extra=""):
@@ -309,8 +309,11 @@ class Challenger:
             await ws.send_str(protocol.write_json(protocol.response_message(passphrase=passphrase)))
         except _Abort as error:
             abort, outcome, detail = error, error.outcome, error.detail
-        except (ConnectionError, asyncio.CancelledError) as error:
+        except ConnectionError as error:
             outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
+            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
+            raise
         finally:
             self.metrics.in_flight -= 1
             await self._finish(ws, abort)
@@ -355,8 +358,11 @@ class Challenger:
             ))
         except _Abort as error:
             abort, outcome, detail = error, error.outcome, error.detail
-        except (ConnectionError, asyncio.CancelledError) as error:
+        except ConnectionError as error:
             outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
+            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
+            raise
         finally:
             self.metrics.in_flight -= 1
             await self._finish(ws, abort)
@@ -386,8 +392,11 @@ class Challenger:
             extra = " stored=%s" % ("new" if created else "kept-existing")
         except _Abort as error:
             abort, outcome, detail = error, error.outcome, error.detail
-        except (ConnectionError, asyncio.CancelledError) as error:
+        except ConnectionError as error:
             outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
+            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
+            raise
         finally:
             self.metrics.in_flight -= 1
             await self._finish(ws, abort)
