@@ -95,12 +95,14 @@ def parse_console(name, text, console_log, seconds):
     return BootResult(name, exit_code, "\n".join(output), results, console_log, seconds)
 
 
-def _copy_console(stream, path, started, stamps):
+def _copy_console(stream, path, started, stamps, echo=None):
     """Copy QEMU's console to ``path`` as it comes, noting when each stage marker appears."""
     with open(path, "wb") as log:
         for line in iter(stream.readline, b""):
             log.write(line)
             log.flush()
+            if echo:
+                echo(line.decode(errors="replace").rstrip("\r\n"))
             match = re.search(rb"KCRYPT-VM-(BOOTED|READY|EXIT)", line)
             if match:
                 stamps[match.group(1).decode().lower()] = round(time.monotonic() - started, 2)
@@ -177,10 +179,12 @@ class Machine:
             time.sleep(0.01)
         return process
 
-    def boot(self, payload, name=None, files=None, timeout=None):
+    def boot(self, payload, name=None, files=None, timeout=None, echo=None, interactive=False):
         """Boot once, run ``payload`` (shell) as init's job, return its BootResult.
 
-        ``files`` ({name: text}) are placed next to the payload in /job.
+        ``files`` ({name: text}) are placed next to the payload in /job. ``echo`` is
+        called with each console line as it arrives. ``interactive`` attaches the
+        console to this terminal instead (no log, returns None): for tests/vm/run.py.
         """
         name = name or "boot%d" % (len(self.boots) + 1)
         jobdir = os.path.join(self.directory, "%s-job" % name)
@@ -198,9 +202,13 @@ class Machine:
         started = time.monotonic()
         try:
             swtpm = self._start_swtpm(os.path.join(sockdir, "tpm.sock"), os.path.join(self.directory, "%s.swtpm.log" % name))
-            qemu = subprocess.Popen(self._qemu_args(jobdir, os.path.join(sockdir, "tpm.sock")),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            reader = threading.Thread(target=_copy_console, args=(qemu.stdout, console_log, started, stamps), daemon=True)
+            args = self._qemu_args(jobdir, os.path.join(sockdir, "tpm.sock"))
+            if interactive:
+                qemu = subprocess.Popen(args)
+                qemu.wait()
+                return None
+            qemu = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            reader = threading.Thread(target=_copy_console, args=(qemu.stdout, console_log, started, stamps, echo), daemon=True)
             reader.start()
             try:
                 qemu.wait(timeout=timeout or self.timeout)
