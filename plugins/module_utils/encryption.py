@@ -239,15 +239,16 @@ def _shrink_target(device):
     return available
 
 
-def apply(plans, request, source, log=None):
+def apply(plans, request, source, log=None, results=None):
     """Carry out ``plans`` (from ``plan``). Returns one result dict per partition.
 
     Stops at the first failure: earlier partitions keep their (finished) changes, and an
-    interrupted in-place encryption is finished by running again.
+    interrupted in-place encryption is finished by running again. Pass ``results`` (a
+    list) to keep the results of the partitions done before a failure.
     """
     log = log or (lambda message: None)
     options = effective_options(request.options, source)
-    results = []
+    results = [] if results is None else results
     for item in plans:
         results.append(_apply_partition(item, options, source, log))
     return results
@@ -273,8 +274,8 @@ def _apply_partition(item, options, source, log):
         luks.resume(path, key)
     if item.add_recovery_key:
         log("adding a recovery key to %s" % path)
+        # Not added to source.secrets: the caller must be able to return it (once).
         recovery_key = generate_recovery_key()
-        source.secrets.append(recovery_key)
         slot = luks.add_key(path, key, recovery_key, options)
         luks.import_token(path, {"type": luks.RECOVERY_TOKEN_TYPE, "keyslots": [str(slot)]})
     return result(item, source, applied=True, recovery_key=recovery_key)

@@ -192,3 +192,39 @@ def read_passphrase_file(path, stdin=None):
             return handle.read()
     except OSError as error:
         raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
+
+
+def build(params):
+    """A key source from module options / CLI flags of the same names.
+
+    ``key_source`` (tpm | kms | passphrase), ``passphrase``, ``tpm_device``, ``nv_index``,
+    ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``,
+    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``.
+    """
+    kind = params.get("key_source") or "tpm"
+    tpm_device = params.get("tpm_device") or ""
+    c_index = params.get("c_index") or DEFAULT_C_INDEX
+    if kind == "passphrase":
+        return PassphraseKeySource(params.get("passphrase"))
+    if params.get("passphrase"):
+        raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
+    if kind == "tpm":
+        return TpmKeySource(tpm_device, params.get("nv_index") or DEFAULT_NV_INDEX, c_index)
+    if kind == "kms":
+        from ansible_collections.kairos.kcrypt.plugins.module_utils import client  # wire part; imported when used
+
+        if not params.get("challenger_server"):
+            raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
+        options = {
+            "challenger_server": params["challenger_server"],
+            "certificate": read_certificate(params.get("certificate")),
+            "mdns": bool(params.get("mdns")),
+            "tpm_device": tpm_device,
+            "c_index": parse_persistent_handle(c_index),
+            "protocol": params.get("kms_protocol") or "attestation",
+        }
+        for option, field_name in (("kms_attempts", "attempts"), ("kms_retry_delay", "retry_delay")):
+            if params.get(option) is not None:
+                options[field_name] = params[option]
+        return KmsKeySource(client.ClientConfig(**options))
+    raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))
