@@ -170,8 +170,12 @@ def fetch_passphrase(settings, partition, attempts=DEFAULT_ATTEMPTS, default_pro
     """The passphrase for ``partition`` from the KMS in ``settings`` (bytes). Upstream's GetPassphrase."""
     if not settings.challenger_server:
         raise KcryptError(NO_SERVER_ERROR)
-    from ansible_collections.kairos.kcrypt.plugins.module_utils import client  # the protocol client (branch wire)
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import client  # the protocol client
 
+    # Installing from a LiveCD: the PCRs are not final, let the KMS learn them on the first real boot.
+    livecd = client_config.read_livecd_boot(_config_locations()[1])
+    if livecd:
+        log.debug("LiveCD mode detected - deferring PCR enrollment")
     config = client.ClientConfig(
         challenger_server=settings.challenger_server,
         certificate=client_config.certificate_pem(settings.certificate),
@@ -181,6 +185,7 @@ def fetch_passphrase(settings, partition, attempts=DEFAULT_ATTEMPTS, default_pro
         c_index=settings.c_index,
         attempts=attempts,
         protocol=settings.protocol or default_protocol,
+        defer_pcr_enrollment=livecd,
     )
     return client.get_passphrase(config, partition, log=log)
 
