@@ -182,3 +182,74 @@ def test_plugin_logs_only_to_its_file(node):
     text = node.log_file.read_text()
     assert "DBG Debug mode enabled for plugin mode" in text
     assert "ERR failed getting pass: challenger server URL is required" in text
+
+
+# -- upstream cmd/discovery/cli_test.go, mirrored with assertions that always run --------------------
+
+UPSTREAM_TEST_CONFIG = """kcrypt:
+  challenger:
+    challenger_server: "https://default-server.com:8080"
+    mdns: false
+    certificate: "/default/path/to/cert.pem"
+    nv_index: "0x1500000"
+    c_index: "0x81000008"
+    tpm_device: "/nonexistent/tpm0"
+"""
+
+
+def debug_get(node, *extra):
+    result = node.run("get", "--partition-name=/dev/test", "--partition-uuid=test-uuid",
+                      "--partition-label=test-label", "--attempts=1", *extra)
+    assert result.returncode == 1 and result.stdout == b""
+    return result.stderr.decode()
+
+
+def test_cli_config_values_without_overrides(node):
+    node.config(UPSTREAM_TEST_CONFIG)
+    log = debug_get(node, "--debug")
+    original, final = log.split("Original configuration:")[1].split("Final configuration:")
+    assert "  Server: https://default-server.com:8080" in original
+    assert "  MDNS: false" in original
+    assert "  Certificate: /de" + "*" * 19 + "pem\n" in original  # masked: first and last 3 characters
+    assert "  TPMDevice: /nonexistent/tpm0" in original
+    assert "Overriding" not in log
+    assert "  Server: https://default-server.com:8080" in final
+    assert "/default/path/to/cert.pem" not in log
+    assert log.rstrip().splitlines()[-1].startswith("Error: getting passphrase: ")
+
+
+def test_cli_flags_override_config_and_are_logged(node):
+    node.config(UPSTREAM_TEST_CONFIG)
+    log = debug_get(node, "--challenger-server=https://overridden-server.com:9999", "--mdns",
+                    "--certificate=/overridden/cert.pem", "--debug")
+    assert "Overriding server URL: https://default-server.com:8080 -> https://overridden-server.com:9999" in log
+    assert "Overriding MDNS setting: false -> true" in log
+    assert "Overriding certificate: /de%s -> /ov%s" % ("*" * 19 + "pem", "*" * 14 + "pem") in log
+    final = log.split("Final configuration:")[1]
+    assert "  Server: https://overridden-server.com:9999" in final
+    assert "  MDNS: true" in final
+    # The overridden .local-less server with --mdns fails with upstream's mDNS text, before any TPM work.
+    assert 'domain should end in ".local" when using mdns' in log
+
+
+def test_cli_partition_details_in_debug(node):
+    log = debug_get(node, "--debug", "--attempts=2")
+    details = log.split("Partition details:")[1]
+    for line in ("  Name: /dev/test", "  UUID: test-uuid", "  Label: test-label", "  Attempts: 2"):
+        assert line in details
+
+
+def test_cli_no_debug_output_without_debug(node):
+    node.config(UPSTREAM_TEST_CONFIG)
+    log = debug_get(node)
+    assert "Original configuration" not in log
+    assert "Partition details" not in log
+    assert log.startswith("Error: getting passphrase: ")
+
+
+def test_cli_missing_config_shows_defaults(node):
+    log = debug_get(node, "--debug", "--challenger-server=http://127.0.0.1:9", "--tpm-device=/nonexistent/tpm0")
+    original = log.split("Original configuration:")[1].split("Final configuration:")[0]
+    assert "  Server: \n" in original and "  Certificate: <empty>" in original
+    assert "Overriding server URL:  -> http://127.0.0.1:9" in log
+    assert "Overriding MDNS" not in log and "Overriding certificate" not in log
