@@ -182,3 +182,31 @@ def test_certificate_pem_accepts_text_or_a_file(tmp_path):
     assert client_config.certificate_pem(str(path)) == pem
     with pytest.raises(ConfigError, match="cannot read /nonexistent/ca.pem"):
         client_config.certificate_pem("/nonexistent/ca.pem")
+
+
+@pytest.mark.parametrize("cmdline, livecd", [
+    ("BOOT_IMAGE=/boot/vmlinuz root=live:CDLABEL=KAIROS rd.live.dir=/ rd.live.squashimg=rootfs.squashfs", True),
+    ("root=live:LABEL=KAIROS", True),
+    ("netboot rd.neednet=1", True),
+    ("root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img", False),
+    ("root=LABEL=COS_PASSIVE", False),
+    ("root=LABEL=COS_SYSTEM recovery-mode", False),
+    ("kairos.reset root=live:CDLABEL=KAIROS", False),  # reset is checked first
+    ("kairos.ram root=live:CDLABEL=KAIROS", False),  # in-RAM boot is forced active
+    ("console=tty1", False),
+])
+def test_livecd_detection_non_uki(cmdline, livecd, tmp_path):
+    assert client_config.is_livecd_boot(cmdline, str(tmp_path)) is livecd
+
+
+def test_livecd_detection_uki(tmp_path):
+    efivar = tmp_path / client_config.LOADER_DEVICE_PART_UUID
+    assert client_config.is_livecd_boot("rd.immucore.uki console=ttyS0", str(tmp_path)) is True  # no variable
+    efivar.write_bytes(b"")
+    assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is True  # empty
+    efivar.write_bytes(b"\x06\x00\x00\x00" + "1234-abcd".encode("utf-16-le"))
+    assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is False  # booted from a disk
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=live:CDLABEL=KAIROS\n")
+    assert client_config.read_livecd_boot(str(cmdline), str(tmp_path)) is True
+    assert client_config.read_livecd_boot(str(tmp_path / "absent"), str(tmp_path)) is False
