@@ -18,12 +18,11 @@ import secrets
 import subprocess
 import time
 
-ENV_C = dict(os.environ, LANG="C", LC_ALL="C")
-
-
-def sh(*args, stdin=b"", check=True):
-    """Run a command for test set-up; returns CompletedProcess with text output."""
-    result = subprocess.run(list(args), input=stdin, capture_output=True, env=ENV_C, check=False)
+def sh(*args, stdin=b"", check=True, env=None):
+    """Run a command for test set-up (C locale, extra ``env``); returns the CompletedProcess (bytes)."""
+    environment = dict(os.environ, LANG="C", LC_ALL="C")
+    environment.update(env or {})
+    result = subprocess.run(list(args), input=stdin, capture_output=True, env=environment, check=False)
     if check and result.returncode != 0:
         raise RuntimeError("%s failed (%d): %s" % (" ".join(args), result.returncode, result.stderr.decode(errors="replace")))
     return result
@@ -54,10 +53,16 @@ class LoopDisk:
             args += ["-n", "%d:0:%s" % (number, "+%dM" % size if size else "0"), "-c", "%d:%s" % (number, name)]
         sh(*(args + [self.image]))
         self.loop = sh("losetup", "-f", "--show", self.image).stdout.decode().strip()
-        sh("partx", "-a", self.loop)
-        deadline = time.monotonic() + 5
-        while not all(os.path.exists(p) for p in self.partitions) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            sh("partx", "-a", self.loop)
+            deadline = time.monotonic() + 5
+            while not all(os.path.exists(p) for p in self.partitions):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("partitions of %s did not appear" % self.loop)
+                time.sleep(0.05)
+        except BaseException:
+            self.detach()
+            raise
         return self
 
     @property
@@ -112,7 +117,7 @@ def luks_json(device):
     return json.loads(sh("cryptsetup", "luksDump", "--dump-json-metadata", device).stdout)
 
 
-def test_passphrase(device, passphrase):
+def opens_with(device, passphrase):
     """True if cryptsetup accepts ``passphrase`` for ``device`` (independent of the code under test)."""
     result = sh("cryptsetup", "open", "--test-passphrase", "--key-file", "-", device, stdin=passphrase, check=False)
     return result.returncode == 0
