@@ -67,11 +67,13 @@ def boot(args):
         with open(args.script) as handle:
             payload = handle.read()
     machine = Machine(image.ensure_image(), node_dir, state, disks=disks, forwards=args.forward)
+    previous = [n for n in os.listdir(node_dir) if n.startswith("boot") and n.endswith(".console.log")]
+    name = "boot%d" % (len(previous) + 1)  # keep the logs of earlier boots of this node
     if args.interactive:
-        machine.boot(payload, interactive=True, timeout=None)
+        machine.boot(payload, name=name, interactive=True, timeout=None)
         return 0
     try:
-        result = machine.boot(payload, timeout=args.timeout, echo=print if args.verbose else None)
+        result = machine.boot(payload, name=name, timeout=args.timeout, echo=print if args.verbose else None)
     except VMError as error:
         print(error, file=sys.stderr)
         return 2
