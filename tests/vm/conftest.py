@@ -90,3 +90,21 @@ def persistent_disk(tmp_path):
     path = str(tmp_path / "disk.img")
     make_persistent_disk(path)
     return path
+
+
+@pytest.fixture
+def host_cli(repo_root, subprocess_env):
+    """Run one of the checkout's bin/ entry points on the host: ``host_cli("kcrypt", "--json", ...)`` → CompletedProcess."""
+    import subprocess
+    import sys
+
+    def run(program, *args, check=True, stdin=None):
+        result = subprocess.run(
+            [sys.executable, os.path.join(repo_root, "bin", program)] + list(args),
+            input=stdin, capture_output=True, text=True, env=subprocess_env, check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError("%s %s failed (%d): %s%s" % (program, " ".join(args), result.returncode, result.stdout, result.stderr))
+        return result
+
+    return run
