@@ -4,7 +4,8 @@
 """Fixtures for tests that boot the QEMU VM (see docs/vm.md).
 
 Every test that uses ``vm_image`` (directly or through ``vm_node``) gets the
-``vm`` marker: select with ``pytest -m vm``, skip with ``-m "not vm"``.
+``vm`` marker (registered in pytest.ini): select with ``pytest -m vm``, skip with
+``-m "not vm"``.
 A failing VM test lists the console logs of its boots (kept under its tmp dir).
 """
 
@@ -18,10 +19,6 @@ import pytest
 from support.swtpm import provision
 from vm import image as vm_image_module
 from vm.machine import Machine, make_persistent_disk
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "vm: boots the QEMU test VM with a swtpm vTPM (slow; see docs/vm.md)")
 
 
 def pytest_collection_modifyitems(items):

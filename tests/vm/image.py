@@ -159,15 +159,38 @@ def _builder_digest():
     return digest.hexdigest()
 
 
-def image_inputs():
+def _apt_lists_stamp():
+    """Changes whenever apt's package lists do (apt-get update), and with what we ask apt for."""
+    lists = sorted(glob.glob("/var/lib/apt/lists/*_Packages*"))
+    state = [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in lists]
+    state.append((KERNEL_META, os.environ.get("KCRYPT_VM_KERNEL", ""), GUEST_DEBS))
+    return hashlib.sha256(repr(state).encode()).hexdigest()[:16]
+
+
+def _resolve_all():
+    """(kernel package, [(name, version, arch)] with the kernel first); apt is asked once per apt-get update."""
+    cache = os.path.join(VM_CACHE, "apt-resolved-%s.json" % _apt_lists_stamp())
+    if os.path.exists(cache):
+        with open(cache) as handle:
+            saved = json.load(handle)
+        return saved["kernel"], [tuple(deb) for deb in saved["debs"]]
     kernel = kernel_package()
     # Resolved apart from the guest's packages: its own dependencies (initramfs-tools,
     # coreutils ...) only matter for installing it, and the guest gets only vmlinuz and modules.
     kernel_deb = [deb for deb in resolve_debs((kernel,)) if deb[0] == kernel]
     debs = kernel_deb + resolve_debs(GUEST_DEBS)
+    os.makedirs(VM_CACHE, exist_ok=True)
+    with open(cache + ".tmp", "w") as handle:
+        json.dump({"kernel": kernel, "debs": debs}, handle)
+    os.rename(cache + ".tmp", cache)
+    return kernel, debs
+
+
+def image_inputs():
+    kernel, debs = _resolve_all()
     return {
         "kernel": kernel,
-        "kernel_deb": "%s=%s" % kernel_deb[0][:2],
+        "kernel_deb": "%s=%s" % debs[0][:2],
         "debs": sorted("%s=%s" % (name, version) for name, version, _ in debs[1:]),
         "skip_debs": sorted(SKIP_DEBS),
         "modules": list(GUEST_MODULES),
@@ -333,6 +356,18 @@ def build(inputs, debs, directory, log=print):
         shutil.rmtree(directory + ".tmp", ignore_errors=True)
 
 
+def _prune(keep, days=7):
+    """Remove cached images (~120 MiB each) and apt resolutions nobody used for ``days``."""
+    limit = time.time() - days * 86400
+    for manifest in glob.glob(os.path.join(VM_CACHE, "*", "manifest.json")):
+        directory = os.path.dirname(manifest)
+        if directory != keep and os.path.getmtime(manifest) < limit:
+            shutil.rmtree(directory, ignore_errors=True)
+    for path in glob.glob(os.path.join(VM_CACHE, "apt-resolved-*.json")):
+        if os.path.getmtime(path) < limit:
+            os.unlink(path)
+
+
 def ensure_image(log=print):
     """The cached image for the current inputs, built first when missing."""
     inputs, debs = image_inputs()
@@ -342,6 +377,8 @@ def ensure_image(log=print):
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same image
         if not os.path.exists(os.path.join(directory, "manifest.json")):
             build(inputs, debs, directory, log=log)
+            _prune(keep=directory)
+    os.utime(os.path.join(directory, "manifest.json"))  # last use, for _prune
     with open(os.path.join(directory, "manifest.json")) as handle:
         manifest = json.load(handle)
     return Image(directory, os.path.join(directory, "vmlinuz"), os.path.join(directory, "initrd.img"), manifest)

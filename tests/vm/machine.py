@@ -17,6 +17,7 @@ Markers the guest prints (see guest/init): ``KCRYPT-VM-BOOTED``, ``-READY``,
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 RELAY = os.path.join(HERE, "relay.py")
-HOST_ALIAS = "10.0.2.2"  # the host as QEMU user networking shows it to the guest
+HOST_ALIAS = "10.0.2.2"
+PR_SET_PDEATHSIG = 1  # the host as QEMU user networking shows it to the guest
 
 # Shell prepended to every payload: the project's CLIs on PATH and a helper that
 # reports a value to the host.
@@ -109,6 +111,11 @@ def _copy_console(stream, path, started, stamps, echo=None):
     stream.close()
 
 
+def _die_with_parent():
+    """Runs in the child before exec: SIGTERM it if the test process dies, so no VM outlives its test run."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _stop(process, timeout=5):
     """Stop a process this module started: SIGTERM, then SIGKILL."""
     if process is None or process.poll() is not None:
@@ -152,12 +159,12 @@ class Machine:
             netdev += ",guestfwd=tcp:%s:%d-cmd:%s %s %d" % (HOST_ALIAS, port, sys.executable, RELAY, port)
         args = [
             "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-m", str(self.memory),
-            "-nographic", "-no-reboot",
+            "-nographic", "-vga", "none", "-no-reboot",
             "-kernel", self.image.kernel, "-initrd", self.image.initrd,
             "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",
             "-chardev", "socket,id=chrtpm,path=%s" % tpm_socket,
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0",
-            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
+            "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0,romfile=",  # no iPXE ROM: we boot -kernel
             "-virtfs", "local,path=%s,mount_tag=kcrypt,security_model=none,readonly=on" % self.checkout,
             "-virtfs", "local,path=%s,mount_tag=job,security_model=none,readonly=on" % jobdir,
         ]
@@ -169,7 +176,7 @@ class Machine:
         process = subprocess.Popen(
             ["swtpm", "socket", "--tpm2", "--tpmstate", "dir=%s" % self.tpm_state,
              "--ctrl", "type=unixio,path=%s" % socket_path, "--log", "file=%s,level=1" % log_path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + 5
         while not os.path.exists(socket_path):
@@ -204,10 +211,11 @@ class Machine:
             swtpm = self._start_swtpm(os.path.join(sockdir, "tpm.sock"), os.path.join(self.directory, "%s.swtpm.log" % name))
             args = self._qemu_args(jobdir, os.path.join(sockdir, "tpm.sock"))
             if interactive:
-                qemu = subprocess.Popen(args)
+                qemu = subprocess.Popen(args, preexec_fn=_die_with_parent)
                 qemu.wait()
                 return None
-            qemu = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            qemu = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent)
             reader = threading.Thread(target=_copy_console, args=(qemu.stdout, console_log, started, stamps, echo), daemon=True)
             reader.start()
             try:
@@ -228,6 +236,9 @@ class Machine:
             _stop(swtpm)
             shutil.rmtree(sockdir, ignore_errors=True)
         seconds = time.monotonic() - started
+        with open(console_log, "a") as handle:  # for whoever reads the log later
+            handle.write("\n# kcrypt-vm: %s took %.1f s (host clock, seconds after QEMU started: %s)\n"
+                         % (name, seconds, " ".join("%s=%s" % item for item in stamps.items())))
         with open(console_log, errors="replace") as handle:
             result = parse_console(name, handle.read(), console_log, seconds)
         result.stamps = stamps
