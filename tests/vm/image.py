@@ -356,9 +356,14 @@ def build(inputs, debs, directory, log=print):
         shutil.rmtree(directory + ".tmp", ignore_errors=True)
 
 
-def _prune(keep, days=7):
-    """Remove cached images (~120 MiB each) and apt resolutions nobody used for ``days``."""
+def _prune(keep, debs, days=7):
+    """Remove cached images (~120 MiB each) and apt resolutions nobody used for ``days``,
+    and downloaded packages the current resolution no longer names (superseded versions)."""
     limit = time.time() - days * 86400
+    wanted = {_deb_file(*deb) for deb in debs}
+    for path in glob.glob(os.path.join(DEB_CACHE, "*.deb")):
+        if path not in wanted:
+            os.unlink(path)
     for manifest in glob.glob(os.path.join(VM_CACHE, "*", "manifest.json")):
         directory = os.path.dirname(manifest)
         if directory != keep and os.path.getmtime(manifest) < limit:
@@ -377,7 +382,7 @@ def ensure_image(log=print):
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same image
         if not os.path.exists(os.path.join(directory, "manifest.json")):
             build(inputs, debs, directory, log=log)
-            _prune(keep=directory)
+            _prune(keep=directory, debs=debs)
     os.utime(os.path.join(directory, "manifest.json"))  # last use, for _prune
     with open(os.path.join(directory, "manifest.json")) as handle:
         manifest = json.load(handle)
