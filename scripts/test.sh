@@ -14,7 +14,7 @@ python -m pytest -n "${KCRYPT_TEST_WORKERS:-3}" -q "$@" || status=1
 
 if [ "${KCRYPT_VM_TESTS:-1}" = 1 ]; then  # KCRYPT_VM_TESTS=0 skips them (~5 min on 2 cores)
   step "VM tests (QEMU TCG + swtpm: real dm-crypt, docs/vm.md)"
-  python -m pytest -q tests/vm || status=1
+  python -m pytest -n "${KCRYPT_VM_WORKERS:-2}" -q tests/vm || status=1  # one TCG VM per core
 fi
 
 step "ansible-test sanity"

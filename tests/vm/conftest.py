@@ -22,9 +22,14 @@ from vm.machine import Machine, make_persistent_disk
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if "vm_image" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.vm)
+    slots = [i for i, item in enumerate(items) if "vm_image" in getattr(item, "fixturenames", ())]
+    for index in slots:
+        items[index].add_marker(pytest.mark.vm)
+    # Longest first (a module's VM_BOOTS says how many boots its tests take), so that with
+    # pytest-xdist the long scenarios do not start last and leave one worker idle at the end.
+    ordered = sorted((items[i] for i in slots), key=lambda item: -getattr(item.module, "VM_BOOTS", 1))
+    for index, item in zip(slots, ordered):
+        items[index] = item
 
 
 @pytest.hookimpl(hookwrapper=True)

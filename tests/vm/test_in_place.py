@@ -12,6 +12,8 @@ import os
 from support.loopdisk import LoopDisk, sh
 from support.swtpm import SwTPM
 
+VM_BOOTS = 1  # for the order of the VM suite (tests/vm/conftest.py)
+
 FAST_PBKDF = ("--pbkdf-algorithm", "pbkdf2", "--pbkdf-iteration-count", "1000")
 
 

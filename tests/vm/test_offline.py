@@ -10,6 +10,8 @@ import json
 from support.swtpm import SwTPM
 
 # Cheap PBKDF for tests (the node's defaults are a documented production choice).
+VM_BOOTS = 2  # for the order of the VM suite (tests/vm/conftest.py)
+
 FAST_PBKDF = "--pbkdf-algorithm pbkdf2 --pbkdf-iteration-count 1000"
 
 

@@ -18,6 +18,8 @@ import pytest
 from support.challenger import ChallengerProcess
 from support.swtpm import free_port_pair
 
+VM_BOOTS = 4  # for the order of the VM suite (tests/vm/conftest.py)
+
 FAST_PBKDF = "--pbkdf-algorithm pbkdf2 --pbkdf-iteration-count 1000"
 
 
