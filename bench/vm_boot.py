@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
@@ -33,7 +32,8 @@ step python_start; python3 -c pass
 step import_tpm2_pytss; python3 -c 'import tpm2_pytss'
 step import_cryptography; python3 -c 'import cryptography.x509'
 step tpm_hash; kcrypt-discovery-challenger > /dev/null
-step encrypt_format_fast_pbkdf; kcrypt --json encrypt --mode format --label COS_PERSISTENT --wipe --pbkdf-algorithm pbkdf2 --pbkdf-iteration-count 1000 > /dev/null
+step encrypt_format_fast_pbkdf
+kcrypt --json encrypt --mode format --label COS_PERSISTENT --wipe --pbkdf-algorithm pbkdf2 --pbkdf-iteration-count 1000 >/dev/null
 step unlock_offline; kcrypt --json unlock --label COS_PERSISTENT > /dev/null
 step close; kcrypt --json close --label COS_PERSISTENT > /dev/null
 step cryptsetup_default_argon2_format; printf x | cryptsetup luksFormat --batch-mode --key-file - /dev/vda1
@@ -78,7 +78,7 @@ def main():
 
         result = machine.boot(STEPS, name="steps", echo=echo)
         print("node steps in the guest (one boot, exit %s):" % result.exit_code)
-        for (name, at), (_, until) in zip(marks, marks[1:]):
+        for (name, at), (_next, until) in zip(marks, marks[1:]):
             print("  %-34s %5.1f s" % (name, until - at))
 
 

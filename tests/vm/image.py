@@ -88,13 +88,10 @@ class Image:
     manifest: dict
 
 
-def _run(args, **kwargs):
-    kwargs.setdefault("check", True)
-    kwargs.setdefault("capture_output", True)
-    kwargs.setdefault("text", True)
+def _run(args, cwd=None):
     env = dict(os.environ, LANG="C", LC_ALL="C")
     try:
-        return subprocess.run(args, env=env, **kwargs)
+        return subprocess.run(args, env=env, cwd=cwd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as error:
         raise ImageError("%s failed (exit %d): %s" % (" ".join(args[:3]), error.returncode, (error.stderr or "")[-2000:])) from None
     except FileNotFoundError:
@@ -191,7 +188,7 @@ def image_inputs():
     return {
         "kernel": kernel,
         "kernel_deb": "%s=%s" % debs[0][:2],
-        "debs": sorted("%s=%s" % (name, version) for name, version, _ in debs[1:]),
+        "debs": sorted("%s=%s" % (name, version) for name, version, _arch in debs[1:]),
         "skip_debs": sorted(SKIP_DEBS),
         "modules": list(GUEST_MODULES),
         "wheels": wheel_pins(),
@@ -223,7 +220,7 @@ def _modules_in_order(moddir, wanted):
     by_name = {}
     with open(os.path.join(moddir, "modules.dep")) as handle:
         for line in handle:
-            path, _, rest = line.partition(":")
+            path, _colon, rest = line.partition(":")
             deps[path] = rest.split()
             name = os.path.basename(path).split(".ko")[0].replace("-", "_")
             by_name[name] = path
@@ -313,7 +310,7 @@ def build(inputs, debs, directory, log=print):
         files = download_debs(debs)
         timings["download_s"] = round(time.monotonic() - started, 1)
         kernel_deb = None
-        for (name, _, _), path in zip(debs, files):
+        for (name, _version, _arch), path in zip(debs, files):
             if name == inputs["kernel"]:
                 kernel_deb = path
             elif name not in SKIP_DEBS:

@@ -258,14 +258,14 @@ def make_persistent_disk(path, size_mib=128, label="COS_PERSISTENT", partname="p
     """
     with open(path, "wb") as handle:
         handle.truncate(size_mib * 2**20)
-    run = dict(check=True, capture_output=True, text=True, env=dict(os.environ, LANG="C"))
-    subprocess.run(["sgdisk", "-o", "-n", "1:2048:0", "-c", "1:%s" % partname, path], **run)
-    info = subprocess.run(["sgdisk", "-i", "1", path], **run).stdout
+    env = dict(os.environ, LANG="C")
+    subprocess.run(["sgdisk", "-o", "-n", "1:2048:0", "-c", "1:%s" % partname, path], check=True, capture_output=True, env=env)
+    info = subprocess.run(["sgdisk", "-i", "1", path], check=True, capture_output=True, text=True, env=env).stdout
     first = int(re.search(r"First sector: (\d+)", info).group(1))
     last = int(re.search(r"Last sector: (\d+)", info).group(1))
     sectors = last - first + 1
     args = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-E", "offset=%d" % (first * 512)]
     if content_dir:
         args += ["-d", content_dir]
-    subprocess.run(args + [path, "%dk" % (sectors // 2)], **run)
+    subprocess.run(args + [path, "%dk" % (sectors // 2)], check=True, capture_output=True, env=env)
     return first, sectors

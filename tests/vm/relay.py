@@ -24,7 +24,7 @@ def relay(guest, host):
         selector.register(sock, selectors.EVENT_READ)
     open_reads = 2
     while open_reads:
-        for key, _ in selector.select():
+        for key, _events in selector.select():
             source = key.fileobj
             data = source.recv(65536)
             if data:

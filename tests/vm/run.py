@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Drive the test VM by hand (the tests use the same code through tests/vm/conftest.py).
 
-  tests/vm/run.py build                       build the image if missing; print where it is and its figures
-  tests/vm/run.py boot -c 'cryptsetup --version'
-  tests/vm/run.py boot --node /tmp/n1 --disk new script.sh
-  tests/vm/run.py boot --node /tmp/n1 --disk /tmp/n1/disk.img --forward 8080 -i
+  .venv/bin/python tests/vm/run.py build                       build the image if missing; print where it is and its figures
+  .venv/bin/python tests/vm/run.py boot -c 'cryptsetup --version'
+  .venv/bin/python tests/vm/run.py boot --node /tmp/n1 --disk new script.sh
+  .venv/bin/python tests/vm/run.py boot --node /tmp/n1 --disk /tmp/n1/disk0.img --forward 8080 -i
 
 A node directory keeps the TPM state (``tpm/``, provisioned on first use) and the
 console logs, so boots of one node share their TPM like a real machine. ``--disk new``

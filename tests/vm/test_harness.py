@@ -99,7 +99,7 @@ class _Hello(BaseHTTPRequestHandler):
 
 
 def test_guest_reaches_only_forwarded_host_ports(vm_node):
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Hello) for _ in range(2)]
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Hello) for _server in range(2)]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for thread in threads:
         thread.start()
