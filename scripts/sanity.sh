@@ -23,5 +23,8 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
 done | rsync -a --from0 --files-from=- ./ "$dest/"
 cd "$dest"
 git init -q && git add -A  # ansible-test lists files through git when it sees a repository
-export PATH="$OLDPWD/.venv/bin:$PATH"
+# pyenv's shims need `pyenv init`; put the real interpreters on PATH for other --python versions.
+extra=""
+for d in "$HOME"/.pyenv/versions/3.*/bin; do [ -d "$d" ] && extra="$extra:$d"; done
+export PATH="$OLDPWD/.venv/bin$extra:$PATH"
 exec ansible-test sanity --venv --python "$PYTHON_VERSION" "$@"
