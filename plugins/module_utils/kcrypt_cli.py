@@ -209,8 +209,8 @@ def cmd_cleanupnv(args, stdin, err):
     return nv_area.cleanup(args.tpm_device, args.nv_index, confirmed=True)
 
 
-def _print_partitions(results, out):
-    for entry in results:
+def _print_partitions(report, out):
+    for entry in report["partitions"]:
         what = entry.get("action", "")
         where = entry.get("device") or entry.get("mapper")
         line = "%s: %s%s" % (where, what, "" if entry.get("changed") else " (no change)")
