@@ -61,6 +61,14 @@ options:
       - Resolve the C(.local) host of O(challenger_server) with mDNS (service C(_kcrypt._tcp)).
     type: bool
     default: false
+  mdns_interfaces:
+    description:
+      - Network interfaces (names such as V(eth0), or IPv4 addresses) to send the mDNS query on.
+      - Empty means the E(KCRYPT_MDNS_INTERFACES) environment variable, then loopback only. mDNS is never sent
+        on every interface unless you ask for it, so set this on real nodes.
+    type: list
+    elements: str
+    default: []
   kms_protocol:
     description:
       - The KMS protocol to use.

@@ -23,6 +23,7 @@ KEY_SOURCE_ARGS = dict(
     challenger_server={"type": "str"},
     certificate={"type": "str"},
     mdns={"type": "bool", "default": False},
+    mdns_interfaces={"type": "list", "elements": "str", "default": []},
     kms_protocol={"type": "str", "default": "attestation", "choices": ["attestation", "legacy"]},
     kms_attempts={"type": "int", "default": 30},
     kms_retry_delay={"type": "float", "default": 1.0},

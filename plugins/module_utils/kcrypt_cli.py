@@ -54,6 +54,8 @@ def _add_key_source(parser):
     group.add_argument("--challenger-server", help="KMS URL for --key-source kms")
     group.add_argument("--certificate", help="CA certificate of the KMS: PEM text or a file")
     group.add_argument("--mdns", action="store_true", help="resolve the .local KMS host with mDNS")
+    group.add_argument("--mdns-interface", dest="mdns_interfaces", action="append", default=[],
+                       help="interface name or IPv4 address for mDNS (repeat; default $KCRYPT_MDNS_INTERFACES, then loopback)")
     group.add_argument("--kms-protocol", choices=("attestation", "legacy"), default="attestation")
     group.add_argument("--kms-attempts", type=int, default=30)
     group.add_argument("--kms-retry-delay", type=float, default=1.0)
@@ -131,7 +133,7 @@ def _selector(spec):
 
 def _key_source(args, stdin):
     params = {name: getattr(args, name) for name in (
-        "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns",
+        "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns", "mdns_interfaces",
         "kms_protocol", "kms_attempts", "kms_retry_delay")}
     if args.key_source == "passphrase":
         if not args.passphrase_file:

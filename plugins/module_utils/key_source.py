@@ -198,7 +198,7 @@ def build(params):
     """A key source from module options / CLI flags of the same names.
 
     ``key_source`` (tpm | kms | passphrase), ``passphrase``, ``tpm_device``, ``nv_index``,
-    ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``,
+    ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``, ``mdns_interfaces``,
     ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``.
     """
     kind = params.get("key_source") or "tpm"
@@ -219,6 +219,7 @@ def build(params):
             "challenger_server": params["challenger_server"],
             "certificate": read_certificate(params.get("certificate")),
             "mdns": bool(params.get("mdns")),
+            "mdns_interfaces": list(params.get("mdns_interfaces") or []) or None,
             "tpm_device": tpm_device,
             "c_index": parse_persistent_handle(c_index),
             "protocol": params.get("kms_protocol") or "attestation",

@@ -99,3 +99,62 @@ def test_passphrase_never_in_output(loop_disks, repo_root, subprocess_env, tmp_p
     assert result.returncode == 0, result.stdout[-5000:]
     assert secret not in result.stdout and secret not in result.stderr
     assert opens_with(disk.partitions[0], secret.encode())
+
+
+def run_module(repo_root, env, module, args, tmp_path, check=False):
+    """One ad hoc module run; returns (rc, result dict) read back from ansible's tree callback."""
+    ensure_collection_link(repo_root)
+    tree = tmp_path / ("tree-%d" % len(list(tmp_path.glob("tree-*"))))
+    command = [os.path.join(os.path.dirname(sys.executable), "ansible"), "localhost", "-i", "localhost,", "-c", "local",
+               "-e", "ansible_python_interpreter=%s" % sys.executable, "-m", "kairos.kcrypt.%s" % module,
+               "-a", json.dumps(args), "--tree", str(tree), "--diff"] + (["--check"] if check else [])
+    completed = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, check=False)
+    result_file = tree / "localhost"
+    assert result_file.exists(), completed.stdout + completed.stderr
+    return completed.returncode, json.loads(result_file.read_text())
+
+
+def test_kms_four_steps_and_quarantine(swtpm_factory, loop_disks, repo_root, subprocess_env, tmp_path):
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import policy, server, store
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+    from support.challenger import ChallengerThread
+
+    node = swtpm_factory(ek_cert=True)
+    disk = loop_disks([("persistent", 48)])
+    label = unique_label()
+    make_ext4(disk.partitions[0], label)
+    kms_store = store.open_store("sqlite://%s/kms.db" % tmp_path)
+    try:
+        with ChallengerThread(server.Challenger(policy.Policy(kms_store), ready_check=kms_store.ping)) as kms:
+            args = {"partitions": [{"label": label}], "mode": "in_place", "key_source": "kms", "challenger_server": kms.url,
+                    "tpm_device": node.tcti, "kms_attempts": 2, "kms_retry_delay": 0.1,
+                    "pbkdf": {"algorithm": "pbkdf2", "iteration_count": 1000}}
+            steps = [run_module(repo_root, subprocess_env, "kairos_luks_encrypt", args, tmp_path, check=check)
+                     for check in (True, False, False, True)]
+            assert [rc for rc, _ in steps] == [0, 0, 0, 0], steps
+            assert [r["changed"] for _, r in steps] == [True, True, False, False]
+            assert [r["partitions"][0]["action"] for _, r in steps] == ["in_place", "in_place", "none", "none"]
+            (volume,) = kms_store.list_volumes()
+            entry = volume["spec"]["partitions"][0]
+            passphrase = kms_store.get_secret(entry["secret"]["name"])["data"][entry["secret"]["path"]]
+            assert opens_with(disk.partitions[0], passphrase)
+            assert all(passphrase.decode() not in json.dumps(r) for _, r in steps)
+
+            volume["spec"]["quarantined"] = True
+            kms_store.update_volume(volume)
+            header = luks_header_bytes(disk.partitions[0])
+            rc, refused = run_module(repo_root, subprocess_env, "kairos_luks_encrypt", dict(args, kms_attempts=30), tmp_path)
+            assert rc != 0, refused
+            assert refused["msg"].startswith("attestation failed: Attestation verification failed: ")
+            assert "TPM is quarantined" in refused["msg"]
+            assert luks_header_bytes(disk.partitions[0]) == header
+            with TPM(node.tcti):
+                pass  # the TPM is still usable: nothing was left loaded
+    finally:
+        kms_store.close()
+        node.stop()
+
+
+def luks_header_bytes(device):
+    with open(device, "rb") as handle:
+        return handle.read(16 * 1024 * 1024)
