@@ -48,17 +48,23 @@ def _add_selection(parser, with_name=False):
 
 def _add_key_source(parser):
     group = parser.add_argument_group("key source (as the module options of the same names)")
-    group.add_argument("--key-source", choices=key_source.KEY_SOURCES, default="tpm")
+    group.add_argument("--key-source", choices=key_source.KEY_SOURCES, default="tpm",
+                       help="tpm (default), kms, passphrase, or auto: as the node's Kairos config says")
     group.add_argument("--passphrase-file", help="file holding the passphrase for --key-source passphrase ('-' = stdin), used whole")
-    _add_tpm(group)
+    group.add_argument("--tpm-device", help="TPM device path or TCTI string (default: $KCRYPT_TPM_DEVICE, /dev/tpmrm0, /dev/tpm0)")
+    group.add_argument("--nv-index", help="NV index of the offline passphrase (default 0x1500000)")
+    group.add_argument("--c-index", help="persistent handle of the RSA key (default 0x81000008)")
     group.add_argument("--challenger-server", help="KMS URL for --key-source kms")
     group.add_argument("--certificate", help="CA certificate of the KMS: PEM text or a file")
-    group.add_argument("--mdns", action="store_true", help="resolve the .local KMS host with mDNS")
-    group.add_argument("--mdns-interface", dest="mdns_interfaces", action="append", default=[],
+    group.add_argument("--mdns", action="store_true", default=None, help="resolve the .local KMS host with mDNS")
+    group.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
                        help="interface name or IPv4 address for mDNS (repeat; default $KCRYPT_MDNS_INTERFACES, then loopback)")
-    group.add_argument("--kms-protocol", choices=("attestation", "legacy"), default="attestation")
+    group.add_argument("--kms-protocol", choices=("attestation", "legacy"), help="default attestation")
     group.add_argument("--kms-attempts", type=int, default=30)
     group.add_argument("--kms-retry-delay", type=float, default=1.0)
+    group.add_argument("--config-dir", dest="config_dirs", action="append",
+                       help="for --key-source auto: a Kairos config directory (repeat; default /oem, /sysroot/oem, /run/cos/oem)")
+    group.add_argument("--cmdline", dest="cmdline_path", help="for --key-source auto: kernel command line file (default /proc/cmdline)")
 
 
 def _add_tpm(group, c_index=True):
@@ -141,7 +147,7 @@ def _key_source(args, stdin):
         params["passphrase"] = key_source.read_passphrase_file(args.passphrase_file, stdin)
     elif args.passphrase_file:
         raise KcryptError("--passphrase-file is only used with --key-source passphrase")
-    return key_source.build(params)
+    return key_source.build(params, config_dirs=args.config_dirs, cmdline_path=args.cmdline_path)
 
 
 def _luks_options(args):
