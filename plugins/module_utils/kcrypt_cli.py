@@ -179,8 +179,8 @@ def cmd_encrypt(args, log, stdin):
         for note in item.notes:
             log("%s: %s" % (item.device.path, note))
     if args.check:
-        return [encryption.result(item, source) for item in plans], plans
-    return encryption.apply(plans, request, source, log=log), plans
+        return [encryption.result(item, source) for item in plans]
+    return encryption.apply(plans, request, source, log=log)
 
 
 def cmd_unlock(args, log, stdin):
@@ -247,7 +247,7 @@ def main(argv=None, out=None, err=None, stdin=None):
 
     try:
         if args.command == "encrypt":
-            results, _ = cmd_encrypt(args, log, getattr(stdin, "buffer", stdin))
+            results = cmd_encrypt(args, log, getattr(stdin, "buffer", stdin))
             return _emit(args, {"changed": any(r["changed"] for r in results), "partitions": results}, out, _print_partitions)
         if args.command in ("unlock", "unlock-all"):
             results = cmd_unlock(args, log, getattr(stdin, "buffer", stdin))

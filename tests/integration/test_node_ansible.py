@@ -12,7 +12,7 @@ import sys
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev
 from support.loopdisk import make_ext4, opens_with, unique_label
-from support.node_fixtures import loop_disks  # noqa: F401  (fixtures)
+from support.node_fixtures import loop_disks  # noqa: F401  # pylint: disable=unused-import
 
 PLAYBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playbooks")
 
@@ -131,14 +131,14 @@ def test_kms_four_steps_and_quarantine(swtpm_factory, loop_disks, repo_root, sub
                     "pbkdf": {"algorithm": "pbkdf2", "iteration_count": 1000}}
             steps = [run_module(repo_root, subprocess_env, "kairos_luks_encrypt", args, tmp_path, check=check)
                      for check in (True, False, False, True)]
-            assert [rc for rc, _ in steps] == [0, 0, 0, 0], steps
-            assert [r["changed"] for _, r in steps] == [True, True, False, False]
-            assert [r["partitions"][0]["action"] for _, r in steps] == ["in_place", "in_place", "none", "none"]
+            assert [rc for rc, result in steps] == [0, 0, 0, 0], steps
+            assert [r["changed"] for rc, r in steps] == [True, True, False, False]
+            assert [r["partitions"][0]["action"] for rc, r in steps] == ["in_place", "in_place", "none", "none"]
             (volume,) = kms_store.list_volumes()
             entry = volume["spec"]["partitions"][0]
             passphrase = kms_store.get_secret(entry["secret"]["name"])["data"][entry["secret"]["path"]]
             assert opens_with(disk.partitions[0], passphrase)
-            assert all(passphrase.decode() not in json.dumps(r) for _, r in steps)
+            assert all(passphrase.decode() not in json.dumps(r) for rc, r in steps)
 
             volume["spec"]["quarantined"] = True
             kms_store.update_volume(volume)

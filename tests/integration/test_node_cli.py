@@ -14,7 +14,7 @@ import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, luks
 from support.loopdisk import make_ext4, opens_with, unique_label
-from support.node_fixtures import loop_disks  # noqa: F401  (fixtures)
+from support.node_fixtures import loop_disks  # noqa: F401  # pylint: disable=unused-import
 
 FAST = ["--pbkdf-algorithm", "pbkdf2", "--pbkdf-iteration-count", "1000"]
 

@@ -20,7 +20,7 @@ import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, filesystem, key_source, luks
 from support.loopdisk import decrypt_to_image, make_ext4, read_file, sh, unique_label, write_file
-from support.node_fixtures import fast_options, loop_disks  # noqa: F401  (fixtures)
+from support.node_fixtures import fast_options, loop_disks  # noqa: F401  # pylint: disable=unused-import
 
 PASSPHRASE = b"in-place test passphrase"
 

@@ -14,7 +14,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, enc
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.loopdisk import luks_json, make_ext4, opens_with, sh, unique_label, write_file
-from support.node_fixtures import fast_options, loop_disks, mounter, tpm2_tools  # noqa: F401  (fixtures)
+from support.node_fixtures import fast_options, loop_disks, mounter, tpm2_tools  # noqa: F401  # pylint: disable=unused-import
 
 
 def encrypt_request(*selectors, mode="in_place", **kwargs):

@@ -19,7 +19,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import Kcrypt
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.challenger import ChallengerProcess, ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
-from support.node_fixtures import fast_options, loop_disks  # noqa: F401  (fixtures)
+from support.node_fixtures import fast_options, loop_disks  # noqa: F401  # pylint: disable=unused-import
 from support.tls import make_pki
 
 
@@ -57,7 +57,7 @@ def encrypt(source, *selectors):
 
 def labelled_partition(loop_disks, count=1):
     disk = loop_disks([("part%d" % i, 40) for i in range(count)])
-    labels = [unique_label() for _ in range(count)]
+    labels = [unique_label() for index in range(count)]
     for device, label in zip(disk.partitions, labels):
         make_ext4(device, label)
     return disk, labels

@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import time
 
+
 def sh(*args, stdin=b"", check=True, env=None):
     """Run a command for test set-up (C locale, extra ``env``); returns the CompletedProcess (bytes)."""
     environment = dict(os.environ, LANG="C", LC_ALL="C")
@@ -42,7 +43,7 @@ class LoopDisk:
     def __init__(self, directory, layout, size_mib=None):
         self.image = os.path.join(directory, "disk-%s.img" % secrets.token_hex(3))
         self.layout = layout
-        self.size_mib = size_mib or (sum(s for _, s in layout) + 4)
+        self.size_mib = size_mib or (sum(size for name, size in layout) + 4)
         self.loop = None
 
     def attach(self):

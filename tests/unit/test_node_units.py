@@ -55,7 +55,7 @@ def test_generated_keys_get_upstream_iter_time_unless_set():
 
 
 def test_recovery_key_shape_and_uniqueness():
-    keys = {key_source.generate_recovery_key() for _ in range(20)}
+    keys = set(key_source.generate_recovery_key() for count in range(20))
     assert len(keys) == 20
     for key in keys:
         assert re.fullmatch(rb"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key)
