@@ -18,7 +18,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, filesystem, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 from support.loopdisk import decrypt_to_image, make_ext4, read_file, sh, unique_label, write_file
 from support.node_fixtures import fast_options, loop_disks  # noqa: F401  # pylint: disable=unused-import
 
@@ -142,3 +145,26 @@ def wait_for_progress(device, process, timeout=30):
                 return True
         time.sleep(0.02)
     return False
+
+
+def test_filesystem_gets_the_luks_label_as_kairos_expects(loop_disks, tmp_path):
+    disk = loop_disks([("data", 64)])
+    device = disk.partitions[0]
+    make_ext4(device, "OLDLABEL", size_mib=24)
+    files = put_known_files(device, str(tmp_path))
+    new_label = unique_label()
+    source = key_source.PassphraseKeySource(PASSPHRASE)
+    too_long = encryption.EncryptRequest(partitions=(encryption.Selector(device=device, label="A_LABEL_OF_20_BYTES"),),
+                                         mode="in_place", options=fast_options())
+    with pytest.raises(KcryptError, match="longer than the 16 bytes"):
+        encryption.plan(too_long, source)
+    request = encryption.EncryptRequest(partitions=(encryption.Selector(device=device, label=new_label),),
+                                        mode="in_place", options=fast_options())
+    plans = encryption.plan(request, source)
+    assert plans[0].relabel and "relabelled OLDLABEL -> %s" % new_label in plans[0].after()["content"]
+    encryption.apply(plans, request, source)
+    assert luks.read_header(device).label == new_label
+    image = os.path.join(str(tmp_path), "relabelled.img")
+    decrypt_to_image(device, PASSPHRASE, image, str(tmp_path), length="ext4")
+    assert sh("e2label", image).stdout.decode().strip() == new_label
+    assert_content(device, files, str(tmp_path))
