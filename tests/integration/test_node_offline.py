@@ -265,3 +265,16 @@ def test_tpm_is_checked_before_changes(loop_disks):
     with pytest.raises(KcryptError):
         with TPM("swtpm:host=127.0.0.1,port=9"):
             pass
+
+
+def test_generated_keys_get_upstreams_pbkdf_by_default(swtpm, loop_disks):
+    """No pbkdf options: the TPM key gets upstream's --iter-time 5 (argon2id at its floor), not cryptsetup's 2 s."""
+    disk = loop_disks([("data", 48)])
+    label = unique_label()
+    make_ext4(disk.partitions[0], label)
+    source = key_source.TpmKeySource(swtpm.tcti)
+    request = encryption.EncryptRequest(partitions=(encryption.Selector(label=label),), mode="in_place")
+    encryption.apply(encryption.plan(request, source), request, source)
+    kdf = luks.read_header(disk.partitions[0]).keyslots["0"]["kdf"]
+    assert kdf["type"] == "argon2id"
+    assert kdf["time"] == 4 and kdf["memory"] <= 65536  # cryptsetup's floor, what --iter-time 5 yields
