@@ -1,7 +1,11 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Full round trips: swtpm-backed node (client.py) ↔ challenger (server.py) ↔ real policy on SQLite.
+"""Full round trips: swtpm-backed node (client.py) ↔ challenger (server.py) ↔ real policy on every store.
+
+``kms_store`` is the ``store`` fixture of tests/integration/conftest.py, so every
+scenario runs on SQLite, on the emulated Kubernetes API, and on a real cluster
+when KUBECONFIG is set.
 
 One swtpm serves every scenario (AK creation costs ~0.3 s on swtpm, so each
 get_passphrase call is one AK); scenarios change the store between calls the
@@ -39,15 +43,15 @@ def node(swtpm_factory):
 
 
 @pytest.fixture
-def kms_store(tmp_path):
-    opened = store.open_store("sqlite://%s/kms.db" % tmp_path)
-    yield opened
-    opened.close()
+def kms_store(store):
+    """The store under test: one per backend (tests/integration/conftest.py)."""
+    return store
 
 
 def _kms(kms_store, enrollment="tofu", nonce="when-supported"):
+    store_calls = "inline" if kms_store.url.startswith("sqlite:") else "thread"  # as `kcrypt-challenger serve` picks
     return ChallengerThread(server.Challenger(policy.Policy(kms_store, enrollment=enrollment), nonce_mode=nonce,
-                                              ready_check=kms_store.ping))
+                                              store_calls=store_calls, ready_check=kms_store.ping))
 
 
 def _config(kms, node, **kwargs):
