@@ -250,7 +250,11 @@ def test_recovery_key_added_to_an_already_encrypted_partition(loop_disks):
     assert [(p.action, p.add_recovery_key, p.changes) for p in plans] == [("none", True, True)]
     assert plans[0].after()["recovery key"] == "added in a new key slot"
     result = encryption.apply(plans, with_recovery, source)[0]
-    assert result["changed"] and opens_with(disk.partitions[0], result["recovery_key"].encode())
+    recovery = result["recovery_key"].encode()
+    assert result["changed"] and opens_with(disk.partitions[0], recovery)
+    # key slots can be removed again (authorised by the other key): the recovery key stops working
+    luks.kill_slot(disk.partitions[0], luks.read_header(disk.partitions[0]).recovery_slots[0], b"existing passphrase")
+    assert not opens_with(disk.partitions[0], recovery) and opens_with(disk.partitions[0], b"existing passphrase")
 
 
 def test_tpm_is_checked_before_changes(loop_disks):

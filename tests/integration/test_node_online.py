@@ -174,3 +174,19 @@ def test_tls_pinned_ca_file_and_untrusted_certificate(tmp_path, node, loop_disks
         with pytest.raises(KcryptError, match="x509: certificate signed by unknown authority"):
             encrypt(kms_source(process.url, node), encryption.Selector(label=labels[1]))
         assert_untouched(disk.partitions[1], before)
+
+
+def test_mdns_resolved_kms(tmp_path, node, loop_disks):
+    """mdns + mdns_interfaces reach the client: the .local name is resolved on 127.0.0.1 only."""
+    import os
+
+    disk, (label,) = labelled_partition(loop_disks)
+    port = free_port()
+    host = "kcrypt-node-%d.local" % os.getpid()
+    args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
+            "--mdns-host", host, "--mdns-interface", "127.0.0.1"]
+    with ChallengerProcess(args, port, log_path=str(tmp_path / "kms.log")):
+        source = kms_source("http://%s:%d" % (host, port), node, mdns=True, mdns_interfaces=["127.0.0.1"])
+        encrypt(source, encryption.Selector(label=label))
+        (passphrase,) = source.secrets
+    assert opens_with(disk.partitions[0], passphrase)
