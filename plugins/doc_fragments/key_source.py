@@ -18,8 +18,13 @@ options:
       - V(kms) is Kairos' online mode. The node proves its TPM to the kcrypt challenger at
         O(challenger_server) and gets one passphrase per partition. A new TPM may be enrolled on first use.
       - V(passphrase) uses O(passphrase).
+      - V(auto) decides as a Kairos node does, from its configuration (C(#cloud-config) files in C(/oem),
+        C(/sysroot/oem) and C(/run/cos/oem), and the kernel command line). If C(kcrypt.challenger.challenger_server)
+        is set or C(kcrypt.challenger.mdns) is true, it uses V(kms), otherwise V(tpm). The configured
+        C(challenger_server), C(mdns), C(certificate), C(nv_index), C(c_index) and C(tpm_device) are used
+        unless the task sets these options itself.
     type: str
-    choices: [tpm, kms, passphrase]
+    choices: [tpm, kms, passphrase, auto]
     default: tpm
   passphrase:
     description:
@@ -32,20 +37,18 @@ options:
       - Empty means the E(KCRYPT_TPM_DEVICE) environment variable, then V(/dev/tpmrm0), then V(/dev/tpm0).
       - Used by O(key_source=tpm), and by O(key_source=kms) for the attestation.
     type: str
-    default: ""
   nv_index:
     description:
       - TPM NV index of the offline passphrase blob (Kairos C(kcrypt.nv_index)).
-      - Hex, octal or decimal, as in the Kairos configuration.
+      - Hex, octal or decimal, as in the Kairos configuration. The default is V(0x1500000).
     type: str
-    default: "0x1500000"
   c_index:
     description:
       - Persistent handle of the TPM RSA key that encrypts the offline passphrase (Kairos C(kcrypt.c_index)).
         The key is created there if it is absent.
       - Unlike upstream Kairos, a non-default handle is honoured when encrypting as well as when decrypting.
+      - The default is V(0x81000008).
     type: str
-    default: "0x81000008"
   challenger_server:
     description:
       - URL of the kcrypt challenger (KMS), for example V(https://kms.example.com:8082).
@@ -59,17 +62,24 @@ options:
   mdns:
     description:
       - Resolve the C(.local) host of O(challenger_server) with mDNS (service C(_kcrypt._tcp)).
+      - The default is V(false).
     type: bool
-    default: false
+  mdns_interfaces:
+    description:
+      - Network interfaces (names such as V(eth0), or IPv4 addresses) to send the mDNS query on.
+      - Empty means the E(KCRYPT_MDNS_INTERFACES) environment variable, then loopback only. mDNS is never sent
+        on every interface unless you ask for it, so set this on real nodes.
+    type: list
+    elements: str
   kms_protocol:
     description:
       - The KMS protocol to use.
       - V(attestation) is the protocol of kcrypt-challenger v0.12 and later (WebSocket C(/tpm-attestation)).
       - V(legacy) is the protocol of v0.2 to v0.11 (C(/getPass) and C(/postPass)). The Kairos Helm chart still deploys a legacy server.
       - The two protocols do not interoperate, so pick the one your KMS speaks.
+      - The default is V(attestation).
     type: str
     choices: [attestation, legacy]
-    default: attestation
   kms_attempts:
     description:
       - How many times to try the KMS before giving up.

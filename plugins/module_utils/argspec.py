@@ -16,17 +16,22 @@ TPM_ARGS = {
     "c_index": {"type": "str", "default": "0x81000008"},
 }
 
-KEY_SOURCE_ARGS = dict(
-    TPM_ARGS,
-    key_source={"type": "str", "default": "tpm", "choices": ["tpm", "kms", "passphrase"]},
-    passphrase={"type": "str", "no_log": True},
-    challenger_server={"type": "str"},
-    certificate={"type": "str"},
-    mdns={"type": "bool", "default": False},
-    kms_protocol={"type": "str", "default": "attestation", "choices": ["attestation", "legacy"]},
-    kms_attempts={"type": "int", "default": 30},
-    kms_retry_delay={"type": "float", "default": 1.0},
-)
+# No defaults here for what key_source=auto may take from the Kairos config: unset (None)
+# means "the node's config, else the documented default" (key_source.build applies them).
+KEY_SOURCE_ARGS = {
+    "key_source": {"type": "str", "default": "tpm", "choices": ["tpm", "kms", "passphrase", "auto"]},
+    "passphrase": {"type": "str", "no_log": True},
+    "tpm_device": {"type": "str"},
+    "nv_index": {"type": "str"},
+    "c_index": {"type": "str"},
+    "challenger_server": {"type": "str"},
+    "certificate": {"type": "str"},
+    "mdns": {"type": "bool"},
+    "mdns_interfaces": {"type": "list", "elements": "str"},
+    "kms_protocol": {"type": "str", "choices": ["attestation", "legacy"]},
+    "kms_attempts": {"type": "int", "default": 30},
+    "kms_retry_delay": {"type": "float", "default": 1.0},
+}
 
 KEY_SOURCE_REQUIRED_IF = [
     ("key_source", "passphrase", ("passphrase",)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.command import find_program, run
@@ -278,6 +279,15 @@ def _misc_has_device_mapper():
             return any(line.split()[-1:] == ["device-mapper"] for line in handle)
     except OSError:
         return False
+
+
+def wait_for(path, timeout=10.0):
+    """Wait for a device node to appear (without udev, device-mapper creates it itself, a little later)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise KcryptError("%s did not appear within %d s" % (path, timeout))
+        time.sleep(0.1)
 
 
 def mapper_path(name):

@@ -104,6 +104,7 @@ class PartitionPlan:
     add_recovery_key: bool = False
     shrink_to: int = None  # bytes, when the filesystem must shrink first
     luks_uuid: str = ""  # known or planned LUKS UUID ("" = chosen by cryptsetup)
+    relabel: bool = False  # in place: give the filesystem the LUKS label too
     notes: list = field(default_factory=list)
 
     @property
@@ -127,6 +128,8 @@ class PartitionPlan:
                 state["content"] = "new ext4 filesystem%s" % (" labelled %s" % self.label if self.label else "")
             else:
                 state["content"] = "%s filesystem kept%s" % (self.device.fstype, " (shrunk to %d bytes)" % self.shrink_to if self.shrink_to else "")
+                if self.relabel:
+                    state["content"] += ", relabelled %s -> %s" % (self.device.label or "(none)", self.label)
         if self.add_recovery_key:
             state["recovery key"] = "added in a new key slot"
         return state
@@ -179,6 +182,14 @@ def _plan_partition(request, source, selector, device):
                 "%s can be shrunk offline, not %s. Nothing was changed." % (device.describe(), "/".join(filesystem.SHRINKABLE), device.fstype)
             )
         item.shrink_to = _shrink_target(device)
+        if label and label != device.label:
+            # Kairos mounts the filesystem inside by the same label as the LUKS header (spec §6.2, §6.3)
+            if len(label.encode("utf-8")) > filesystem.EXT_LABEL_MAX:
+                raise KcryptError(
+                    "label %s is longer than the %d bytes an ext filesystem label holds; the filesystem inside "
+                    "must carry the same label as the LUKS header. Nothing was changed." % (label, filesystem.EXT_LABEL_MAX)
+                )
+            item.relabel = True
     elif device.fstype and not request.wipe:
         raise KcryptError(
             "%s is not empty: mode=format would destroy it. Set wipe=true to format it anyway, or use "
@@ -268,6 +279,8 @@ def _apply_partition(item, options, source, log):
         filesystem.check(path)
         if item.shrink_to:
             filesystem.shrink(path, item.shrink_to)
+        if item.relabel:
+            filesystem.set_label(path, item.label)
         luks.encrypt_in_place(path, key, options, uuid=item.luks_uuid or None, label=item.label or None)
     elif item.action == "resume":
         log("finishing the interrupted encryption of %s" % path)
@@ -285,12 +298,20 @@ def _format(item, key, options):
     path = item.device.path
     name = item.device.name
     luks.format_device(path, key, options, uuid=item.luks_uuid or None, label=item.label or None)
-    luks.open_device(path, name, key)
     try:
-        filesystem.make_ext4(blockdev.mapper_path(name), item.label)
-        luks.refresh_persistent_discards(name, key)
-    finally:
-        luks.close_device(name)
+        luks.open_device(path, name, key)
+        try:
+            blockdev.wait_for(blockdev.mapper_path(name))
+            filesystem.make_ext4(blockdev.mapper_path(name), item.label)
+            luks.refresh_persistent_discards(name, key)
+        finally:
+            luks.close_device(name)
+    except KcryptError as error:
+        raise KcryptError(
+            "%s; %s is now an empty LUKS container without a filesystem. Running again will not finish it "
+            "(an encrypted partition is never formatted again): erase it with 'cryptsetup erase %s' and "
+            "'wipefs -a %s', then run again" % (error, path, path, path)
+        ) from None
 
 
 def result(item, source, applied=False, recovery_key=None):

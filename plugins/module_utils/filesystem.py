@@ -64,6 +64,16 @@ def shrink(device, new_size):
     run(["resize2fs", device, str(blocks)], "shrinking the filesystem on %s" % device)
 
 
+EXT_LABEL_MAX = 16  # bytes in the ext superblock's volume name
+
+
+def set_label(device, label):
+    """Set the ext filesystem label (e2label), e.g. to match the LUKS label as Kairos expects."""
+    if len(label.encode("utf-8")) > EXT_LABEL_MAX:
+        raise KcryptError("ext filesystem labels hold at most %d bytes; %r is longer" % (EXT_LABEL_MAX, label))
+    run(["e2label", device, label], "labelling the filesystem on %s" % device)
+
+
 def make_ext4(device, label=""):
     """``mkfs.ext4 [-L label]``, as upstream formats the inside of a new LUKS device."""
     args = ["mkfs.ext4", "-q", "-F"]

@@ -48,15 +48,23 @@ def _add_selection(parser, with_name=False):
 
 def _add_key_source(parser):
     group = parser.add_argument_group("key source (as the module options of the same names)")
-    group.add_argument("--key-source", choices=key_source.KEY_SOURCES, default="tpm")
+    group.add_argument("--key-source", choices=key_source.KEY_SOURCES, default="tpm",
+                       help="tpm (default), kms, passphrase, or auto: as the node's Kairos config says")
     group.add_argument("--passphrase-file", help="file holding the passphrase for --key-source passphrase ('-' = stdin), used whole")
-    _add_tpm(group)
+    group.add_argument("--tpm-device", help="TPM device path or TCTI string (default: $KCRYPT_TPM_DEVICE, /dev/tpmrm0, /dev/tpm0)")
+    group.add_argument("--nv-index", help="NV index of the offline passphrase (default 0x1500000)")
+    group.add_argument("--c-index", help="persistent handle of the RSA key (default 0x81000008)")
     group.add_argument("--challenger-server", help="KMS URL for --key-source kms")
     group.add_argument("--certificate", help="CA certificate of the KMS: PEM text or a file")
-    group.add_argument("--mdns", action="store_true", help="resolve the .local KMS host with mDNS")
-    group.add_argument("--kms-protocol", choices=("attestation", "legacy"), default="attestation")
+    group.add_argument("--mdns", action="store_true", default=None, help="resolve the .local KMS host with mDNS")
+    group.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
+                       help="interface name or IPv4 address for mDNS (repeat; default $KCRYPT_MDNS_INTERFACES, then loopback)")
+    group.add_argument("--kms-protocol", choices=("attestation", "legacy"), help="default attestation")
     group.add_argument("--kms-attempts", type=int, default=30)
     group.add_argument("--kms-retry-delay", type=float, default=1.0)
+    group.add_argument("--config-dir", dest="config_dirs", action="append",
+                       help="for --key-source auto: a Kairos config directory (repeat; default /oem, /sysroot/oem, /run/cos/oem)")
+    group.add_argument("--cmdline", dest="cmdline_path", help="for --key-source auto: kernel command line file (default /proc/cmdline)")
 
 
 def _add_tpm(group, c_index=True):
@@ -131,7 +139,7 @@ def _selector(spec):
 
 def _key_source(args, stdin):
     params = {name: getattr(args, name) for name in (
-        "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns",
+        "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns", "mdns_interfaces",
         "kms_protocol", "kms_attempts", "kms_retry_delay")}
     if args.key_source == "passphrase":
         if not args.passphrase_file:
@@ -139,7 +147,7 @@ def _key_source(args, stdin):
         params["passphrase"] = key_source.read_passphrase_file(args.passphrase_file, stdin)
     elif args.passphrase_file:
         raise KcryptError("--passphrase-file is only used with --key-source passphrase")
-    return key_source.build(params)
+    return key_source.build(params, config_dirs=args.config_dirs, cmdline_path=args.cmdline_path)
 
 
 def _luks_options(args):
@@ -171,8 +179,8 @@ def cmd_encrypt(args, log, stdin):
         for note in item.notes:
             log("%s: %s" % (item.device.path, note))
     if args.check:
-        return [encryption.result(item, source) for item in plans], plans
-    return encryption.apply(plans, request, source, log=log), plans
+        return [encryption.result(item, source) for item in plans]
+    return encryption.apply(plans, request, source, log=log)
 
 
 def cmd_unlock(args, log, stdin):
@@ -209,8 +217,8 @@ def cmd_cleanupnv(args, stdin, err):
     return nv_area.cleanup(args.tpm_device, args.nv_index, confirmed=True)
 
 
-def _print_partitions(results, out):
-    for entry in results:
+def _print_partitions(report, out):
+    for entry in report["partitions"]:
         what = entry.get("action", "")
         where = entry.get("device") or entry.get("mapper")
         line = "%s: %s%s" % (where, what, "" if entry.get("changed") else " (no change)")
@@ -239,7 +247,7 @@ def main(argv=None, out=None, err=None, stdin=None):
 
     try:
         if args.command == "encrypt":
-            results, _ = cmd_encrypt(args, log, getattr(stdin, "buffer", stdin))
+            results = cmd_encrypt(args, log, getattr(stdin, "buffer", stdin))
             return _emit(args, {"changed": any(r["changed"] for r in results), "partitions": results}, out, _print_partitions)
         if args.command in ("unlock", "unlock-all"):
             results = cmd_unlock(args, log, getattr(stdin, "buffer", stdin))

@@ -33,7 +33,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import (
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils import tpm_blob
 
-KEY_SOURCES = ("tpm", "kms", "passphrase")
+KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
 # Recovery keys look like systemd-cryptenroll's: 256 random bits as 64 "modhex" characters
 # in groups of 8. The alphabet reads the same on QWERTY, AZERTY and QWERTZ keyboards.
@@ -166,21 +166,6 @@ class KmsKeySource(KeySource):
         return self._fetch(device, label)
 
 
-def read_certificate(value):
-    """The CA certificate option: PEM text as is, or the content of the file it names."""
-    value = (value or "").strip()
-    if not value or "-----BEGIN" in value:
-        return value
-    try:
-        with open(value) as handle:
-            text = handle.read()
-    except OSError as error:
-        raise KcryptError("certificate=%s is neither PEM text nor a readable file (%s)" % (value, error.strerror)) from None
-    if "-----BEGIN" not in text:
-        raise KcryptError("certificate file %s holds no PEM certificate" % value)
-    return text
-
-
 def read_passphrase_file(path, stdin=None):
     """A passphrase from a file (``-`` = stdin), used whole: no newline is stripped, as cryptsetup --key-file."""
     if path == "-":
@@ -194,37 +179,84 @@ def read_passphrase_file(path, stdin=None):
         raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
 
 
-def build(params):
+# What an unset option means when neither the caller nor the Kairos config sets it.
+DEFAULTS = {
+    "tpm_device": "",
+    "nv_index": DEFAULT_NV_INDEX,
+    "c_index": DEFAULT_C_INDEX,
+    "mdns": False,
+    "kms_protocol": "attestation",
+}
+
+
+def _is_set(value):
+    return value is not None and value != "" and value != []
+
+
+def build(params, config_dirs=None, cmdline_path=None):
     """A key source from module options / CLI flags of the same names.
 
-    ``key_source`` (tpm | kms | passphrase), ``passphrase``, ``tpm_device``, ``nv_index``,
-    ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``,
-    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``.
+    ``key_source`` (tpm | kms | passphrase | auto), ``passphrase``, ``tpm_device``, ``nv_index``,
+    ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``, ``mdns_interfaces``,
+    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``. Unset (None)
+    options take DEFAULTS. ``auto`` reads the node's Kairos config (``config_dirs`` and
+    ``cmdline_path`` default to Kairos' locations) and chooses like Kairos: kms when it names a
+    challenger server or turns on mDNS, else tpm; explicit options win over the config.
     """
+    params = {key: value for key, value in params.items() if _is_set(value)}
     kind = params.get("key_source") or "tpm"
-    tpm_device = params.get("tpm_device") or ""
-    c_index = params.get("c_index") or DEFAULT_C_INDEX
+    if kind == "auto":
+        params = _with_kairos_config(params, config_dirs, cmdline_path)
+        kind = params["key_source"]
+    for key, value in DEFAULTS.items():
+        params.setdefault(key, value)
     if kind == "passphrase":
         return PassphraseKeySource(params.get("passphrase"))
     if params.get("passphrase"):
         raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
     if kind == "tpm":
-        return TpmKeySource(tpm_device, params.get("nv_index") or DEFAULT_NV_INDEX, c_index)
+        return TpmKeySource(params["tpm_device"], params["nv_index"], params["c_index"])
     if kind == "kms":
-        from ansible_collections.kairos.kcrypt.plugins.module_utils import client  # wire part; imported when used
-
-        if not params.get("challenger_server"):
-            raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
-        options = {
-            "challenger_server": params["challenger_server"],
-            "certificate": read_certificate(params.get("certificate")),
-            "mdns": bool(params.get("mdns")),
-            "tpm_device": tpm_device,
-            "c_index": parse_persistent_handle(c_index),
-            "protocol": params.get("kms_protocol") or "attestation",
-        }
-        for option, field_name in (("kms_attempts", "attempts"), ("kms_retry_delay", "retry_delay")):
-            if params.get(option) is not None:
-                options[field_name] = params[option]
-        return KmsKeySource(client.ClientConfig(**options))
+        return KmsKeySource(_client_config(params))
     raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))
+
+
+def _client_config(params):
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import client, client_config  # wire part; imported when used
+
+    if not params.get("challenger_server"):
+        raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
+    options = {
+        "challenger_server": params["challenger_server"],
+        "certificate": client_config.certificate_pem(params.get("certificate")),
+        "mdns": bool(params["mdns"]),
+        "mdns_interfaces": list(params.get("mdns_interfaces") or []) or None,
+        "tpm_device": params["tpm_device"],
+        "c_index": parse_persistent_handle(params["c_index"]),
+        "protocol": params["kms_protocol"],
+    }
+    for option, field_name in (("kms_attempts", "attempts"), ("kms_retry_delay", "retry_delay")):
+        if params.get(option) is not None:
+            options[field_name] = params[option]
+    return client.ClientConfig(**options)
+
+
+def _with_kairos_config(params, config_dirs, cmdline_path):
+    """``params`` completed from the node's Kairos config (cloud-config files + kernel command line)."""
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import client_config  # wire part; imported when used
+
+    settings = client_config.read_settings(config_dirs, cmdline_path)
+    from_config = {
+        "challenger_server": settings.challenger_server,
+        "mdns": settings.mdns or None,
+        "certificate": settings.certificate,
+        "mdns_interfaces": list(settings.mdns_interfaces),
+        "kms_protocol": settings.protocol,
+        "tpm_device": settings.tpm_device,
+        "nv_index": settings.nv_index,
+        "c_index": settings.c_index,
+    }
+    merged = {key: value for key, value in from_config.items() if _is_set(value)}
+    merged.update(params)
+    merged["key_source"] = "kms" if merged.get("challenger_server") or merged.get("mdns") else "tpm"
+    return merged

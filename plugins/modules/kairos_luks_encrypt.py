@@ -124,7 +124,7 @@ options:
         systemd-cryptenroll uses for recovery keys.
       - The new key is returned once, in RV(partitions[].recovery_key), and never again. Store it somewhere
         safe, such as a vault.
-      - The task must set C(no_log: true) so the key stays out of logs. The module refuses to run otherwise.
+      - "The task must set C(no_log: true) so the key stays out of logs. The module refuses to run otherwise."
       - A partition that already has a recovery key is left as it is.
     type: bool
     default: false
@@ -151,7 +151,7 @@ seealso:
   - module: kairos.kcrypt.kairos_luks_unlock
   - module: kairos.kcrypt.kairos_tpm_nv
 author:
-  - kairos.kcrypt contributors
+  - kairos.kcrypt contributors (@kairos-io)
 """
 
 EXAMPLES = r"""

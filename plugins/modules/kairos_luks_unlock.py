@@ -93,7 +93,7 @@ requirements:
 seealso:
   - module: kairos.kcrypt.kairos_luks_encrypt
 author:
-  - kairos.kcrypt contributors
+  - kairos.kcrypt contributors (@kairos-io)
 """
 
 EXAMPLES = r"""

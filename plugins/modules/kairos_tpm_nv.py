@@ -49,7 +49,7 @@ options:
   return_passphrase:
     description:
       - With O(operation=read), return the decrypted passphrase in RV(passphrase).
-      - The task must set C(no_log: true). The module refuses to return the passphrase otherwise.
+      - "The task must set C(no_log: true). The module refuses to return the passphrase otherwise."
     type: bool
     default: false
 attributes:
@@ -68,7 +68,7 @@ requirements:
 seealso:
   - module: kairos.kcrypt.kairos_luks_encrypt
 author:
-  - kairos.kcrypt contributors
+  - kairos.kcrypt contributors (@kairos-io)
 """
 
 EXAMPLES = r"""

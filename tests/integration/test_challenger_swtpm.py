@@ -1,7 +1,11 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Full round trips: swtpm-backed node (client.py) ↔ challenger (server.py) ↔ real policy on SQLite.
+"""Full round trips: swtpm-backed node (client.py) ↔ challenger (server.py) ↔ real policy on every store.
+
+``kms_store`` is the ``store`` fixture of tests/integration/conftest.py, so every
+scenario runs on SQLite, on the emulated Kubernetes API, and on a real cluster
+when KUBECONFIG is set.
 
 One swtpm serves every scenario (AK creation costs ~0.3 s on swtpm, so each
 get_passphrase call is one AK); scenarios change the store between calls the
@@ -39,15 +43,15 @@ def node(swtpm_factory):
 
 
 @pytest.fixture
-def kms_store(tmp_path):
-    opened = store.open_store("sqlite://%s/kms.db" % tmp_path)
-    yield opened
-    opened.close()
+def kms_store(store):
+    """The store under test: one per backend (tests/integration/conftest.py)."""
+    return store
 
 
 def _kms(kms_store, enrollment="tofu", nonce="when-supported"):
+    store_calls = "inline" if kms_store.url.startswith("sqlite:") else "thread"  # as `kcrypt-challenger serve` picks
     return ChallengerThread(server.Challenger(policy.Policy(kms_store, enrollment=enrollment), nonce_mode=nonce,
-                                              ready_check=kms_store.ping))
+                                              store_calls=store_calls, ready_check=kms_store.ping))
 
 
 def _config(kms, node, **kwargs):
@@ -187,3 +191,18 @@ def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node):
             client.get_passphrase(_config(kms, node, attempts=30, retry_delay=1.0), PERSISTENT)
         assert time.monotonic() - started < 5  # not retried
         assert "wss://127.0.0.1:%d/tpm-attestation" % port in str(info.value)
+
+
+def test_mdns_announced_kms(tmp_path, node):
+    """kcrypt-challenger --mdns-host announces on 127.0.0.1; the client resolves the .local name and dials ip:port."""
+    import os
+
+    port = _free_port()
+    host = "kcrypt-wire-%d.local" % os.getpid()
+    args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
+            "--mdns-host", host, "--mdns-interface", "127.0.0.1"]
+    with ChallengerProcess(args, port, log_path=str(tmp_path / "kms.log")):
+        config = client.ClientConfig("http://%s" % host, mdns=True, mdns_interfaces=["127.0.0.1"], mdns_timeout=10,
+                                     tpm_device=node.tcti, attempts=2, retry_delay=0.1)
+        assert len(client.get_passphrase(config, PERSISTENT)) == 44
+    assert "announcing %s on mDNS" % host in open(str(tmp_path / "kms.log")).read()

@@ -10,7 +10,7 @@ import pytest
 from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 from support.loopdisk import make_ext4, sh, unique_label
-from support.node_fixtures import loop_disks, mounter  # noqa: F401  (fixtures)
+from support.node_fixtures import loop_disks, mounter  # noqa: F401  # pylint: disable=unused-import
 
 
 def test_probe_reports_filesystem_and_gpt_fields(loop_disks):

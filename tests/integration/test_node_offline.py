@@ -14,7 +14,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, enc
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.loopdisk import luks_json, make_ext4, opens_with, sh, unique_label, write_file
-from support.node_fixtures import fast_options, loop_disks, mounter, tpm2_tools  # noqa: F401  (fixtures)
+from support.node_fixtures import fast_options, loop_disks, mounter, tpm2_tools  # noqa: F401  # pylint: disable=unused-import
 
 
 def encrypt_request(*selectors, mode="in_place", **kwargs):
@@ -250,7 +250,11 @@ def test_recovery_key_added_to_an_already_encrypted_partition(loop_disks):
     assert [(p.action, p.add_recovery_key, p.changes) for p in plans] == [("none", True, True)]
     assert plans[0].after()["recovery key"] == "added in a new key slot"
     result = encryption.apply(plans, with_recovery, source)[0]
-    assert result["changed"] and opens_with(disk.partitions[0], result["recovery_key"].encode())
+    recovery = result["recovery_key"].encode()
+    assert result["changed"] and opens_with(disk.partitions[0], recovery)
+    # key slots can be removed again (authorised by the other key): the recovery key stops working
+    luks.kill_slot(disk.partitions[0], luks.read_header(disk.partitions[0]).recovery_slots[0], b"existing passphrase")
+    assert not opens_with(disk.partitions[0], recovery) and opens_with(disk.partitions[0], b"existing passphrase")
 
 
 def test_tpm_is_checked_before_changes(loop_disks):
@@ -265,3 +269,16 @@ def test_tpm_is_checked_before_changes(loop_disks):
     with pytest.raises(KcryptError):
         with TPM("swtpm:host=127.0.0.1,port=9"):
             pass
+
+
+def test_generated_keys_get_upstreams_pbkdf_by_default(swtpm, loop_disks):
+    """No pbkdf options: the TPM key gets upstream's --iter-time 5 (argon2id at its floor), not cryptsetup's 2 s."""
+    disk = loop_disks([("data", 48)])
+    label = unique_label()
+    make_ext4(disk.partitions[0], label)
+    source = key_source.TpmKeySource(swtpm.tcti)
+    request = encryption.EncryptRequest(partitions=(encryption.Selector(label=label),), mode="in_place")
+    encryption.apply(encryption.plan(request, source), request, source)
+    kdf = luks.read_header(disk.partitions[0]).keyslots["0"]["kdf"]
+    assert kdf["type"] == "argon2id"
+    assert kdf["time"] == 4 and kdf["memory"] <= 65536  # cryptsetup's floor, what --iter-time 5 yields

@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import time
 
+
 def sh(*args, stdin=b"", check=True, env=None):
     """Run a command for test set-up (C locale, extra ``env``); returns the CompletedProcess (bytes)."""
     environment = dict(os.environ, LANG="C", LC_ALL="C")
@@ -42,7 +43,7 @@ class LoopDisk:
     def __init__(self, directory, layout, size_mib=None):
         self.image = os.path.join(directory, "disk-%s.img" % secrets.token_hex(3))
         self.layout = layout
-        self.size_mib = size_mib or (sum(s for _, s in layout) + 4)
+        self.size_mib = size_mib or (sum(size for name, size in layout) + 4)
         self.loop = None
 
     def attach(self):
@@ -128,7 +129,8 @@ def decrypt_to_image(device, passphrase, image, workdir, length=None):
 
     The volume key comes from ``luksDump --dump-volume-key``; aes-xts-plain64 with the
     IV = 512-byte sector number counted from the segment start (plus iv_tweak).
-    ``length`` limits how many bytes are decrypted (default: the whole segment).
+    ``length`` limits how many bytes are decrypted (default: the whole segment; "ext4": the
+    filesystem the decrypted superblock describes).
     """
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -145,20 +147,29 @@ def decrypt_to_image(device, passphrase, image, workdir, length=None):
     assert sector_size == 512, "4K-sector IV numbering is not implemented here"
     offset = int(segment["offset"])
     tweak = int(segment["iv_tweak"])
+
+    def decrypt(data, start):
+        out = bytearray()
+        for i in range(0, len(data), sector_size):
+            iv_sector = tweak + (start + i) // 512
+            decryptor = Cipher(algorithms.AES(key), modes.XTS(iv_sector.to_bytes(16, "little"))).decryptor()
+            out += decryptor.update(data[i : i + sector_size]) + decryptor.finalize()
+        return bytes(out)
+
     with open(device, "rb") as source:
         total = source.seek(0, os.SEEK_END) - offset
-    if length is not None:
-        total = min(total, length)
-    with open(device, "rb") as source, open(image, "wb") as target:
+        if length == "ext4":  # just the filesystem: its size is in the (decrypted) superblock
+            source.seek(offset)
+            superblock = decrypt(source.read(2048), 0)[1024:]
+            assert superblock[0x38:0x3A] == b"\x53\xef", "no ext superblock in the decrypted data"
+            length = int.from_bytes(superblock[4:8], "little") * (1024 << int.from_bytes(superblock[24:28], "little"))
+        if length is not None:
+            total = min(total, length)
         source.seek(offset)
-        chunk = 1024 * 1024
-        done = 0
-        while done < total:
-            data = source.read(min(chunk, total - done))
-            out = bytearray()
-            for i in range(0, len(data), sector_size):
-                iv_sector = tweak + (done + i) // 512
-                decryptor = Cipher(algorithms.AES(key), modes.XTS(iv_sector.to_bytes(16, "little"))).decryptor()
-                out += decryptor.update(data[i : i + sector_size]) + decryptor.finalize()
-            target.write(out)
-            done += len(data)
+        with open(image, "wb") as target:
+            chunk = 1024 * 1024
+            done = 0
+            while done < total:
+                data = source.read(min(chunk, total - done))
+                target.write(decrypt(data, done))
+                done += len(data)

@@ -15,20 +15,14 @@ import pytest
 
 from support.loopdisk import LoopDisk, sh
 
-# Cheap PBKDF for every LUKS operation in tests (production defaults are documented in docs/node.md).
-FAST_PBKDF = {"algorithm": "pbkdf2", "iteration_count": 1000}
-
 
 def fast_options(**overrides):
+    """LUKS options with the cheap test PBKDF (production defaults: docs/node.md, "PBKDF default")."""
     from ansible_collections.kairos.kcrypt.plugins.module_utils.luks import LuksOptions
 
     values = dict(pbkdf="pbkdf2", iterations=1000)
     values.update(overrides)
     return LuksOptions(**values)
-
-
-def needs_root():
-    return pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and cryptsetup need root")
 
 
 @pytest.fixture

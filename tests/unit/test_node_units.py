@@ -55,7 +55,7 @@ def test_generated_keys_get_upstream_iter_time_unless_set():
 
 
 def test_recovery_key_shape_and_uniqueness():
-    keys = {key_source.generate_recovery_key() for _ in range(20)}
+    keys = set(key_source.generate_recovery_key() for count in range(20))
     assert len(keys) == 20
     for key in keys:
         assert re.fullmatch(rb"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key)
@@ -89,17 +89,35 @@ def test_key_source_build_validates():
     assert "s3cret" not in source.describe()
 
 
-def test_read_certificate(tmp_path):
+def test_auto_key_source_follows_the_kairos_config(tmp_path):
+    oem = tmp_path / "oem"
+    oem.mkdir()
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz console=ttyS0\n")
+    (oem / "90_kcrypt.yaml").write_text("#cloud-config\nkcrypt:\n  nv_index: '0x1500002'\n  c_index: '0x8100000a'\n")
+    offline = key_source.build({"key_source": "auto"}, config_dirs=[str(oem)], cmdline_path=str(cmdline))
+    assert isinstance(offline, key_source.TpmKeySource)
+    assert (offline.nv_index, offline.c_index) == (0x1500002, 0x8100000A)
+    explicit = key_source.build({"key_source": "auto", "nv_index": "0x1500003"}, config_dirs=[str(oem)], cmdline_path=str(cmdline))
+    assert explicit.nv_index == 0x1500003  # an explicit option wins over the config
+
+    cmdline.write_text("quiet kcrypt.challenger.challenger_server=http://10.0.2.2:8082 kcrypt.challenger.protocol=legacy\n")
+    online = key_source.build({"key_source": "auto", "kms_attempts": 3}, config_dirs=[str(oem)], cmdline_path=str(cmdline))
+    assert isinstance(online, key_source.KmsKeySource)
+    assert (online.config.challenger_server, online.config.protocol, online.config.attempts) == ("http://10.0.2.2:8082", "legacy", 3)
+    assert online.config.c_index == 0x8100000A
+
+
+def test_kms_key_source_reads_the_certificate_file(tmp_path):
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    assert key_source.read_certificate(pem) == pem.strip()
     path = tmp_path / "ca.pem"
     path.write_text(pem)
-    assert key_source.read_certificate(str(path)) == pem
-    with pytest.raises(KcryptError, match="neither PEM text nor a readable file"):
-        key_source.read_certificate(str(tmp_path / "missing.pem"))
-    (tmp_path / "junk").write_text("hello")
-    with pytest.raises(KcryptError, match="holds no PEM"):
-        key_source.read_certificate(str(tmp_path / "junk"))
+    source = key_source.build({"key_source": "kms", "challenger_server": "https://kms:8082", "certificate": str(path)})
+    assert source.config.certificate == pem
+    with pytest.raises(KcryptError, match="certificate"):
+        key_source.build({"key_source": "kms", "challenger_server": "https://kms:8082", "certificate": str(tmp_path / "no.pem")})
+    with pytest.raises(KcryptError, match="needs challenger_server"):
+        key_source.build({"key_source": "kms"})
 
 
 def test_run_feeds_stdin_and_reports_stderr_not_input():

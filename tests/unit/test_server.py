@@ -41,19 +41,19 @@ class FakePolicy:
     def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False):
         self.calls.append(("issue", tpm_hash, pcrs, partition, defer_pcr_enrollment))
         if self.fail:
-            raise self.fail
+            raise self.fail  # pylint: disable=raising-bad-type
         return PASSPHRASE
 
     def legacy_get_pass(self, tpm_hash, partition):
         self.calls.append(("get", tpm_hash, partition))
         if self.fail:
-            raise self.fail
+            raise self.fail  # pylint: disable=raising-bad-type
         return dict(self.legacy_answer)
 
     def legacy_post_pass(self, tpm_hash, partition, payload):
         self.calls.append(("post", tpm_hash, partition, payload))
         if self.fail:
-            raise self.fail
+            raise self.fail  # pylint: disable=raising-bad-type
         return True
 
 
@@ -81,7 +81,7 @@ def kms(policy):
 def _closed(ws):
     """True when the server closed the connection after its last message."""
     try:
-        opcode, _ = ws.recv_data(control_frame=True)
+        opcode, _data = ws.recv_data(control_frame=True)
     except (websocket.WebSocketConnectionClosedException, ConnectionError):
         return True
     return opcode == websocket.ABNF.OPCODE_CLOSE
