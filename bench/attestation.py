@@ -10,7 +10,10 @@ Each run starts fresh servers and measures, in this order:
 * kcrypt ws://  first contact — every simulated node enrols (TOFU, SQLite writes);
 * kcrypt ws://  enrolled      — ``--clients`` nodes attest ``--rounds`` times each, closed loop;
 * kcrypt ws://  burst         — ``--burst`` enrolled nodes connect at the same moment, once each;
+* kcrypt ws://  enrolled, thread — as "enrolled" with ``--store-calls thread`` (store calls in a thread pool);
 * kcrypt wss:// enrolled      — as above over TLS terminated in the challenger process;
+* aiohttp floor              — the same four messages against a bare aiohttp handler (no
+  crypto, no store, no logging): what the WebSocket exchange alone costs on this machine;
 * tang          recovery      — ``--clients`` clevis-like clients, one McCallum-Relyea key
   recovery per connection (``POST /rec/<kid>``), tangd spawned per connection like
   Debian's tangd.socket (Accept=yes) does.
@@ -117,10 +120,10 @@ class Process:
                 self.popen.wait()
 
 
-def start_challenger(workdir, tls=None):
+def start_challenger(workdir, tls=None, extra=()):
     port = free_port()
     args = [sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger"), "serve", "--listen", "127.0.0.1:%d" % port,
-            "--store", "sqlite://%s/kms.db" % workdir, "--log-level", "info"]
+            "--store", "sqlite://%s/kms.db" % workdir, "--log-level", "info"] + list(extra)
     context = None
     if tls:
         args += ["--tls-cert", tls["server.pem"], "--tls-key", tls["server.key"]]
@@ -160,6 +163,39 @@ while True:
 """ % {"tangd": TANGD}
 
 
+BARE_SERVER = r"""
+import asyncio, sys
+from aiohttp import web
+
+CHALLENGE = '{"challenge":{"Credential":"%s","Secret":"%s"}}\n' % ("A" * 200, "A" * 344)
+PASSPHRASE = '{"passphrase":"%s"}\n' % ("A" * 60)
+
+
+async def exchange(request):  # the same four messages, no crypto, no store: aiohttp's floor
+    ws = web.WebSocketResponse(compress=False, max_msg_size=65536)
+    await ws.prepare(request)
+    await ws.receive(timeout=10)
+    await ws.send_str(CHALLENGE)
+    await ws.receive(timeout=10)
+    await ws.send_str(PASSPHRASE)
+    await ws.close()
+    return ws
+
+
+app = web.Application()
+app.router.add_get("/tpm-attestation", exchange)
+app.router.add_get("/healthz", lambda request: web.Response(text="ok"))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def start_bare(workdir):
+    port = free_port()
+    process = Process([sys.executable, "-c", BARE_SERVER, str(port)], os.path.join(workdir, "bare.log"))
+    wait_http("http://127.0.0.1:%d/healthz" % port)
+    return process, "ws://127.0.0.1:%d" % port
+
+
 def start_tang(workdir):
     keys = os.path.join(workdir, "tang-keys")
     os.makedirs(keys)
@@ -181,6 +217,8 @@ class Node:
         self.init = protocol.write_json(self.tpm.init_message())
         self.nonce = nonce
         self._quote = None
+        self.bare_proof = protocol.write_json({"secret": "A" * 44, "pcr_quote": {"quote": {"version": "2", "quote": "A" * 196,
+                                               "signature": "A" * 352}, "pcrs": {"0": "A" * 44, "11": "A" * 44, "7": "A" * 44}}})
 
     def proof(self, challenge_text):
         ec = protocol.parse_challenge(json.loads(challenge_text))
@@ -195,7 +233,7 @@ class Node:
         return protocol.write_json(protocol.proof_message(secret, pcr_quote))
 
 
-async def attest(session, url, node, ssl_context):
+async def attest(session, url, node, ssl_context, bare=False):
     import aiohttp
 
     started = time.perf_counter()
@@ -206,7 +244,7 @@ async def attest(session, url, node, ssl_context):
         challenge = await ws.receive()
         if challenge.type != aiohttp.WSMsgType.TEXT:
             raise RuntimeError("no challenge: %r" % (challenge,))
-        await ws.send_str(node.proof(challenge.data))
+        await ws.send_str(node.bare_proof if bare else node.proof(challenge.data))
         answer = await ws.receive()
     if answer.type != aiohttp.WSMsgType.TEXT or "passphrase" not in json.loads(answer.data):
         raise RuntimeError("attestation failed: %r" % (answer.data,))
@@ -328,8 +366,9 @@ def client_process(job, results):
                 latencies = await asyncio.gather(*tasks)
                 return list(latencies), time.perf_counter() - started
             started = time.perf_counter()
+            bare = job["kind"] == "bare"
             latencies = await closed_loop(job, job["rounds"], job["clients"],
-                                          lambda n: attest(session, job["url"], nodes[n % len(nodes)], context))
+                                          lambda n: attest(session, job["url"], nodes[n % len(nodes)], context, bare))
             return latencies, time.perf_counter() - started
 
     try:
@@ -364,25 +403,44 @@ def measure(name, pid, job, children=False):
     }
 
 
+def enrol_all(job):
+    """A job that makes every identity's first contact, so the measured loop sees enrolled nodes only."""
+    clients = min(job["clients"], job["identities"])
+    return dict(job, clients=clients, rounds=-(-job["identities"] // clients))
+
+
 def one_run(args, workdir):
     rows = []
     pki = make_pki(workdir)
+    process, url = start_bare(workdir)
+    try:
+        job = {"identities": args.identities, "nonce": False, "kind": "bare", "url": url, "clients": args.clients}
+        run_clients(dict(job, rounds=1))
+        rows.append(measure("aiohttp bare exchange (floor)", process.pid, dict(job, rounds=args.rounds)))
+    finally:
+        process.stop()
     base = {"identities": args.identities, "nonce": not args.head_quotes, "ca": None}
     process, url = start_challenger(os.path.join(workdir, "ws"))
     try:
         rows.append(measure("kcrypt ws://  first contact", process.pid,
-                            dict(base, kind="loop", url=url, clients=min(args.clients, args.identities),
-                                 rounds=max(1, args.identities // min(args.clients, args.identities)))))
+                            enrol_all(dict(base, kind="loop", url=url, clients=args.clients))))
         rows.append(measure("kcrypt ws://  enrolled", process.pid,
                             dict(base, kind="loop", url=url, clients=args.clients, rounds=args.rounds)))
         rows.append(measure("kcrypt ws://  burst %d" % args.burst, process.pid,
                             dict(base, kind="burst", url=url, clients=args.burst)))
     finally:
         process.stop()
+    process, url = start_challenger(os.path.join(workdir, "thread"), extra=["--store-calls", "thread"])
+    try:
+        job = dict(base, kind="loop", url=url, clients=args.clients, rounds=args.rounds)
+        run_clients(enrol_all(job))
+        rows.append(measure("kcrypt ws://  enrolled, thread", process.pid, job))
+    finally:
+        process.stop()
     process, url = start_challenger(os.path.join(workdir, "wss"), tls=pki)
     try:
         job = dict(base, kind="loop", url=url, ca=pki["ca.pem"], clients=args.clients, rounds=args.rounds)
-        run_clients(dict(job, rounds=1))  # enrol (first contacts over TLS are not the figure here)
+        run_clients(enrol_all(job))  # first contacts over TLS are not the figure here
         rows.append(measure("kcrypt wss:// enrolled", process.pid, job))
     finally:
         process.stop()
@@ -420,7 +478,7 @@ def main():
     all_rows = []
     for run in range(1, args.runs + 1):
         workdir = tempfile.mkdtemp(prefix="kcrypt-bench-")
-        for sub in ("ws", "wss"):
+        for sub in ("ws", "wss", "thread"):
             os.makedirs(os.path.join(workdir, sub))
         try:
             rows = one_run(args, workdir)

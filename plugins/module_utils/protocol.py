@@ -483,26 +483,42 @@ def parse_legacy_payload(data):
 # -- EK handling -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EndorsementKey:
+    """A node's EK as the server sees it: the key, its TPM hash and its PEM (what the policy stores)."""
+
+    public_key: object
+    tpm_hash: str
+    pem: str
+
+    @classmethod
+    def from_key(cls, key):
+        return cls(key, identity.tpm_hash(key), identity.public_key_pem(key))
+
+
 _EK_CACHE = collections.OrderedDict()
-EK_CACHE_SIZE = 4096  # nodes that attest again reuse the parsed key (OpenSSL caches its Montgomery context on it)
+EK_CACHE_SIZE = 4096  # nodes that attest again reuse the parsed key and its encodings
 
 
 def load_ek_spki(der):
-    """The EK public key from ``ek_public`` (DER SPKI). Only RSA EKs exist in this protocol (spec §1.1)."""
+    """The EK from ``ek_public`` (DER SPKI) as an EndorsementKey. Only RSA EKs exist here (spec §1.1).
+
+    The TPM hash is taken over the re-encoded SPKI, as upstream does, not over the bytes sent.
+    """
     require("cryptography", "to read the EK")
     der = bytes(der)
-    key = _EK_CACHE.get(der)
-    if key is not None:
+    ek = _EK_CACHE.get(der)
+    if ek is not None:
         _EK_CACHE.move_to_end(der)
-        return key
+        return ek
     try:
-        key = _check_ek(identity.load_spki(der))
+        ek = EndorsementKey.from_key(_check_ek(identity.load_spki(der)))
     except (ValueError, TypeError) as error:
         raise ProtocolError("parse EK SPKI: %s" % (error or "not a DER SubjectPublicKeyInfo")) from None
-    _EK_CACHE[der] = key
+    _EK_CACHE[der] = ek
     if len(_EK_CACHE) > EK_CACHE_SIZE:
         _EK_CACHE.popitem(last=False)
-    return key
+    return ek
 
 
 def load_ek_pem(pem):
@@ -676,8 +692,13 @@ def _aes_cfb(key, data, encrypt):
     return op.update(data) + op.finalize()
 
 
+_OAEP = []
+
+
 def _oaep_identity():
-    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=IDENTITY_LABEL)
+    if not _OAEP:  # built once: the padding object is immutable
+        _OAEP.append(padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=IDENTITY_LABEL))
+    return _OAEP[0]
 
 
 def make_credential(ek_public_key, ak_name, secret=None, seed=None):
@@ -687,8 +708,9 @@ def make_credential(ek_public_key, ak_name, secret=None, seed=None):
     given (tests use fixed values for golden vectors).
     """
     require("cryptography", "to build the credential challenge")
-    secret = os.urandom(SECRET_SIZE) if secret is None else secret
-    seed = os.urandom(SEED_SIZE) if seed is None else seed
+    random = os.urandom(SECRET_SIZE + SEED_SIZE)  # one getrandom() call for both
+    secret = random[:SECRET_SIZE] if secret is None else secret
+    seed = random[SECRET_SIZE:] if seed is None else seed
     encrypted_seed = ek_public_key.encrypt(seed, _oaep_identity())
     symmetric_key = kdfa("sha256", seed, b"STORAGE", ak_name, b"", len(seed) * 8)
     enc_identity = _aes_cfb(symmetric_key, struct.pack(">H", len(secret)) + secret, True)
@@ -854,9 +876,9 @@ class AttestationSession:
             raise StageError(STAGE_READ_INIT, "reading attestation init: %s" % error) from None
         try:
             self._ek = load_ek_spki(self._init.ek_public)
-            self.tpm_hash = identity.tpm_hash(self._ek)
+            self.tpm_hash = self._ek.tpm_hash
             params = AttestationParameters.from_json(self._init.ak_params)
-            self._ak, self._secret, credential = generate_challenge(self._ek, params)
+            self._ak, self._secret, credential = generate_challenge(self._ek.public_key, params)
         except ProtocolError as error:
             raise StageError(STAGE_CHALLENGE, "generating challenge: %s" % error) from None
         return challenge_message(credential)
@@ -879,7 +901,7 @@ class AttestationSession:
             raise StageError(STAGE_VERIFY, str(error), rejection=True) from None
         return VerifiedAttestation(
             tpm_hash=self.tpm_hash,
-            ek_pem=identity.public_key_pem(self._ek),
+            ek_pem=self._ek.pem,
             pcrs=pcrs_for_policy(pcrs),
             defer_pcr_enrollment=self._init.defer_pcr_enrollment,
             nonce_bound=bound,

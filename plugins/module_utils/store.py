@@ -302,7 +302,7 @@ def normalize_volume(doc, namespace=None):
     clean = copy.deepcopy(doc)
     clean["apiVersion"] = API_VERSION
     clean["kind"] = KIND
-    clean["spec"] = _drop_none(copy.deepcopy(spec))
+    clean["spec"] = _omit_empty(_drop_none(copy.deepcopy(spec)))
     clean["metadata"] = {k: v for k, v in metadata.items() if v is not None}
     if namespace:
         clean["metadata"]["namespace"] = namespace
@@ -350,6 +350,23 @@ def check_object_name(name, kind):
              and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-." for c in name))
     if not valid:
         raise InvalidDocument("%s name %r is not a valid Kubernetes object name (lowercase letters, digits, '-', '.')" % (kind, name))
+
+
+def _omit_empty(spec):
+    """Drop what Go's ``omitempty`` drops when upstream writes a SealedVolume (false, empty strings),
+    so a volume compares equal however it was written. Attestation values are kept: "" means "learn"."""
+    if spec.get("quarantined") is False:
+        del spec["quarantined"]
+    for partition in spec.get("partitions") or []:
+        for key in ("label", "deviceName", "uuid"):
+            if partition.get(key) == "":
+                del partition[key]
+        secret = partition.get("secret")
+        if isinstance(secret, dict):
+            for key in ("name", "path"):
+                if secret.get(key) == "":
+                    del secret[key]
+    return spec
 
 
 def _drop_none(value):

@@ -265,7 +265,7 @@ def cmd_import(args):
             for key, value in secret["data"].items():
                 if value.endswith(b"\n"):
                     _err(args).write("Warning: Secret %s key %s ends with a newline; a passphrase typed or piped into "
-                                      "cryptsetup stops before it\n" % (name, key))
+                                     "cryptsetup stops before it\n" % (name, key))
             try:
                 store.create_secret(secret)
                 out.write("Secret %s: created\n" % name)
@@ -295,7 +295,7 @@ def cmd_import(args):
 
 def _set_quarantine(args, value):
     with _open(args) as store:
-        for _ in range(5):
+        for _attempt in range(5):
             volume = _resolve(store, args.target)
             if bool(volume["spec"].get("quarantined")) == value:
                 break

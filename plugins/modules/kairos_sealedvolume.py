@@ -165,7 +165,7 @@ notes:
 seealso:
   - module: kairos.kcrypt.kairos_tpm_hash
 author:
-  - kairos.kcrypt contributors
+  - kairos.kcrypt contributors (@kairos-io)
 """
 
 EXAMPLES = r"""

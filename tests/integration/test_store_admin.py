@@ -46,13 +46,14 @@ def test_entry_point_reads_the_passphrase_from_stdin(repo_root, store_target, su
     """The real ``kcrypt-challenger`` process: subcommands mounted, passphrase piped on stdin, never echoed."""
     command = [sys.executable, os.path.join(repo_root, "bin", "kcrypt-challenger"), "--store", store_target.url]
     result = subprocess.run(command + ["add", "--tpm-hash", HASH, "--partition", "COS_PERSISTENT", "--passphrase-file", "-"],
-                            input=PASS, capture_output=True, env=subprocess_env, timeout=60)
+                            input=PASS, capture_output=True, env=subprocess_env, timeout=60, check=False)
     assert result.returncode == 0, result.stderr.decode()
     assert PASS not in result.stdout + result.stderr
-    listing = subprocess.run(command + ["list"], capture_output=True, env=subprocess_env, timeout=60)
+    listing = subprocess.run(command + ["list"], capture_output=True, env=subprocess_env, timeout=60, check=False)
     assert listing.returncode == 0 and HASH.encode() in listing.stdout
     missing = subprocess.run([sys.executable, os.path.join(repo_root, "bin", "kcrypt-challenger"), "--store",
-                              "sqlite:///nonexistent-kcrypt-store-dir/kms.db", "list"], capture_output=True, env=subprocess_env, timeout=60)
+                              "sqlite:///nonexistent-kcrypt-store-dir/kms.db", "list"], capture_output=True, env=subprocess_env,
+                             timeout=60, check=False)
     assert missing.returncode == 1 and b"there is no store at /nonexistent-kcrypt-store-dir/kms.db" in missing.stderr
     assert not os.path.exists("/nonexistent-kcrypt-store-dir")
     with store_target.open() as store:

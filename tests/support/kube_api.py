@@ -156,7 +156,7 @@ def _emulator_class():
             if not self._known(request.resource):
                 raise kmock.KubernetesError(status=404, reason="NotFound", message="the server could not find the requested resource")
             async with self._lock:
-                items = [obj.raw for (resource, namespace, _), obj in self.objects.items()
+                items = [obj.raw for (resource, namespace, _name), obj in self.objects.items()
                          if resource == request.resource and not obj.deleted
                          and (request.namespace is None or namespace == request.namespace)]
             items.sort(key=lambda item: (item["metadata"].get("namespace") or "", item["metadata"]["name"]))

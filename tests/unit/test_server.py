@@ -273,6 +273,18 @@ def test_legacy_get_pass(kms, policy, node):
     assert policy.calls[0][:2] == ("get", node.tpm_hash)
 
 
+def test_legacy_path_with_a_doubled_slash_is_served(kms, policy, node):
+    """A legacy node configured with a trailing slash asks for //getPass (upstream fails it, kairos#1248)."""
+    ws = connect(kms.ws_url, path="/" + protocol.GET_PASS_PATH, headers={"Authorization": node.legacy_token(), "label": "COS_OEM"})
+    try:
+        ws.send_binary(node.legacy_answer(ws.recv()))
+        assert protocol.parse_legacy_payload(ws.recv())["passphrase"] == "static"
+    finally:
+        ws.close()
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        connect(kms.ws_url, path="//elsewhere")
+
+
 def test_legacy_bad_token_and_wrong_answer(kms, policy, node):
     ws = connect(kms.ws_url, path=protocol.GET_PASS_PATH, headers={"Authorization": "Bearer TPMnot-base64!"})
     try:
