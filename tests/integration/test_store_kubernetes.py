@@ -12,7 +12,7 @@ from kubernetes import client, config
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import Policy
+from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import TPM_HASH_LABEL, Policy, safe_kube_name
 from support.kube_api import KubeAPI
 
 HASH = "c" * 64
@@ -72,3 +72,31 @@ def test_store_url_describes_the_api_without_credentials(kube_api):
         assert store.namespace == "ns1"
         assert store.url == "kubernetes://%s?namespace=ns1" % kube_api.url
         assert "token" not in store.url
+
+
+def test_tpm_hash_label_is_the_lookup_index(kube_api):
+    namespace = "kcrypt-label-index"
+    url = "kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)
+    other = "e" * 64
+    with st.open_store(url) as store:
+        created = store.create_volume(st.new_volume("ours", HASH, [{"label": "L"}]))
+        assert created["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(HASH)
+        # a volume of another tool, unlabelled, and one whose label was edited to lie about its TPM
+        api = config.new_client_from_config(config_file=kube_api.kubeconfig)
+        try:
+            objects = client.CustomObjectsApi(api)
+            objects.create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
+                "apiVersion": st.API_VERSION, "kind": "SealedVolume", "metadata": {"name": "theirs"},
+                "spec": {"TPMHash": other, "partitions": [{"label": "L"}]}})
+            objects.create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
+                "apiVersion": st.API_VERSION, "kind": "SealedVolume",
+                "metadata": {"name": "liar", "labels": {TPM_HASH_LABEL: safe_kube_name(other)}},
+                "spec": {"TPMHash": "f" * 64, "partitions": [{"label": "L"}]}})
+        finally:
+            api.close()
+        assert st.volume_name(store.find_volume(HASH)) == "ours"
+        assert [st.volume_name(v) for v in store.volumes_for(other)] == ["theirs"]  # the lying label is not trusted
+        assert st.volume_name(store.find_volume("f" * 64)) == "liar"
+        theirs = store.get_volume("theirs")
+        theirs["spec"]["quarantined"] = True
+        assert store.update_volume(theirs)["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(other)

@@ -14,7 +14,7 @@ store, with the API server's rules:
 * ``metadata.resourceVersion`` (one counter, like etcd's revision), ``uid`` and
   ``creationTimestamp`` on create;
 * 409 ``AlreadyExists`` on a second create of a name, 404 ``NotFound`` for a missing object;
-* lists sorted by namespace and name, as the API server returns them;
+* lists sorted by namespace and name, as the API server returns them, with equality label selectors;
 * PUT (replace): 404 if missing, 422 without ``resourceVersion``, 409 ``Conflict``
   when it is stale, else the object is replaced and gets a new resourceVersion;
 * Secret ``stringData`` folded into base64 ``data``;
@@ -115,6 +115,20 @@ def _emulator_class():
                 data[key] = base64.b64encode(value.encode("utf-8")).decode("ascii")
             body["data"] = data
 
+    def parse_label_selector(text):
+        """Equality-based selectors (``a=b,c!=d``), as the API server's list supports them."""
+        terms = []
+        for term in filter(None, (t.strip() for t in text.split(","))):
+            if "!=" in term:
+                key, value = term.split("!=", 1)
+                terms.append((key.strip(), value.strip(), False))
+            elif "=" in term:
+                key, value = term.replace("==", "=").split("=", 1)
+                terms.append((key.strip(), value.strip(), True))
+            else:
+                raise kmock.KubernetesError(status=400, reason="BadRequest", message="unsupported label selector %r" % term)
+        return lambda labels: all((labels.get(key) == value) == equal for key, value, equal in terms)
+
     class StrictEmulator(kmock.KubernetesEmulator):
         """Object requests are answered here from kmock's object store; the rest (discovery,
         watch, patch) by kmock. kmock's generic reaction matching costs ~30 ms per request,
@@ -155,10 +169,12 @@ def _emulator_class():
         async def _list(self, request):
             if not self._known(request.resource):
                 raise kmock.KubernetesError(status=404, reason="NotFound", message="the server could not find the requested resource")
+            selector = parse_label_selector(request.params.get("labelSelector", ""))
             async with self._lock:
                 items = [obj.raw for (resource, namespace, _name), obj in self.objects.items()
                          if resource == request.resource and not obj.deleted
-                         and (request.namespace is None or namespace == request.namespace)]
+                         and (request.namespace is None or namespace == request.namespace)
+                         and selector(obj.raw.get("metadata", {}).get("labels") or {})]
             items.sort(key=lambda item: (item["metadata"].get("namespace") or "", item["metadata"]["name"]))
             return aiohttp.web.json_response({"apiVersion": "v1", "kind": "List", "items": items,
                                               "metadata": {"resourceVersion": str(self._version)}})
