@@ -45,7 +45,7 @@ def generate_key():
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def _generate_pem(_):
+def _generate_pem(_index):
     return generate_key().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
