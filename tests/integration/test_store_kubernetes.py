@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
+import yaml
 from kubernetes import client, config
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
@@ -100,3 +102,49 @@ def test_tpm_hash_label_is_the_lookup_index(kube_api):
         theirs = store.get_volume("theirs")
         theirs["spec"]["quarantined"] = True
         assert store.update_volume(theirs)["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(other)
+
+
+API_VERBS = {
+    "list_namespaced_custom_object": ("sealedvolumes", "list"), "get_namespaced_custom_object": ("sealedvolumes", "get"),
+    "create_namespaced_custom_object": ("sealedvolumes", "create"),
+    "replace_namespaced_custom_object": ("sealedvolumes", "update"),
+    "delete_namespaced_custom_object": ("sealedvolumes", "delete"),
+    "read_namespaced_secret": ("secrets", "get"), "create_namespaced_secret": ("secrets", "create"),
+    "replace_namespaced_secret": ("secrets", "update"), "delete_namespaced_secret": ("secrets", "delete"),
+}
+
+
+class Recorder(object):
+    """Wraps a kubernetes API object and records which RBAC (resource, verb) each call needs."""
+
+    def __init__(self, api, used):
+        self._api, self._used = api, used
+
+    def __getattr__(self, name):
+        method = getattr(self._api, name)
+
+        def call(*args, **kwargs):
+            self._used.add(API_VERBS[name])  # KeyError: a call nobody mapped to RBAC yet
+            return method(*args, **kwargs)
+        return call
+
+
+def test_rbac_role_grants_exactly_what_the_server_uses(kube_api, repo_root):
+    """Every server code path through the store, recorded; the Role in deploy/kubernetes/rbac.yaml must match."""
+    used = set()
+    url = "kubernetes://?kubeconfig=%s&namespace=kcrypt-rbac" % kube_api.kubeconfig
+    with st.open_store(url) as store:
+        store.custom, store.core = Recorder(store.custom, used), Recorder(store.core, used)
+        policy = Policy(store)
+        pcrs = {"0": "aa", "7": "bb"}
+        policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # TOFU
+        policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # next boot
+        policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_OEM"))  # new partition
+        policy.legacy_post_pass(HASH, PartitionRef(label="COS_OEM"), {"passphrase": "x", "generated_by": "tpm"})
+        policy.legacy_get_pass(HASH, PartitionRef(label="COS_OEM"))
+        store.ping()
+    with open(os.path.join(repo_root, "deploy", "kubernetes", "rbac.yaml")) as handle:
+        items = yaml.safe_load(handle)["items"]
+    role = [i for i in items if i["kind"] == "Role" and i["metadata"]["name"] == "kcrypt-challenger"][0]
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert used == granted
