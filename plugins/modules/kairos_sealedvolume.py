@@ -93,6 +93,7 @@ options:
       ek_public_key:
         description:
           - The EK as C(PUBLIC KEY) or C(CERTIFICATE) PEM, enforced from now on. It must hash to O(tpm_hash).
+          - Giving it implies O(attestation.ek=enforce), except with V(relearn), which fails.
           - It is stored in the exact PEM form the KMS compares against.
         type: str
       pcrs:
