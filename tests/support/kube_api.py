@@ -19,7 +19,8 @@ store, with the API server's rules:
   when it is stale, else the object is replaced and gets a new resourceVersion;
 * Secret ``stringData`` folded into base64 ``data``;
 * CustomResourceDefinitions: creating one registers its served versions, so the
-  CRD manifest must be applied before SealedVolumes can be used, as on a cluster.
+  CRD manifest must be applied before SealedVolumes can be used, as on a cluster;
+* Namespaces (create, get, list, delete with their objects), which kmock's URL parser cannot read.
 
 Run it as a process: ``python tests/support/kube_api.py PORT_FILE`` writes the port
 into PORT_FILE once it listens and serves until SIGTERM. ``KubeAPI`` does that and
@@ -133,6 +134,35 @@ def _emulator_class():
         """Object requests are answered here from kmock's object store; the rest (discovery,
         watch, patch) by kmock. kmock's generic reaction matching costs ~30 ms per request,
         which made 200 concurrent enrolments take minutes; this path keeps the same semantics."""
+
+        async def __call__(self, raw_request):
+            # kmock's URL parser cannot read /api/v1/namespaces[/NAME] (it takes "namespaces" for
+            # the namespace marker), so Namespace objects, which tests create on real clusters, are served here.
+            path = raw_request.path.rstrip("/")
+            if path == "/api/v1/namespaces" or (path.startswith("/api/v1/namespaces/") and path.count("/") == 4):
+                return await self._namespace(raw_request, path[len("/api/v1/namespaces/"):] if path.count("/") == 4 else None)
+            return await super().__call__(raw_request)
+
+        async def _namespace(self, raw_request, name):
+            namespaces = self.__dict__.setdefault("_namespace_objects", {})
+            if raw_request.method == "POST" and name is None:
+                body = await raw_request.json()
+                name = (body.get("metadata") or {}).get("name")
+                if name in namespaces:
+                    return aiohttp.web.json_response({"kind": "Status", "code": 409, "reason": "AlreadyExists"}, status=409)
+                body["metadata"].update(resourceVersion=self._next(), uid=str(uuid.uuid4()), creationTimestamp=now())
+                namespaces[name] = body
+                return aiohttp.web.json_response(body, status=201)
+            if raw_request.method == "GET" and name is None:
+                return aiohttp.web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "items": list(namespaces.values())})
+            if name not in namespaces:
+                return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+            if raw_request.method == "DELETE":
+                async with self._lock:  # the API server removes what the namespace held
+                    for key in [k for k in self.objects if k[1] == name and not self.objects[k].deleted]:
+                        self.objects[key].delete()
+                return aiohttp.web.json_response(namespaces.pop(name))
+            return aiohttp.web.json_response(namespaces[name])
 
         async def _handle(self, request):
             resource = request.resource
