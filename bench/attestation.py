@@ -10,6 +10,7 @@ Each run starts fresh servers and measures, in this order:
 * kcrypt ws://  first contact — every simulated node enrols (TOFU, SQLite writes);
 * kcrypt ws://  enrolled      — ``--clients`` nodes attest ``--rounds`` times each, closed loop;
 * kcrypt ws://  burst         — ``--burst`` enrolled nodes connect at the same moment, once each;
+* kcrypt ws://  enrolled, thread — as "enrolled" with ``--store-calls thread`` (store calls in a thread pool);
 * kcrypt wss:// enrolled      — as above over TLS terminated in the challenger process;
 * aiohttp floor              — the same four messages against a bare aiohttp handler (no
   crypto, no store, no logging): what the WebSocket exchange alone costs on this machine;
@@ -119,10 +120,10 @@ class Process:
                 self.popen.wait()
 
 
-def start_challenger(workdir, tls=None):
+def start_challenger(workdir, tls=None, extra=()):
     port = free_port()
     args = [sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger"), "serve", "--listen", "127.0.0.1:%d" % port,
-            "--store", "sqlite://%s/kms.db" % workdir, "--log-level", "info"]
+            "--store", "sqlite://%s/kms.db" % workdir, "--log-level", "info"] + list(extra)
     context = None
     if tls:
         args += ["--tls-cert", tls["server.pem"], "--tls-key", tls["server.key"]]
@@ -402,6 +403,12 @@ def measure(name, pid, job, children=False):
     }
 
 
+def enrol_all(job):
+    """A job that makes every identity's first contact, so the measured loop sees enrolled nodes only."""
+    clients = min(job["clients"], job["identities"])
+    return dict(job, clients=clients, rounds=-(-job["identities"] // clients))
+
+
 def one_run(args, workdir):
     rows = []
     pki = make_pki(workdir)
@@ -416,18 +423,24 @@ def one_run(args, workdir):
     process, url = start_challenger(os.path.join(workdir, "ws"))
     try:
         rows.append(measure("kcrypt ws://  first contact", process.pid,
-                            dict(base, kind="loop", url=url, clients=min(args.clients, args.identities),
-                                 rounds=max(1, args.identities // min(args.clients, args.identities)))))
+                            enrol_all(dict(base, kind="loop", url=url, clients=args.clients))))
         rows.append(measure("kcrypt ws://  enrolled", process.pid,
                             dict(base, kind="loop", url=url, clients=args.clients, rounds=args.rounds)))
         rows.append(measure("kcrypt ws://  burst %d" % args.burst, process.pid,
                             dict(base, kind="burst", url=url, clients=args.burst)))
     finally:
         process.stop()
+    process, url = start_challenger(os.path.join(workdir, "thread"), extra=["--store-calls", "thread"])
+    try:
+        job = dict(base, kind="loop", url=url, clients=args.clients, rounds=args.rounds)
+        run_clients(enrol_all(job))
+        rows.append(measure("kcrypt ws://  enrolled, thread", process.pid, job))
+    finally:
+        process.stop()
     process, url = start_challenger(os.path.join(workdir, "wss"), tls=pki)
     try:
         job = dict(base, kind="loop", url=url, ca=pki["ca.pem"], clients=args.clients, rounds=args.rounds)
-        run_clients(dict(job, rounds=1))  # enrol (first contacts over TLS are not the figure here)
+        run_clients(enrol_all(job))  # first contacts over TLS are not the figure here
         rows.append(measure("kcrypt wss:// enrolled", process.pid, job))
     finally:
         process.stop()
@@ -465,7 +478,7 @@ def main():
     all_rows = []
     for run in range(1, args.runs + 1):
         workdir = tempfile.mkdtemp(prefix="kcrypt-bench-")
-        for sub in ("ws", "wss"):
+        for sub in ("ws", "wss", "thread"):
             os.makedirs(os.path.join(workdir, sub))
         try:
             rows = one_run(args, workdir)

@@ -692,8 +692,13 @@ def _aes_cfb(key, data, encrypt):
     return op.update(data) + op.finalize()
 
 
+_OAEP = []
+
+
 def _oaep_identity():
-    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=IDENTITY_LABEL)
+    if not _OAEP:  # built once: the padding object is immutable
+        _OAEP.append(padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=IDENTITY_LABEL))
+    return _OAEP[0]
 
 
 def make_credential(ek_public_key, ak_name, secret=None, seed=None):
@@ -703,8 +708,9 @@ def make_credential(ek_public_key, ak_name, secret=None, seed=None):
     given (tests use fixed values for golden vectors).
     """
     require("cryptography", "to build the credential challenge")
-    secret = os.urandom(SECRET_SIZE) if secret is None else secret
-    seed = os.urandom(SEED_SIZE) if seed is None else seed
+    random = os.urandom(SECRET_SIZE + SEED_SIZE)  # one getrandom() call for both
+    secret = random[:SECRET_SIZE] if secret is None else secret
+    seed = random[SECRET_SIZE:] if seed is None else seed
     encrypted_seed = ek_public_key.encrypt(seed, _oaep_identity())
     symmetric_key = kdfa("sha256", seed, b"STORAGE", ak_name, b"", len(seed) * 8)
     enc_identity = _aes_cfb(symmetric_key, struct.pack(">H", len(secret)) + secret, True)
