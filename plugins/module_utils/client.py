@@ -128,8 +128,11 @@ class _Exchange:
         if self._resolved is None:
             from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns  # lazy: zeroconf only when asked
 
-            url, headers = mdns.resolve_url(server, timeout=self.config.mdns_timeout,
-                                            interfaces=self.config.mdns_interfaces, log=self.log)
+            try:
+                url, headers = mdns.resolve_url(server, timeout=self.config.mdns_timeout,
+                                                interfaces=self.config.mdns_interfaces, log=self.log)
+            except mdns.MDNSError as error:
+                raise _Fatal(str(error)) from None  # upstream: a hard error, resolved once, never retried
             self.log("mDNS: %s is %s" % (server, url))
             self._resolved = (url, headers)
         return self._resolved
