@@ -172,6 +172,11 @@ def fetch_passphrase(settings, partition, attempts=DEFAULT_ATTEMPTS, default_pro
         raise KcryptError(NO_SERVER_ERROR)
     from ansible_collections.kairos.kcrypt.plugins.module_utils import client  # the protocol client
 
+    if settings.mdns:  # upstream checks the name before anything else
+        from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+
+        mdns.check_local(mdns.url_host(settings.challenger_server))
+
     # Installing from a LiveCD: the PCRs are not final, let the KMS learn them on the first real boot.
     livecd = client_config.read_livecd_boot(_config_locations()[1])
     if livecd:
