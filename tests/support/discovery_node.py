@@ -41,7 +41,7 @@ class DiscoveryNode:
         return [sys.executable, CLI, *args]
 
     def run(self, *args, stdin=None, env=None, timeout=120):
-        return subprocess.run(self.command(*args), input=stdin, capture_output=True,
+        return subprocess.run(self.command(*args), input=stdin, capture_output=True, check=False,
                               env=dict(self.env, **(env or {})), timeout=timeout)
 
     def plugin(self, data, env=None, file=""):

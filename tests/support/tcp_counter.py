@@ -36,7 +36,7 @@ class CountingListener:
     def _serve(self):
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn = self._sock.accept()[0]
             except socket.timeout:
                 continue
             except OSError:
