@@ -124,9 +124,11 @@ def test_plugin_payload_errors(node):
     data = json.dumps({"challenger_server": "http://kms"})
     reply = plugin_reply(node.plugin(data))
     assert reply["error"] == "partition is required in payload. Received payload data: %s" % data
-    result = node.run("discovery.password", stdin=b"garbage")
-    assert (result.returncode, result.stdout) == (1, b"")
-    assert result.stderr.startswith(b"Error: starting plugin: ")
+    for event in (b"garbage", b'{"name": "discovery.password", "data": {"partition": {}}}',
+                  b'{"name": "discovery.password", "data": "", "file": "/nonexistent/pluggable1"}'):
+        result = node.run("discovery.password", stdin=event)
+        assert (result.returncode, result.stdout) == (1, b"")
+        assert result.stderr.startswith(b"Error: starting plugin: ")
 
 
 def test_plugin_reads_large_data_from_the_event_file(node, tmp_path):
