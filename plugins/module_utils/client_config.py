@@ -163,7 +163,7 @@ def parse_cmdline(text):
         key, sep, value = token.partition("=")
         key = key.strip('"')
         value = value.strip('"') if sep else "true"
-        path = [part for part in key.split(".")]
+        path = key.split(".")
         if not key or "" in path:
             continue
         node = values

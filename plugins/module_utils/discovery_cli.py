@@ -172,6 +172,11 @@ def fetch_passphrase(settings, partition, attempts=DEFAULT_ATTEMPTS, default_pro
         raise KcryptError(NO_SERVER_ERROR)
     from ansible_collections.kairos.kcrypt.plugins.module_utils import client  # the protocol client
 
+    if settings.mdns:  # upstream checks the name before anything else
+        from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+
+        mdns.check_local(mdns.url_host(settings.challenger_server))
+
     # Installing from a LiveCD: the PCRs are not final, let the KMS learn them on the first real boot.
     livecd = client_config.read_livecd_boot(_config_locations()[1])
     if livecd:
@@ -324,12 +329,8 @@ def _text(value):
     return value if isinstance(value, str) else ""
 
 
-def handle_event(event):
-    """The reply dict for one decoded plugin event (upstream's discovery.password handler)."""
-    data = event.get("data") or ""
-    if event.get("file"):
-        with open(event["file"], encoding="utf-8") as handle:
-            data = handle.read()
+def handle_event(data):
+    """The reply dict for one event's payload string (upstream's discovery.password handler)."""
     log.debug("Received payload: Data=%s", data)
     try:
         partition, server, mdns, generation = parse_payload(data)
@@ -363,21 +364,39 @@ def handle_event(event):
     return _reply(data=text)
 
 
-def run_plugin(stdin, out):
-    """Read the event from ``stdin``, answer on ``out``; nothing else reaches ``out``."""
-    raw = stdin.read()
+def read_event(raw):
+    """(payload string, event name) from go-pluggable's event JSON; the payload may be in ``file``.
+
+    Like go-pluggable's factory, an unreadable event is an error of the whole run (exit 1).
+    """
     try:
         event = json.loads(raw)
         if not isinstance(event, dict):
             raise ValueError("the event is not a JSON object")
+        for key in ("name", "data", "file"):
+            if not isinstance(event.get(key) or "", str):
+                raise ValueError("event field %r must be a string" % key)
     except ValueError as error:
         raise KcryptError("starting plugin: reading the event from stdin: %s" % error) from None
-    if event.get("name") not in (None, "", EVENT_DISCOVERY_PASSWORD):
+    data = event.get("data") or ""
+    if event.get("file"):
+        try:
+            with open(event["file"], encoding="utf-8") as handle:
+                data = handle.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise KcryptError("starting plugin: reading the event data from %s: %s" % (event["file"], error)) from None
+    return data, event.get("name") or ""
+
+
+def run_plugin(stdin, out):
+    """Read the event from ``stdin``, answer on ``out``; nothing else reaches ``out``."""
+    data, name = read_event(stdin.read())
+    if name not in ("", EVENT_DISCOVERY_PASSWORD):
         reply = _reply()  # go-pluggable answers unknown events with an empty response
     else:
         real_stdout, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the JSON reply
         try:
-            reply = handle_event(event)
+            reply = handle_event(data)
         finally:
             sys.stdout = real_stdout
     out.write(json.dumps(reply, separators=(",", ":")))

@@ -20,13 +20,14 @@ description:
     host itself; name the LAN interface(s) to search the network.
   - Read-only; it never changes the host.
 author:
-  - kairos.kcrypt contributors
+  - kairos.kcrypt contributors (@kairos-io)
+extends_documentation_fragment:
+  - kairos.kcrypt.attributes
 requirements:
   - zeroconf >= 0.131 (Python library on the managed host)
 attributes:
   check_mode:
     support: full
-    description: The query is read-only and runs in check mode too.
   diff_mode:
     support: none
   idempotent:
@@ -122,19 +123,10 @@ host_header:
   sample: kms.local:8443
 """
 
-import traceback
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-try:
-    from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
-    from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
-except ImportError:  # pragma: no cover - the collection is always importable when the module runs
-    mdns = None
-    KcryptError = MissingDependencyError = Exception
-    IMPORT_ERROR = traceback.format_exc()
-else:
-    IMPORT_ERROR = None
+from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import run_or_fail
 
 
 def discover(params):
@@ -167,16 +159,9 @@ def main():
         required_one_of=[("host", "challenger_server")],
         supports_check_mode=True,
     )
-    if IMPORT_ERROR:
-        module.fail_json(msg="kairos.kcrypt module_utils could not be imported", exception=IMPORT_ERROR)
     if module.params["timeout"] <= 0:
         module.fail_json(msg="timeout must be a positive number of seconds")
-    try:
-        result = discover(module.params)
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        module.fail_json(msg=str(error))
+    result = run_or_fail(module, discover, module.params)
     module.exit_json(changed=False, **result)
 
 

@@ -7,47 +7,17 @@ handling and the discovery.password plugin protocol without a KMS (remote cases:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import tpm_blob
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from support.discovery_node import DiscoveryNode, plugin_reply
 
 
 @pytest.fixture
-def node(tmp_path, repo_root, subprocess_env):
-    """A fake node root: config dirs, a kernel command line and a plugin log file, wired in through the environment."""
-
-    class Node:
-        oem = tmp_path / "oem"
-        cmdline = tmp_path / "cmdline"
-        log_file = tmp_path / "log" / "kcrypt-discovery-challenger.log"
-        env = dict(subprocess_env)
-
-        def config(self, text, name="90_kcrypt.yaml"):
-            (self.oem / name).write_text("#cloud-config\n" + text)
-
-        def run(self, *args, stdin=None, env=None):
-            return subprocess.run(
-                [sys.executable, os.path.join(repo_root, "bin", "kcrypt-discovery-challenger"), *args],
-                input=stdin, capture_output=True, env=dict(self.env, **(env or {})), timeout=120,
-            )
-
-        def plugin(self, data, env=None, file=""):
-            event = json.dumps({"name": "discovery.password", "data": data, "file": file})
-            return self.run("discovery.password", stdin=event.encode(), env=env)
-
-    n = Node()
-    n.oem.mkdir()
-    n.cmdline.write_text("BOOT_IMAGE=/vmlinuz root=LABEL=COS_ACTIVE\n")
-    n.env.update(
-        KCRYPT_CONFIG_DIRS=str(n.oem), KCRYPT_CMDLINE=str(n.cmdline), KCRYPT_DISCOVERY_LOG=str(n.log_file),
-    )
-    n.env.pop("KCRYPT_DISCOVERY_DEBUG", None)
-    return n
+def node(tmp_path, subprocess_env):
+    return DiscoveryNode(tmp_path, subprocess_env)
 
 
 def tpm_hash(tcti):
@@ -113,14 +83,7 @@ def test_get_with_malformed_config_names_the_file(node):
     node.config("kcrypt: [unclosed\n", name="bad.yaml")
     result = node.run("get", "--partition-label", "COS_PERSISTENT")
     assert result.returncode == 1
-    assert result.stderr.decode().startswith("Error: Kairos config file %s is not valid YAML" % (node.oem / "bad.yaml"))
-
-
-def reply_of(result):
-    assert result.returncode == 0, result.stderr
-    reply = json.loads(result.stdout)  # stdout holds the JSON reply and nothing else
-    assert list(reply) == ["state", "data", "error", "log"]
-    return reply
+    assert result.stderr.decode().startswith("Error: Kairos config file %s/bad.yaml is not valid YAML" % node.oem)
 
 
 LEGACY_PAYLOAD = {  # jaypipes/ghw block.Partition, as kcrypt <= v0.11 sent it
@@ -135,51 +98,53 @@ NEWEST_PAYLOAD = {  # kairos-sdk bus.DiscoveryPasswordPayload
 
 def test_plugin_legacy_payload_without_server_uses_the_offline_nv_passphrase(node, swtpm):
     node.config("kcrypt:\n  challenger:\n    tpm_device: %s\n    nv_index: '0x1500010'\n" % swtpm.tcti)
-    first = reply_of(node.plugin(json.dumps(LEGACY_PAYLOAD), env={"KCRYPT_DISCOVERY_DEBUG": "1"}))
+    first = plugin_reply(node.plugin(json.dumps(LEGACY_PAYLOAD), env={"KCRYPT_DISCOVERY_DEBUG": "1"}))
     assert first["error"] == ""
     assert len(first["data"]) == 32
-    again = reply_of(node.plugin(json.dumps(LEGACY_PAYLOAD)))
+    again = plugin_reply(node.plugin(json.dumps(LEGACY_PAYLOAD)))
     assert again["data"] == first["data"]
     with TPM(swtpm.tcti) as tpm:
         assert tpm_blob.read_nv_passphrase(tpm, 0x1500010) == first["data"].encode()
         assert tpm.nv_read(0x1500000) is None  # the configured index, not the default
-    log_text = node.log_file.read_text()
+    log_text = node.log_text()
     assert "Received payload" in log_text
     assert first["data"] not in log_text
 
 
 def test_plugin_newest_payload_without_server_fails_like_upstream(node):
-    reply = reply_of(node.plugin(json.dumps(NEWEST_PAYLOAD)))
+    reply = plugin_reply(node.plugin(json.dumps(NEWEST_PAYLOAD)))
     assert reply == {"state": "", "data": "", "error": (
         "failed getting pass: challenger server URL is required "
         "(challenger_server must be configured or provided via payload)"), "log": ""}
 
 
 def test_plugin_payload_errors(node):
-    reply = reply_of(node.plugin("{not json"))
+    reply = plugin_reply(node.plugin("{not json"))
     assert reply["error"].startswith("failed reading payload: ")
     data = json.dumps({"challenger_server": "http://kms"})
-    reply = reply_of(node.plugin(data))
+    reply = plugin_reply(node.plugin(data))
     assert reply["error"] == "partition is required in payload. Received payload data: %s" % data
-    result = node.run("discovery.password", stdin=b"garbage")
-    assert (result.returncode, result.stdout) == (1, b"")
-    assert result.stderr.startswith(b"Error: starting plugin: ")
+    for event in (b"garbage", b'{"name": "discovery.password", "data": {"partition": {}}}',
+                  b'{"name": "discovery.password", "data": "", "file": "/nonexistent/pluggable1"}'):
+        result = node.run("discovery.password", stdin=event)
+        assert (result.returncode, result.stdout) == (1, b"")
+        assert result.stderr.startswith(b"Error: starting plugin: ")
 
 
 def test_plugin_reads_large_data_from_the_event_file(node, tmp_path):
     payload = dict(NEWEST_PAYLOAD, padding="x" * 9000)  # > 8192 bytes: go-pluggable passes a file instead
     data_file = tmp_path / "pluggable123"
     data_file.write_text(json.dumps(payload))
-    reply = reply_of(node.plugin("", file=str(data_file)))
+    reply = plugin_reply(node.plugin("", file=str(data_file)))
     # The partition was read from the file: the failure is the missing server, not the payload.
     assert reply["error"].startswith("failed getting pass: challenger server URL is required")
 
 
 def test_plugin_logs_only_to_its_file(node):
     result = node.plugin(json.dumps(NEWEST_PAYLOAD), env={"KCRYPT_DISCOVERY_DEBUG": "1"})
-    reply_of(result)
+    plugin_reply(result)
     assert result.stderr == b""
-    text = node.log_file.read_text()
+    text = node.log_text()
     assert "DBG Debug mode enabled for plugin mode" in text
     assert "ERR failed getting pass: challenger server URL is required" in text
 
@@ -214,7 +179,8 @@ def test_cli_config_values_without_overrides(node):
     assert "  TPMDevice: /nonexistent/tpm0" in original
     assert "Overriding" not in log
     assert "  Server: https://default-server.com:8080" in final
-    assert "/default/path/to/cert.pem" not in log
+    debug_lines = [line for line in log.splitlines() if " DBG " in line]
+    assert debug_lines and not any("/default/path/to/cert.pem" in line for line in debug_lines)
     assert log.rstrip().splitlines()[-1].startswith("Error: getting passphrase: ")
 
 

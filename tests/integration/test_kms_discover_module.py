@@ -33,7 +33,7 @@ def ansible_module(tmp_path, repo_root, subprocess_env):
         ]
         if check:
             command.append("--check")
-        completed = subprocess.run(command, env=env, cwd=repo_root, capture_output=True, timeout=120)
+        completed = subprocess.run(command, env=env, cwd=repo_root, capture_output=True, timeout=120, check=False)
         return completed.returncode, json.loads((tree / "localhost").read_text())
 
     return run
