@@ -43,6 +43,11 @@ def test_online_enrol_unlock_quarantine_and_pcr_change(vm_node, persistent_disk,
     def admin(*args):
         return host_cli("kcrypt-challenger", *args, "--store", challenger.store)
 
+    def granted():
+        """Passphrases the KMS handed out so far (its audit log)."""
+        with open(challenger.log_path) as log:
+            return sum(1 for line in log if "kcrypt.audit" in line and "outcome=success" in line)
+
     # 1. First contact: the KMS enrols the TPM (TOFU) and hands out a new passphrase.
     first = node.boot("""set -e
 result tpm_hash "$(kcrypt-discovery-challenger)"
@@ -63,26 +68,30 @@ kcrypt --json close --label COS_PERSISTENT > /dev/null
     assert [(p["label"], p["deviceName"]) for p in volume["spec"]["partitions"]] == [("COS_PERSISTENT", "vda1")]
     enrolled_pcrs = volume["spec"]["attestation"]["pcrValues"]["pcrs"]
     assert sorted(enrolled_pcrs, key=int) == ["0", "7", "11"] and all(enrolled_pcrs.values())  # enforced from now on
+    granted_after_first = granted()
 
-    # 2. Next boot: unlock through the KMS (kcrypt unlock-all, and the drop-in discovery client's `get`).
+    # 2. Next boot, configured like a Kairos node (cloud-config in /oem): unlock through the KMS
+    #    with kcrypt unlock-all, and with the drop-in discovery client's `get`.
+    cloud_config = "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://10.0.2.2:%d\n" % challenger.port
     second = node.boot("""set -e
-kcrypt --json unlock-all %(kms)s > /tmp/unlock.json
+mkdir -p /oem && cp /job/90_kcrypt.yaml /oem/
+kcrypt --json unlock-all --key-source auto --kms-attempts 3 > /tmp/unlock.json
 result unlock "$(cat /tmp/unlock.json)"
 mount -o ro /dev/mapper/vda1 /mnt
 result content "$(cat /mnt/proof.txt)"
 umount /mnt
 kcrypt --json close --label COS_PERSISTENT > /dev/null
 # the passphrase goes straight from the discovery client into cryptsetup, never to the console
-kcrypt-discovery-challenger get --partition-label COS_PERSISTENT --partition-name vda1 \\
-    --challenger-server http://10.0.2.2:%(port)d --attempts 3 \\
+kcrypt-discovery-challenger get --partition-label COS_PERSISTENT --partition-name vda1 --attempts 3 \\
   | cryptsetup open --test-passphrase --key-file - /dev/vda1
 result discovery_get_opens 0
-""" % {"kms": kms, "port": challenger.port})
+""", files={"90_kcrypt.yaml": cloud_config})
     assert second.ok, second.output
     opened = json.loads(second.results["unlock"])["partitions"]
     assert [(p["device"], p["action"]) for p in opened] == [("/dev/vda1", "open")]
     assert second.results["content"] == "written after TOFU enrolment"
     assert second.results["discovery_get_opens"] == "0"
+    assert granted() == granted_after_first + 2  # both keys came from the KMS (auto chose it from /oem)
 
     # 3. Quarantined on the KMS: the node does not unlock, and says why.
     admin("quarantine", tpm_hash)
