@@ -12,9 +12,13 @@ VM, which is not enough for a client that retries.)
 Usage: relay.py PORT
 """
 
+import ctypes
 import selectors
+import signal
 import socket
 import sys
+
+PR_SET_PDEATHSIG = 1
 
 
 def relay(guest, host):
@@ -39,6 +43,8 @@ def relay(guest, host):
 
 
 def main():
+    # End with QEMU (our parent), whatever the host side does.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     guest = socket.socket(fileno=0)
     try:
         host = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
