@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 RELAY = os.path.join(HERE, "relay.py")
-HOST_ALIAS = "10.0.2.2"
-PR_SET_PDEATHSIG = 1  # the host as QEMU user networking shows it to the guest
+HOST_ALIAS = "10.0.2.2"  # the host as QEMU user networking shows it to the guest
+PR_SET_PDEATHSIG = 1
 
 # Shell prepended to every payload: the project's CLIs on PATH and a helper that
-# reports a value to the host.
+# reports a value to the host (on one line: newlines become spaces).
 PAYLOAD_PREAMBLE = """\
 export PATH=/kcrypt/bin:$PATH
-result() { echo "KCRYPT-VM-RESULT $1 $2"; }
+result() { printf 'KCRYPT-VM-RESULT %s %s\\n' "$1" "$(printf '%s' "$2" | tr '\\n' ' ')"; }
 """
 
 
