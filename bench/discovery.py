@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
@@ -53,7 +52,7 @@ def free_port():
 
 def timed(runs, action):
     times = []
-    for _ in range(runs):
+    for dummy in range(runs):
         started = time.perf_counter()
         action()
         times.append(time.perf_counter() - started)
@@ -70,7 +69,7 @@ def check(result):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--runs", type=int, default=5)
     runs = parser.parse_args().runs
     print("load average: %.2f %.2f %.2f" % os.getloadavg())
