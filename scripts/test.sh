@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The project's whole test run: unit + integration tests (real swtpm, cryptsetup, SQLite, zeroconf, kmock),
+# the VM tests (a real kernel with dm-crypt under QEMU),
 # ansible-test sanity, ansible-lint (production profile) and the changelog lint.
 # Run ./scripts/setup.sh once first. Extra arguments go to pytest.
 set -euo pipefail
@@ -10,6 +11,11 @@ step() { echo; echo "=== $*"; }
 
 step "pytest"
 python -m pytest -n "${KCRYPT_TEST_WORKERS:-3}" -q "$@" || status=1
+
+if [ "${KCRYPT_VM_TESTS:-1}" = 1 ]; then  # KCRYPT_VM_TESTS=0 skips them (~5 min on 2 cores)
+  step "VM tests (QEMU TCG + swtpm: real dm-crypt, docs/vm.md)"
+  python -m pytest -n "${KCRYPT_VM_WORKERS:-2}" -q tests/vm || status=1  # one TCG VM per core
+fi
 
 step "ansible-test sanity"
 ./scripts/sanity.sh >/tmp/kcrypt-sanity.log 2>&1 || { grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity.log; status=1; }

@@ -288,9 +288,23 @@ def resolve(host, timeout=DEFAULT_TIMEOUT, interfaces=None, service_type=SERVICE
     where = interface_addresses(interfaces)
     raise MDNSError(
         (NOT_FOUND_ERROR % (hostname, service_type))
-        + " on interfaces %s; set kcrypt.challenger.mdns_interfaces to search elsewhere"
+        + " on interfaces %s (the mDNS interfaces setting chooses where to search)"
         % (where if where == ALL_INTERFACES else ", ".join(where))
     )
+
+
+def url_host(url):
+    """The ``host[:port]`` of a challenger URL (what upstream sends as the ``Host`` header)."""
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise MDNSError("challenger_server %r is not a URL (expected e.g. http://kms.local:8082)" % (url,))
+    return parts.netloc.rsplit("@", 1)[-1]
+
+
+def rewrite_url(url, ip, port):
+    """``url`` with its host replaced by ``ip:port``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, "%s:%d" % (ip, port), parts.path, parts.query, parts.fragment))
 
 
 def resolve_url(url, timeout=DEFAULT_TIMEOUT, interfaces=None, log=None):
@@ -298,10 +312,6 @@ def resolve_url(url, timeout=DEFAULT_TIMEOUT, interfaces=None, log=None):
 
     TLS then verifies against the IP, so a KMS certificate needs an IP SAN (as upstream).
     """
-    parts = urlsplit(url)
-    if not parts.netloc:
-        raise MDNSError("challenger_server %r is not a URL (expected e.g. http://kms.local:8082)" % (url,))
-    host = parts.netloc.rsplit("@", 1)[-1]
+    host = url_host(url)
     ip, port = resolve(host, timeout=timeout, interfaces=interfaces, log=log)
-    rewritten = urlunsplit((parts.scheme, "%s:%d" % (ip, port), parts.path, parts.query, parts.fragment))
-    return rewritten, {"Host": host}
+    return rewrite_url(url, ip, port), {"Host": host}
