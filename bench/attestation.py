@@ -225,7 +225,7 @@ class Node:
         """For the floor scenario: a fixed proof, after the same TPM work a real node does (so the server sees the
         same arrival pattern): one EK decryption and one quote signature."""
         if self._seed is None:
-            _, encrypted = protocol.make_credential(self.tpm.ek_public, self.tpm.ak_name)
+            _secret, encrypted = protocol.make_credential(self.tpm.ek_public, self.tpm.ak_name)
             self._seed = encrypted
         self.tpm.activate_credential(self._seed.credential, self._seed.secret)
         if self.nonce:
