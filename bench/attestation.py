@@ -485,11 +485,13 @@ def main():
     parser.add_argument("--head-quotes", action="store_true", help="quotes without nonce, as upstream HEAD clients send")
     parser.add_argument("--no-tang", action="store_true", help="skip the Tang baseline")
     args = parser.parse_args()
+    # SIGTERM (e.g. from timeout) unwinds like Ctrl-C, so the servers this bench started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_args: sys.exit(143))
     soft_tpm.key_pool(args.identities + 1)  # generate (and cache) the keys before measuring
     print("machine: %d CPUs, load average %s; python %s" % (os.cpu_count(), "%.2f %.2f %.2f" % os.getloadavg(), sys.version.split()[0]))
     all_rows = []
     for run in range(1, args.runs + 1):
-        workdir = tempfile.mkdtemp(prefix="kcrypt-bench-")
+        workdir = tempfile.mkdtemp(prefix="kcrypt-bench-attestation-")
         for sub in ("ws", "wss", "thread"):
             os.makedirs(os.path.join(workdir, sub))
         try:
