@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+# mDNS queries default to every interface, as upstream; keep ours on this machine.
+export KCRYPT_MDNS_INTERFACES=${KCRYPT_MDNS_INTERFACES:-127.0.0.1}
 status=0
 step() { echo; echo "=== $*"; }
 

@@ -67,8 +67,8 @@ options:
   mdns_interfaces:
     description:
       - Network interfaces (names such as V(eth0), or IPv4 addresses) to send the mDNS query on.
-      - Empty means the E(KCRYPT_MDNS_INTERFACES) environment variable, then loopback only. mDNS is never sent
-        on every interface unless you ask for it, so set this on real nodes.
+      - Empty means the E(KCRYPT_MDNS_INTERFACES) environment variable, then every interface, as upstream
+        Kairos does.
     type: list
     elements: str
   kms_protocol:

@@ -58,7 +58,7 @@ def _add_key_source(parser):
     group.add_argument("--certificate", help="CA certificate of the KMS: PEM text or a file")
     group.add_argument("--mdns", action="store_true", default=None, help="resolve the .local KMS host with mDNS")
     group.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
-                       help="interface name or IPv4 address for mDNS (repeat; default $KCRYPT_MDNS_INTERFACES, then loopback)")
+                       help="interface name or IPv4 address for mDNS (repeat; default $KCRYPT_MDNS_INTERFACES, then all)")
     group.add_argument("--kms-protocol", choices=("attestation", "legacy"), help="default attestation")
     group.add_argument("--kms-attempts", type=int, default=30)
     group.add_argument("--kms-retry-delay", type=float, default=1.0)

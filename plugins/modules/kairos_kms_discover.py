@@ -16,8 +16,8 @@ description:
     finds it.
   - Only an announcement whose SRV target equals O(host) and that carries A, SRV and TXT records is
     accepted; IPv6 answers are ignored. Without an answer within O(timeout) the task fails.
-  - Sends mDNS queries only on O(interfaces). The default, V(127.0.0.1), keeps the queries on the
-    host itself; name the LAN interface(s) to search the network.
+  - Sends mDNS queries on O(interfaces); when empty, on the interfaces in the E(KCRYPT_MDNS_INTERFACES)
+    environment variable of the managed host, else on every interface, as a Kairos node does.
   - Read-only; it never changes the host.
 author:
   - kairos.kcrypt contributors (@kairos-io)

@@ -92,7 +92,10 @@ def test_non_local_host_fails_immediately_with_upstream_text():
 
 
 def test_interface_selection():
-    assert mdns.interface_addresses(None) == ["127.0.0.1"]  # safe default: loopback only
+    # upstream's default is every interface; the test session pins the environment variable to loopback
+    assert mdns.configured_interfaces(None, environ={}) == ["all"]
+    assert os.environ["KCRYPT_MDNS_INTERFACES"] == "127.0.0.1"
+    assert mdns.interface_addresses(None) == ["127.0.0.1"]
     assert mdns.interface_addresses("lo") == ["127.0.0.1"]
     assert mdns.interface_addresses("lo, 127.0.0.1") == ["127.0.0.1"]
     assert mdns.interface_addresses(["all"]) == "all"  # every interface only when asked for by name

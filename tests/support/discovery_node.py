@@ -29,7 +29,8 @@ class DiscoveryNode:
             handle.write(cmdline)
         self.env = dict(env)
         self.env.update(KCRYPT_CONFIG_DIRS=self.oem, KCRYPT_CMDLINE=self.cmdline, KCRYPT_DISCOVERY_LOG=self.log_file)
-        for name in ("KCRYPT_DISCOVERY_DEBUG", "KCRYPT_MDNS_INTERFACES", "KCRYPT_TPM_DEVICE"):
+        # KCRYPT_MDNS_INTERFACES stays: it keeps test mDNS traffic on this machine.
+        for name in ("KCRYPT_DISCOVERY_DEBUG", "KCRYPT_TPM_DEVICE"):
             self.env.pop(name, None)
 
     def config(self, text, name="90_kcrypt.yaml"):
