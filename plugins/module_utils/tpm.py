@@ -224,67 +224,58 @@ def _der_prefix(data):
     return data[: offset + length]
 
 
+def _rsa_template(attrs, symmetric=None, scheme=None, unique=None, key_bits=2048):
+    """TPM2B_PUBLIC of an RSA key with SHA-256 name, exponent 65537 and NULL symmetric/scheme unless given."""
+    public = tss.TPMT_PUBLIC(
+        type=tss.TPM2_ALG.RSA,
+        nameAlg=tss.TPM2_ALG.SHA256,
+        objectAttributes=attrs,
+        parameters=tss.TPMU_PUBLIC_PARMS(
+            rsaDetail=tss.TPMS_RSA_PARMS(
+                symmetric=symmetric or tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.NULL),
+                scheme=scheme or tss.TPMT_RSA_SCHEME(scheme=tss.TPM2_ALG.NULL),
+                keyBits=key_bits,
+                exponent=0,
+            )
+        ),
+    )
+    if unique is not None:
+        public.unique.rsa = unique
+    return tss.TPM2B_PUBLIC(publicArea=public)
+
+
 def _owner_key_template():
     """The upstream tpm-helpers/tpmk template for the offline key at ``c_index`` (spec §6.4)."""
-    attrs = (
+    return _rsa_template(
         tss.TPMA_OBJECT.SIGN_ENCRYPT
         | tss.TPMA_OBJECT.DECRYPT
         | tss.TPMA_OBJECT.USERWITHAUTH
         | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
     )
-    return tss.TPM2B_PUBLIC(
-        publicArea=tss.TPMT_PUBLIC(
-            type=tss.TPM2_ALG.RSA,
-            nameAlg=tss.TPM2_ALG.SHA256,
-            objectAttributes=attrs,
-            parameters=tss.TPMU_PUBLIC_PARMS(
-                rsaDetail=tss.TPMS_RSA_PARMS(
-                    symmetric=tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.NULL),
-                    scheme=tss.TPMT_RSA_SCHEME(scheme=tss.TPM2_ALG.NULL),
-                    keyBits=2048,
-                    exponent=0,
-                )
-            ),
-        )
-    )
 
 
 def _srk_template():
     """go-attestation's defaultSRKTemplate: RSA-2048 storage key, AES-128-CFB, noDA."""
-    attrs = (
+    return _rsa_template(
         tss.TPMA_OBJECT.FIXEDTPM
         | tss.TPMA_OBJECT.FIXEDPARENT
         | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
         | tss.TPMA_OBJECT.USERWITHAUTH
         | tss.TPMA_OBJECT.NODA
         | tss.TPMA_OBJECT.RESTRICTED
-        | tss.TPMA_OBJECT.DECRYPT
-    )
-    return tss.TPM2B_PUBLIC(
-        publicArea=tss.TPMT_PUBLIC(
-            type=tss.TPM2_ALG.RSA,
-            nameAlg=tss.TPM2_ALG.SHA256,
-            objectAttributes=attrs,
-            parameters=tss.TPMU_PUBLIC_PARMS(
-                rsaDetail=tss.TPMS_RSA_PARMS(
-                    symmetric=tss.TPMT_SYM_DEF_OBJECT(
-                        algorithm=tss.TPM2_ALG.AES,
-                        keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
-                        mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
-                    ),
-                    scheme=tss.TPMT_RSA_SCHEME(scheme=tss.TPM2_ALG.NULL),
-                    keyBits=2048,
-                    exponent=0,
-                )
-            ),
-            unique=tss.TPMU_PUBLIC_ID(rsa=b"\x00" * 256),
-        )
+        | tss.TPMA_OBJECT.DECRYPT,
+        symmetric=tss.TPMT_SYM_DEF_OBJECT(
+            algorithm=tss.TPM2_ALG.AES,
+            keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
+            mode=tss.TPMU_SYM_MODE(aes=tss.TPM2_ALG.CFB),
+        ),
+        unique=b"\x00" * 256,
     )
 
 
-def _ak_template():
-    """go-attestation's akTemplateRSA: restricted RSASSA-SHA256 signing key, 2048 bits."""
-    attrs = (
+def ak_attributes():
+    """go-attestation's AK attributes: FlagSignerDefault | FlagNoDA."""
+    return (
         tss.TPMA_OBJECT.FIXEDTPM
         | tss.TPMA_OBJECT.FIXEDPARENT
         | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
@@ -293,23 +284,21 @@ def _ak_template():
         | tss.TPMA_OBJECT.RESTRICTED
         | tss.TPMA_OBJECT.SIGN_ENCRYPT
     )
-    return tss.TPM2B_PUBLIC(
-        publicArea=tss.TPMT_PUBLIC(
-            type=tss.TPM2_ALG.RSA,
-            nameAlg=tss.TPM2_ALG.SHA256,
-            objectAttributes=attrs,
-            parameters=tss.TPMU_PUBLIC_PARMS(
-                rsaDetail=tss.TPMS_RSA_PARMS(
-                    symmetric=tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.NULL),
-                    scheme=tss.TPMT_RSA_SCHEME(
-                        scheme=tss.TPM2_ALG.RSASSA,
-                        details=tss.TPMU_ASYM_SCHEME(rsassa=tss.TPMS_SCHEME_HASH(hashAlg=tss.TPM2_ALG.SHA256)),
-                    ),
-                    keyBits=2048,
-                    exponent=0,
-                )
-            ),
-        )
+
+
+def ak_template(attrs=None, key_bits=2048, unique=None):
+    """go-attestation's akTemplateRSA: restricted RSASSA-SHA256 signing key, 2048 bits.
+
+    ``attrs``/``key_bits``/``unique`` let the software TPM of the tests build AKs that break one rule at a time.
+    """
+    return _rsa_template(
+        ak_attributes() if attrs is None else attrs,
+        scheme=tss.TPMT_RSA_SCHEME(
+            scheme=tss.TPM2_ALG.RSASSA,
+            details=tss.TPMU_ASYM_SCHEME(rsassa=tss.TPMS_SCHEME_HASH(hashAlg=tss.TPM2_ALG.SHA256)),
+        ),
+        unique=unique,
+        key_bits=key_bits,
     )
 
 
@@ -636,7 +625,7 @@ class TPM:
         ak = None
         try:
             srk = self._srk_handle()
-            private, public, creation_data, creation_hash, ticket = self.esys.create(srk, None, _ak_template())
+            private, public, creation_data, creation_hash, ticket = self.esys.create(srk, None, ak_template())
             ak = self.esys.load(srk, private, public)
             scheme = tss.TPMT_SIG_SCHEME(
                 scheme=tss.TPM2_ALG.RSASSA,

@@ -27,18 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 import tpm2_pytss as tss
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import identity, protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils import identity, protocol, tpm
 
 ZERO_PCR = b"\x00" * 32
-AK_ATTRIBUTES = (
-    tss.TPMA_OBJECT.FIXEDTPM
-    | tss.TPMA_OBJECT.FIXEDPARENT
-    | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | tss.TPMA_OBJECT.USERWITHAUTH
-    | tss.TPMA_OBJECT.NODA
-    | tss.TPMA_OBJECT.RESTRICTED
-    | tss.TPMA_OBJECT.SIGN_ENCRYPT
-)
+AK_ATTRIBUTES = tpm.ak_attributes()
 
 
 def generate_key():
@@ -126,24 +118,8 @@ class SoftTPM:
         return identity.public_key_pem(self.ek_public)
 
     def ak_public_area(self, attributes=AK_ATTRIBUTES, key_bits=2048):
-        numbers = self.ak_key.public_key().public_numbers()
-        return tss.TPMT_PUBLIC(
-            type=tss.TPM2_ALG.RSA,
-            nameAlg=tss.TPM2_ALG.SHA256,
-            objectAttributes=attributes,
-            parameters=tss.TPMU_PUBLIC_PARMS(
-                rsaDetail=tss.TPMS_RSA_PARMS(
-                    symmetric=tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.NULL),
-                    scheme=tss.TPMT_RSA_SCHEME(
-                        scheme=tss.TPM2_ALG.RSASSA,
-                        details=tss.TPMU_ASYM_SCHEME(rsassa=tss.TPMS_SCHEME_HASH(hashAlg=tss.TPM2_ALG.SHA256)),
-                    ),
-                    keyBits=key_bits,
-                    exponent=0,
-                )
-            ),
-            unique=tss.TPMU_PUBLIC_ID(rsa=numbers.n.to_bytes(256, "big")),
-        ).marshal()
+        modulus = self.ak_key.public_key().public_numbers().n.to_bytes(256, "big")
+        return tpm.ak_template(attributes, key_bits, unique=modulus).publicArea.marshal()
 
     def attestation_parameters(self, public=None, magic=protocol.TPM_GENERATED, sign_key=None):
         """go-attestation AttestationParameters of the AK (cached for the default arguments).
