@@ -21,8 +21,10 @@ their backing file is our image; namespaces, veths and the bridge when a node re
 them. Nothing else is ever touched.
 
 Subcommands: plan (check the wanted lab, write lab.json and the node records, report),
-status (report the recorded nodes, read-only); disk, bridge, netns, swtpm (each makes one
-part exist, idempotent); stop and remove-netns (teardown of one node's part).
+status (report the recorded nodes, read-only); provision, disk, bridge, netns, swtpm,
+attach (each makes one part of the given nodes exist, idempotent); stop, detach,
+remove-netns (teardown of the given nodes' parts). Steps take the nodes as repeated
+``--node`` options, so one task handles the whole lab.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 SWTPM_NETNS_PORT = 2321  # inside a node's own namespace any port is free; use the customary one
 FIRST_NODE_HOST = 10  # node addresses start at <network>.10; .1 is the host side of the bridge
@@ -138,8 +141,12 @@ class Lab:
         records = {}
         if os.path.isdir(self.nodes_dir):
             for name in sorted(os.listdir(self.nodes_dir)):
-                record = read_json(os.path.join(self.nodes_dir, name, "node.json"))
+                node_dir = os.path.join(self.nodes_dir, name)
+                record = read_json(os.path.join(node_dir, "node.json"))
                 if record:
+                    # everything of a node lives in its directory; a record saying otherwise was not ours
+                    if record.get("dir") != node_dir or not record.get("state_dir", "").startswith(node_dir + "/"):
+                        raise LabError("node record %s/node.json does not belong to this lab" % node_dir)
                     records[name] = record
         return records
 
@@ -420,21 +427,33 @@ def report(lab, records, wanted_names, changed):
 
 
 def node_record(lab, name):
-    record = read_json(os.path.join(lab.nodes_dir, name, "node.json"))
+    record = lab.recorded_nodes().get(name)
     if not record:
         raise LabError("lab node %s has no record in %s" % (name, lab.nodes_dir))
     return record
 
 
-def cmd_disk(lab, args):
+# Per-node steps: each makes one part of a node exist (or go away) and returns True when it
+# changed something. The subcommands below apply a step to the nodes named on the command line.
+
+def provision_tpm(record):
+    """Manufacture the node's TPM: EK persisted at 0x81010001 and its certificate in NV."""
+    if os.path.exists(os.path.join(record["state_dir"], "tpm2-00.permall")):
+        return False
+    os.makedirs(record["state_dir"], mode=0o700, exist_ok=True)
+    run(["swtpm_setup", "--tpm2", "--tpmstate", record["state_dir"], "--create-ek-cert",
+         "--pcr-banks", "sha256", "--overwrite"])
+    return True
+
+
+def build_disk(record):
     """Build the node's disk image if it does not exist: GPT, [oem], persistent, ext4 with labels.
 
     The image is built under a temporary name and renamed when complete, so a failed run
     never leaves a half-made disk that a later run would take for a finished one.
     """
-    record = node_record(lab, args.node)
     if os.path.exists(record["image"]):
-        return {"changed": False, "image": record["image"]}
+        return False
     tmp = record["image"] + ".building"
     with open(tmp, "wb") as handle:
         handle.truncate(record["disk_size_mb"] * 1024 * 1024)
@@ -451,7 +470,186 @@ def cmd_disk(lab, args):
         run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", "offset=%d" % (partition["start"] * sector),
              tmp, "%dk" % (partition["size"] * sector // 1024)])
     os.replace(tmp, record["image"])
-    return {"changed": True, "image": record["image"]}
+    return True
+
+
+def ensure_netns(record):
+    """The node's namespace: lo up, eth0 (veth to the lab bridge) up with the node's address.
+
+    A namespace left half-configured by an interrupted run is ours (it is recorded), so it is
+    rebuilt from scratch rather than patched.
+    """
+    if not record["netns"]:
+        return False
+    if record["netns"] in netns_names() and netns_ready(record):
+        return False
+    remove_netns(record)
+    ns = record["netns"]
+    run(["ip", "netns", "add", ns])
+    run(["ip", "link", "add", record["veth"], "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "link", "set", record["veth"], "master", record["bridge"], "up"])
+    run(["ip", "-n", ns, "addr", "add", "%s/%d" % (record["address"], record["prefixlen"]), "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    return True
+
+
+def remove_netns(record):
+    """Delete the recorded namespace and host-side veth if they exist."""
+    changed = False
+    if record["netns"] and record["netns"] in netns_names():
+        run(["ip", "netns", "delete", record["netns"]])
+        changed = True
+    # the kernel removes the veth pair with the namespace, but asynchronously
+    deadline = time.monotonic() + 5
+    while record["veth"] and link_exists(record["veth"]):
+        if time.monotonic() > deadline:
+            run(["ip", "link", "delete", record["veth"]], check=False)
+            changed = True
+            break
+        time.sleep(0.05)
+    return changed
+
+
+def start_swtpm(record):
+    """Start the node's swtpm if it is not running (daemonized, PID file, log next to the state)."""
+    if swtpm_pids(record):
+        return False
+    if not os.path.exists(os.path.join(record["state_dir"], "tpm2-00.permall")):
+        raise LabError("its swtpm state is not provisioned")
+    port_file = os.path.join(record["dir"], "swtpm.port")
+    error = ""
+    for _ in range(5):
+        if record["netns"]:
+            port = SWTPM_NETNS_PORT
+        else:
+            previous = read_json(port_file)  # keep the port (and the inventory) across restarts
+            port = free_port_pair(previous if isinstance(previous, int) else None)
+        argv = [
+            "swtpm", "socket", "--tpm2",
+            "--tpmstate", "dir=%s" % record["state_dir"],
+            "--server", "type=tcp,port=%d,bindaddr=127.0.0.1" % port,
+            "--ctrl", "type=tcp,port=%d,bindaddr=127.0.0.1" % (port + 1),
+            "--flags", "not-need-init,startup-clear",
+            "--daemon", "--pid", "file=%s" % os.path.join(record["dir"], "swtpm.pid"),
+            "--log", "file=%s" % os.path.join(record["dir"], "swtpm.log"),
+        ]
+        if record["netns"]:
+            argv = ["ip", "netns", "exec", record["netns"]] + argv
+        # swtpm binds both sockets before it daemonizes: exit 0 means it is listening
+        result = run(argv, check=False)
+        if result.returncode == 0:
+            write_file(port_file, "%d\n" % port)
+            return True
+        error = (result.stderr or "").strip() or tail(os.path.join(record["dir"], "swtpm.log"))
+        if record["netns"]:
+            break  # a fixed port in an empty namespace: retrying will not help
+    raise LabError("swtpm did not start: %s" % error)
+
+
+def tail(path, lines=3):
+    try:
+        with open(path) as handle:
+            return " ".join(handle.read().splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def attach_disk(record):
+    """Attach the image to a loop device (unless it is) and make sure its partition nodes exist."""
+    changed = False
+    loops = loop_devices_of(record["image"])
+    if not loops:
+        loops = [run(["losetup", "--find", "--show", record["image"]]).stdout.strip()]
+        changed = True
+    expected = ["%sp%d" % (loops[0], number) for number, _ in image_partitions(record["image"])]
+    if not all(os.path.exists(device) for device in expected):
+        # no udev here, and losetup -P does not create partition nodes on every kernel
+        run(["partx", "--update", loops[0]])
+        changed = True
+    return changed
+
+
+def detach_disk(record):
+    """Detach every loop device backed by the node's image (partition nodes first)."""
+    if not os.path.exists(record["image"]):
+        return False
+    loops = loop_devices_of(record["image"])
+    for loop in loops:
+        run(["partx", "--delete", loop], check=False)  # fails only when there is nothing to delete
+        run(["losetup", "--detach", loop])
+    return bool(loops)
+
+
+def stop_swtpms(records):
+    """Stop the nodes' swtpms together: SIGTERM all, wait (SIGKILL after 10 s); names of stopped nodes."""
+    pids = {record["name"]: swtpm_pids(record) for record in records}
+    for pid in (pid for node_pids in pids.values() for pid in node_pids):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    waiting = [pid for node_pids in pids.values() for pid in node_pids]
+    deadline = time.monotonic() + 10
+    while any(cmdline(pid) for pid in waiting):
+        if time.monotonic() > deadline:
+            for pid in waiting:
+                if cmdline(pid):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+        time.sleep(0.05)
+    return sorted(name for name, node_pids in pids.items() if node_pids)
+
+
+def forget_node(record):
+    """Delete the node's directory (state, image, logs, record): the last step of removing a node."""
+    if not os.path.isdir(record["dir"]):
+        return False
+    shutil.rmtree(record["dir"])
+    return True
+
+
+STEPS = {  # subcommand: (step, run the nodes in parallel)
+    "provision": (provision_tpm, True),
+    "disk": (build_disk, True),
+    "netns": (ensure_netns, False),
+    "swtpm": (start_swtpm, False),
+    "attach": (attach_disk, False),
+    "detach": (detach_disk, False),
+    "remove-netns": (remove_netns, False),
+    "forget": (forget_node, False),
+}
+
+
+def cmd_step(lab, args):
+    step, parallel = STEPS[args.command]
+    records = [node_record(lab, name) for name in args.node]
+    outcomes = {}
+
+    def apply(record):
+        try:
+            outcomes[record["name"]] = step(record)
+        except LabError as error:
+            outcomes[record["name"]] = error
+
+    if parallel and len(records) > 1:
+        # swtpm_setup and mkfs are CPU-bound: one worker per core
+        with ThreadPoolExecutor(max_workers=max(1, min(len(records), os.cpu_count() or 1))) as pool:
+            list(pool.map(apply, records))
+    else:
+        for record in records:
+            apply(record)
+    errors = ["%s: %s" % (name, outcome) for name, outcome in sorted(outcomes.items())
+              if isinstance(outcome, Exception)]
+    if errors:
+        raise LabError("; ".join(errors))
+    changed = sorted(name for name, outcome in outcomes.items() if outcome)
+    return {"changed": bool(changed), "changed_nodes": changed}
+
+
+def cmd_stop(lab, args):
+    stopped = stop_swtpms([node_record(lab, name) for name in args.node])
+    return {"changed": bool(stopped), "changed_nodes": stopped}
 
 
 def cmd_bridge(lab, args):
@@ -473,138 +671,17 @@ def cmd_bridge(lab, args):
     if "UP" not in link["flags"]:
         run(["ip", "link", "set", lab.bridge, "up"])
         changed = True
-    return {"changed": changed, "bridge": lab.bridge, "host_address": str(network.network_address + 1)}
+    return {"changed": changed, "bridge": lab.bridge}
 
 
-def cmd_netns(lab, args):
-    """The node's namespace: lo up, eth0 (veth to the lab bridge) up with the node's address.
-
-    A namespace left half-configured by an interrupted run is ours (it is recorded), so it is
-    rebuilt from scratch rather than patched.
-    """
-    record = node_record(lab, args.node)
-    if not record["netns"]:
-        raise LabError("lab node %s does not have its own network namespace" % args.node)
-    if record["netns"] in netns_names() and netns_ready(record):
-        return {"changed": False, "netns": record["netns"]}
-    remove_netns(record)
-    ns = record["netns"]
-    run(["ip", "netns", "add", ns])
-    run(["ip", "link", "add", record["veth"], "type", "veth", "peer", "name", "eth0", "netns", ns])
-    run(["ip", "link", "set", record["veth"], "master", record["bridge"], "up"])
-    run(["ip", "-n", ns, "addr", "add", "%s/%d" % (record["address"], record["prefixlen"]), "dev", "eth0"])
-    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-    run(["ip", "-n", ns, "link", "set", "lo", "up"])
-    return {"changed": True, "netns": ns}
-
-
-def remove_netns(record):
-    """Delete the recorded namespace and host-side veth if they exist; True when something went."""
-    changed = False
-    if record["netns"] and record["netns"] in netns_names():
-        run(["ip", "netns", "delete", record["netns"]])
-        changed = True
-    # the kernel removes the veth pair with the namespace, but asynchronously
-    deadline = time.monotonic() + 5
-    while record["veth"] and link_exists(record["veth"]):
-        if time.monotonic() > deadline:
-            run(["ip", "link", "delete", record["veth"]], check=False)
-            changed = True
-            break
-        time.sleep(0.05)
-    return changed
-
-
-def cmd_remove_netns(lab, args):
-    """Delete the node's namespace (and with it the veth pair); nothing when it is gone already."""
-    return {"changed": remove_netns(node_record(lab, args.node))}
-
-
-def cmd_swtpm(lab, args):
-    """Start the node's swtpm if it is not running (daemonized, PID file, log next to the state)."""
-    record = node_record(lab, args.node)
-    if not os.path.exists(os.path.join(record["state_dir"], "tpm2-00.permall")):
-        raise LabError("the swtpm state of lab node %s is not provisioned" % args.node)
-    pids = swtpm_pids(record)
-    if pids:
-        return {"changed": False, "pid": pids[0], "port": swtpm_port_of(pids[0])}
-    port_file = os.path.join(record["dir"], "swtpm.port")
-    pidfile = os.path.join(record["dir"], "swtpm.pid")
-    error = ""
-    for _ in range(5):
-        if record["netns"]:
-            port = SWTPM_NETNS_PORT
-        else:
-            previous = read_json(port_file)  # keep the port across restarts when it is still free
-            port = free_port_pair(previous if isinstance(previous, int) else None)
-        argv = [
-            "swtpm", "socket", "--tpm2",
-            "--tpmstate", "dir=%s" % record["state_dir"],
-            "--server", "type=tcp,port=%d,bindaddr=127.0.0.1" % port,
-            "--ctrl", "type=tcp,port=%d,bindaddr=127.0.0.1" % (port + 1),
-            "--flags", "not-need-init,startup-clear",
-            "--daemon", "--pid", "file=%s" % pidfile,
-            "--log", "file=%s" % os.path.join(record["dir"], "swtpm.log"),
-        ]
-        if record["netns"]:
-            argv = ["ip", "netns", "exec", record["netns"]] + argv
-        # swtpm binds both sockets before it daemonizes: exit 0 means it is listening
-        result = run(argv, check=False)
-        if result.returncode == 0:
-            write_file(port_file, "%d\n" % port)
-            pids = swtpm_pids(record)
-            return {"changed": True, "pid": pids[0] if pids else None, "port": port}
-        error = (result.stderr or "").strip() or tail(os.path.join(record["dir"], "swtpm.log"))
-        if record["netns"]:
-            break
-    raise LabError("swtpm for lab node %s did not start: %s" % (args.node, error))
-
-
-def tail(path, lines=3):
-    try:
-        with open(path) as handle:
-            return " ".join(handle.read().splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
-
-
-def cmd_stop(lab, args):
-    """Stop the node's swtpm processes (SIGTERM, then SIGKILL after 10 s) and wait for them."""
-    record = node_record(lab, args.node)
-    pids = swtpm_pids(record)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while any(cmdline(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            for pid in pids:
-                if cmdline(pid):
-                    os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-        time.sleep(0.05)
-    return {"changed": bool(pids), "stopped": pids}
-
-
-COMMANDS = {
-    "plan": cmd_plan,
-    "status": cmd_status,
-    "disk": cmd_disk,
-    "bridge": cmd_bridge,
-    "netns": cmd_netns,
-    "swtpm": cmd_swtpm,
-    "stop": cmd_stop,
-    "remove-netns": cmd_remove_netns,
-}
+COMMANDS = dict({name: cmd_step for name in STEPS}, plan=cmd_plan, status=cmd_status, bridge=cmd_bridge, stop=cmd_stop)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="kairos.kcrypt lab helper")
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--lab-dir", required=True)
-    parser.add_argument("--node", default="")
+    parser.add_argument("--node", action="append", default=[], help="a node to work on (repeat for more)")
     parser.add_argument("--definition", default="", help="plan: the wanted lab as JSON (the role's variables)")
     parser.add_argument("--check", action="store_true", help="plan: report what would change, write nothing")
     args = parser.parse_args(argv)
