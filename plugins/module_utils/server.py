@@ -1,0 +1,440 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The challenger: a Kairos-compatible KMS speaking both wire protocols (spec §2, §3.1).
+
+Private to the collection. Endpoints, all on one port:
+
+* ``/tpm-attestation`` — newest protocol (WebSocket, four JSON messages);
+* ``/getPass`` and ``/postPass`` — legacy protocol (Bearer TPM token, binary frames);
+* ``/healthz`` (process alive), ``/readyz`` (store reachable), ``/metrics`` (Prometheus).
+
+Why aiohttp: one well-kept library gives HTTP/1.1, WebSocket (RFC 6455, with
+C-accelerated parsing and masking), TLS through the standard ``ssl`` module and
+plain HTTP on the same asyncio loop, so thousands of nodes waiting on a slow
+TPM cost a coroutine each, not a thread. ``websockets`` would need a second
+server for the HTTP endpoints; a threaded WSGI stack would need a thread per
+connection.
+
+What this adds to upstream's server (each is in README's Compatibility table):
+
+* every read has a timeout (``read_timeout``) and every frame a size limit
+  (``max_message_size``): a silent or flooding client gets an error and is closed;
+* the activation secret is compared in constant time;
+* quotes are checked against the activation secret as nonce (``nonce_mode``:
+  ``off`` = upstream HEAD, ``when-supported`` = a quote that carries qualifying data
+  must carry the secret, the default and compatible with HEAD clients,
+  ``required`` = every quote must; a client signals support simply by sending such
+  a quote, which upstream servers ignore);
+* a store failure closes the WebSocket with code 1011 instead of sending an
+  ``error`` message, so upstream clients retry instead of giving up
+  ("attestation failed" is never retried by them);
+* one audit log line per attestation (TPM hash, partition, protocol, outcome,
+  duration; never a passphrase) and Prometheus metrics.
+
+Policy calls: the policy and store are synchronous. With the embedded SQLite
+store they are called directly on the event loop (measured: a thread hand-off
+costs more CPU than the SQLite work itself); with a networked store (Kubernetes)
+they run in a thread pool so one slow API call does not stall other nodes
+(``store_calls``: ``inline`` | ``thread``; docs/challenger.md has the figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import ssl
+import time
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils.deps import optional_import, require
+from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import PolicyRejection
+
+aiohttp = optional_import("aiohttp")
+web = optional_import("aiohttp.web")
+
+ATTESTATION_PATH = protocol.ATTESTATION_PATH
+GET_PASS_PATH = protocol.GET_PASS_PATH
+POST_PASS_PATH = protocol.POST_PASS_PATH
+
+PROTOCOL_ATTESTATION = "attestation"
+PROTOCOL_LEGACY_GET = "legacy-get"
+PROTOCOL_LEGACY_POST = "legacy-post"
+PROTOCOLS = (PROTOCOL_ATTESTATION, PROTOCOL_LEGACY_GET, PROTOCOL_LEGACY_POST)
+
+# Outcomes in the audit log and the metrics.
+OUTCOME_SUCCESS = "success"
+OUTCOME_REJECTED = "rejected"  # credential, quote or policy said no
+OUTCOME_BAD_REQUEST = "bad_request"  # malformed message or TPM structure
+OUTCOME_TIMEOUT = "timeout"  # the node did not answer in time
+OUTCOME_DISCONNECTED = "disconnected"  # the node went away or sent an oversized frame
+OUTCOME_ERROR = "error"  # the KMS failed (store unreachable): the node retries
+OUTCOMES = (OUTCOME_SUCCESS, OUTCOME_REJECTED, OUTCOME_BAD_REQUEST, OUTCOME_TIMEOUT, OUTCOME_DISCONNECTED, OUTCOME_ERROR)
+
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024  # real messages are < 4 KiB
+MAX_HEADER_SIZE = 32 * 1024  # a legacy Bearer token with an EK certificate is ~6 KiB
+STORE_CALLS = ("inline", "thread")
+CLOSE_INTERNAL_ERROR = 1011
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+log = logging.getLogger("kcrypt.challenger")
+audit_log = logging.getLogger("kcrypt.audit")
+
+
+class _Abort(Exception):
+    """Ends one exchange: what to tell the node, and how to account for it."""
+
+    def __init__(self, outcome, detail, message=None, close_code=None):
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+        self.message = message  # frame to send before closing, or None
+        self.close_code = close_code
+
+
+def _json_error(text):
+    return protocol.write_json({"error": text})
+
+
+def _legacy_error(text):
+    return protocol.legacy_payload(error=text)
+
+
+class Metrics:
+    """Counters and a latency histogram in the Prometheus text format (no client library needed)."""
+
+    def __init__(self):
+        self.attestations = {(p, o): 0 for p in PROTOCOLS for o in OUTCOMES}
+        self.buckets = {p: [0] * len(LATENCY_BUCKETS) for p in PROTOCOLS}
+        self.sums = {p: 0.0 for p in PROTOCOLS}
+        self.counts = {p: 0 for p in PROTOCOLS}
+        self.in_flight = 0
+
+    def observe(self, protocol_name, outcome, seconds):
+        self.attestations[(protocol_name, outcome)] += 1
+        self.sums[protocol_name] += seconds
+        self.counts[protocol_name] += 1
+        buckets = self.buckets[protocol_name]
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                buckets[i] += 1
+
+    def render(self):
+        lines = [
+            "# HELP kcrypt_attestations_total Attestation exchanges by protocol and outcome.",
+            "# TYPE kcrypt_attestations_total counter",
+        ]
+        for (p, o), value in sorted(self.attestations.items()):
+            lines.append('kcrypt_attestations_total{protocol="%s",outcome="%s"} %d' % (p, o, value))
+        lines += [
+            "# HELP kcrypt_attestation_duration_seconds Time from the node's request to the end of the exchange.",
+            "# TYPE kcrypt_attestation_duration_seconds histogram",
+        ]
+        for p in PROTOCOLS:
+            for bound, value in zip(LATENCY_BUCKETS, self.buckets[p]):
+                lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="%s"} %d' % (p, bound, value))
+            lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="+Inf"} %d' % (p, self.counts[p]))
+            lines.append('kcrypt_attestation_duration_seconds_sum{protocol="%s"} %.6f' % (p, self.sums[p]))
+            lines.append('kcrypt_attestation_duration_seconds_count{protocol="%s"} %d' % (p, self.counts[p]))
+        lines += [
+            "# HELP kcrypt_attestations_in_flight Exchanges in progress.",
+            "# TYPE kcrypt_attestations_in_flight gauge",
+            "kcrypt_attestations_in_flight %d" % self.in_flight,
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class Challenger:
+    """The challenger's request handlers over a policy (policy.Policy or anything with its methods).
+
+    ``ready_check``: a callable raising when the store cannot serve (``store.ping``).
+    """
+
+    def __init__(self, policy, nonce_mode=protocol.NONCE_WHEN_SUPPORTED, read_timeout=DEFAULT_READ_TIMEOUT,
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, store_calls="inline", ready_check=None, workers=8):
+        require("aiohttp", "to run the challenger")
+        if nonce_mode not in protocol.NONCE_MODES:
+            raise KcryptError("nonce must be one of %s, not %r" % (", ".join(protocol.NONCE_MODES), nonce_mode))
+        if store_calls not in STORE_CALLS:
+            raise KcryptError("store_calls must be one of %s, not %r" % (", ".join(STORE_CALLS), store_calls))
+        if not read_timeout or read_timeout <= 0:
+            raise KcryptError("read_timeout must be a positive number of seconds")
+        if not max_message_size or max_message_size < 4096:
+            raise KcryptError("max_message_size must be at least 4096 bytes")
+        self.policy = policy
+        self.nonce_mode = nonce_mode
+        self.read_timeout = float(read_timeout)
+        self.max_message_size = int(max_message_size)
+        self.ready_check = ready_check
+        self.metrics = Metrics()
+        self._executor = None
+        if store_calls == "thread":
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kcrypt-store")
+
+    def application(self):
+        app = web.Application()
+        app.router.add_get(ATTESTATION_PATH, self.handle_attestation)
+        app.router.add_get(GET_PASS_PATH, self.handle_get_pass)
+        app.router.add_get(POST_PASS_PATH, self.handle_post_pass)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.router.add_get("/readyz", self.handle_readyz)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _cleanup(self, _app):
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _store(self, function, *args, **kwargs):
+        """Run a policy/store call inline or in the thread pool (see the module docstring)."""
+        if self._executor is None:
+            return function(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args, **kwargs))
+
+    async def _upgrade(self, request):
+        ws = web.WebSocketResponse(max_msg_size=self.max_message_size, compress=False, timeout=self.read_timeout)
+        if not ws.can_prepare(request).ok:
+            raise web.HTTPBadRequest(text="%s expects a WebSocket upgrade (this is a kcrypt challenger endpoint)\n" % request.path)
+        await ws.prepare(request)
+        return ws
+
+    async def _read(self, ws, what, stage_prefix, reply):
+        """One frame's data, or _Abort: a timeout, an oversized frame, or the node hanging up.
+
+        ``reply(text)`` makes the error frame of the protocol in use.
+        """
+        try:
+            msg = await ws.receive(timeout=self.read_timeout)
+        except asyncio.TimeoutError:
+            detail = "%sno %s within %gs" % (stage_prefix, what, self.read_timeout)
+            raise _Abort(OUTCOME_TIMEOUT, detail, message=reply(detail)) from None
+        if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            return msg.data
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            # aiohttp has closed the socket already (code 1009 for a frame over max_message_size).
+            raise _Abort(OUTCOME_DISCONNECTED, "%s%s: %s" % (stage_prefix, what, msg.data))
+        raise _Abort(OUTCOME_DISCONNECTED, "%sthe node closed the connection before sending the %s" % (stage_prefix, what))
+
+    async def _finish(self, ws, abort):
+        if ws.closed:
+            return
+        try:
+            if abort is not None and abort.message is not None:
+                if isinstance(abort.message, bytes):
+                    await ws.send_bytes(abort.message)
+                else:
+                    await ws.send_str(abort.message)
+            if abort is not None and abort.close_code:
+                await ws.close(code=abort.close_code, message=abort.detail.encode("utf-8")[:120])
+            else:
+                await ws.close()
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            pass  # the node is gone; nothing left to tell it
+
+    def _audit(self, protocol_name, started, outcome, tpm_hash, partition, detail, peer, extra=""):
+        seconds = time.monotonic() - started
+        self.metrics.observe(protocol_name, outcome, seconds)
+        level = logging.INFO if outcome in (OUTCOME_SUCCESS, OUTCOME_REJECTED) else logging.WARNING
+        if outcome == OUTCOME_ERROR:
+            level = logging.ERROR
+        if audit_log.isEnabledFor(level):
+            audit_log.log(
+                level,
+                "attestation protocol=%s outcome=%s tpm_hash=%s partition=%r duration_ms=%.1f peer=%s%s%s",
+                protocol_name, outcome, tpm_hash or "-", partition.describe() if partition else "-",
+                seconds * 1000.0, peer or "-", extra, (" detail=%r" % detail) if detail else "",
+            )
+
+    def _internal_error(self, stage, error):
+        log.error("%s failed: %s", stage, error, exc_info=not isinstance(error, KcryptError))
+        detail = "KMS temporarily unavailable (%s); retry" % (error if isinstance(error, KcryptError) else type(error).__name__)
+        return _Abort(OUTCOME_ERROR, detail, close_code=CLOSE_INTERNAL_ERROR)
+
+    # -- newest protocol (spec §2.A) -------------------------------------------
+
+    async def handle_attestation(self, request):
+        started = time.monotonic()
+        ws = await self._upgrade(request)
+        partition = PartitionRef.from_headers(request.headers)
+        session = protocol.AttestationSession(self.nonce_mode)
+        abort = None
+        outcome, detail, extra = OUTCOME_SUCCESS, "", ""
+        self.metrics.in_flight += 1
+        try:
+            init = await self._read(ws, "attestation init", "WebSocket read: reading attestation init: ", _json_error)
+            try:
+                challenge = session.challenge(init)
+            except protocol.StageError as error:
+                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
+            await ws.send_str(protocol.write_json(challenge))
+            proof = await self._read(ws, "proof", "Proof read: reading proof: ", _json_error)
+            try:
+                verified = session.verify(proof)
+            except protocol.StageError as error:
+                kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
+                raise _Abort(kind, str(error), message=_json_error(str(error))) from None
+            extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
+            try:
+                passphrase = await self._store(
+                    self.policy.issue_passphrase, verified.tpm_hash, verified.ek_pem, verified.pcrs, partition,
+                    defer_pcr_enrollment=verified.defer_pcr_enrollment,
+                )
+            except PolicyRejection as error:
+                text = "%s: %s" % (protocol.STAGE_VERIFY, error)
+                raise _Abort(OUTCOME_REJECTED, text, message=_json_error(text)) from None
+            except Exception as error:  # the store failed: close with 1011 so the node retries
+                raise self._internal_error("issuing a passphrase for TPM %s" % verified.tpm_hash, error) from None
+            if not passphrase:
+                raise self._internal_error("issuing a passphrase", KcryptError("the store returned an empty passphrase"))
+            await ws.send_str(protocol.write_json(protocol.response_message(passphrase=passphrase)))
+        except _Abort as error:
+            abort, outcome, detail = error, error.outcome, error.detail
+        except (ConnectionError, asyncio.CancelledError) as error:
+            outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        finally:
+            self.metrics.in_flight -= 1
+            await self._finish(ws, abort)
+            self._audit(PROTOCOL_ATTESTATION, started, outcome, session.tpm_hash, partition, detail, request.remote, extra)
+        return ws
+
+    # -- legacy protocol (spec §2.B) ---------------------------------------------
+
+    async def _legacy_auth(self, request, ws):
+        """tpm-helpers AuthRequest: token → challenge frame → answer. Returns the TPM hash."""
+        try:
+            auth = protocol.LegacyAuth(request.headers.get("Authorization", ""))
+        except protocol.ProtocolError as error:
+            raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_legacy_error(str(error))) from None
+        await ws.send_bytes(auth.challenge_frame())
+        answer = await self._read(ws, "challenge response", "", _legacy_error)
+        try:
+            auth.check_answer(answer)
+        except protocol.Rejection as error:
+            text = "TPM authentication failed: %s" % error
+            raise _Abort(OUTCOME_REJECTED, text, message=_legacy_error(text)) from None
+        return auth.tpm_hash
+
+    async def handle_get_pass(self, request):
+        started = time.monotonic()
+        ws = await self._upgrade(request)
+        partition = PartitionRef.from_headers(request.headers)
+        abort, tpm_hash = None, ""
+        outcome, detail = OUTCOME_SUCCESS, ""
+        self.metrics.in_flight += 1
+        try:
+            tpm_hash = await self._legacy_auth(request, ws)
+            try:
+                payload = await self._store(self.policy.legacy_get_pass, tpm_hash, partition)
+            except Exception as error:
+                raise self._internal_error("looking up TPM %s" % tpm_hash, error) from None
+            if payload.get("error"):
+                outcome, detail = OUTCOME_REJECTED, payload["error"]
+            await ws.send_bytes(protocol.legacy_payload(
+                passphrase=payload.get("passphrase", ""), error=payload.get("error", ""),
+                generated_by=payload.get("generated_by", ""),
+            ))
+        except _Abort as error:
+            abort, outcome, detail = error, error.outcome, error.detail
+        except (ConnectionError, asyncio.CancelledError) as error:
+            outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        finally:
+            self.metrics.in_flight -= 1
+            await self._finish(ws, abort)
+            self._audit(PROTOCOL_LEGACY_GET, started, outcome, tpm_hash, partition, detail, request.remote)
+        return ws
+
+    async def handle_post_pass(self, request):
+        started = time.monotonic()
+        ws = await self._upgrade(request)
+        partition = PartitionRef.from_headers(request.headers)
+        abort, tpm_hash = None, ""
+        outcome, detail, extra = OUTCOME_SUCCESS, "", ""
+        self.metrics.in_flight += 1
+        try:
+            tpm_hash = await self._legacy_auth(request, ws)
+            frame = await self._read(ws, "passphrase payload", "", _legacy_error)
+            try:
+                payload = protocol.parse_legacy_payload(frame)
+            except protocol.ProtocolError as error:
+                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_legacy_error(str(error))) from None
+            try:
+                created = await self._store(self.policy.legacy_post_pass, tpm_hash, partition, payload)
+            except PolicyRejection as error:
+                raise _Abort(OUTCOME_REJECTED, str(error), message=_legacy_error(str(error))) from None
+            except Exception as error:
+                raise self._internal_error("storing the passphrase of TPM %s" % tpm_hash, error) from None
+            extra = " stored=%s" % ("new" if created else "kept-existing")
+        except _Abort as error:
+            abort, outcome, detail = error, error.outcome, error.detail
+        except (ConnectionError, asyncio.CancelledError) as error:
+            outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        finally:
+            self.metrics.in_flight -= 1
+            await self._finish(ws, abort)
+            self._audit(PROTOCOL_LEGACY_POST, started, outcome, tpm_hash, partition, detail, request.remote, extra)
+        return ws
+
+    # -- operations ------------------------------------------------------------
+
+    async def handle_healthz(self, _request):
+        return web.Response(text="ok\n")
+
+    async def handle_readyz(self, _request):
+        if self.ready_check is not None:
+            try:
+                await self._store(self.ready_check)
+            except Exception as error:  # any failure means "not ready"; the text says why
+                return web.Response(status=503, text="not ready: %s\n" % error)
+        return web.Response(text="ok\n")
+
+    async def handle_metrics(self, _request):
+        return web.Response(body=self.metrics.render().encode("utf-8"),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def tls_context(cert_file, key_file):
+    """Server TLS from PEM files (TLS 1.2+). Raises KcryptError naming the file on failure."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise KcryptError("cannot load the TLS certificate %s / key %s: %s" % (cert_file, key_file, error)) from None
+    return context
+
+
+async def start(challenger, host, port, ssl_context=None):
+    """Start serving; returns (runner, bound port). Stop with ``await runner.cleanup()``."""
+    runner = web.AppRunner(
+        challenger.application(), access_log=None, handle_signals=False,
+        max_field_size=MAX_HEADER_SIZE, max_line_size=MAX_HEADER_SIZE,
+        keepalive_timeout=challenger.read_timeout, shutdown_timeout=5.0,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise KcryptError("cannot listen on %s:%s: %s" % (host, port, error)) from None
+    addresses = runner.addresses
+    return runner, (addresses[0][1] if addresses else port)
+
+
+async def serve_forever(challenger, host, port, ssl_context=None, on_started=None, stop=None):
+    """Serve until ``stop`` (an asyncio.Event) is set; ``on_started(port)`` runs once listening."""
+    runner, bound = await start(challenger, host, port, ssl_context)
+    try:
+        if on_started is not None:
+            on_started(bound)
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await runner.cleanup()

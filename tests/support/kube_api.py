@@ -1,0 +1,208 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""A Kubernetes API emulator on 127.0.0.1 for tests: kmock plus the semantics the stores rely on.
+
+No real API server can run on the build machine (docs/../ENVIRONMENT). kmock's
+``KubernetesEmulator`` (by the Kopf author) stores objects and serves create, get,
+list, watch, patch and delete to the official ``kubernetes`` client, but keeps no
+resourceVersion and ignores PUT. A real API server does both, and our Kubernetes
+store depends on them for optimistic concurrency, so this subclass adds:
+
+* ``metadata.resourceVersion`` (one counter, like etcd's revision), ``uid`` and
+  ``creationTimestamp`` on create;
+* 409 ``AlreadyExists`` on a second create of a name;
+* PUT (replace): 404 if missing, 422 without ``resourceVersion``, 409 ``Conflict``
+  when it is stale, else the object is replaced and gets a new resourceVersion;
+* Secret ``stringData`` folded into base64 ``data``;
+* CustomResourceDefinitions: creating one registers its served versions, so the
+  CRD manifest must be applied before SealedVolumes can be used, as on a cluster.
+
+Run it as a process: ``python tests/support/kube_api.py PORT_FILE`` writes the port
+into PORT_FILE once it listens and serves until SIGTERM. ``KubeAPI`` does that and
+writes a kubeconfig for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+
+class KubeAPI:
+    """One emulator process on 127.0.0.1, found and stopped by the PID this code started."""
+
+    def __init__(self, work_dir):
+        self.work_dir = work_dir
+        self.process = None
+        self.port = None
+        self.kubeconfig = os.path.join(work_dir, "kubeconfig")
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def start(self, timeout=20):
+        os.makedirs(self.work_dir, exist_ok=True)
+        port_file = os.path.join(self.work_dir, "port")
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+        log = open(os.path.join(self.work_dir, "kube-api.log"), "ab")
+        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), port_file],
+                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("the Kubernetes API emulator exited (see %s/kube-api.log)" % self.work_dir)
+            if os.path.exists(port_file):
+                text = open(port_file).read().strip()
+                if text:
+                    self.port = int(text)
+                    break
+            time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError("the Kubernetes API emulator did not start within %ss" % timeout)
+        self.write_kubeconfig(self.kubeconfig)
+        return self
+
+    def write_kubeconfig(self, path, namespace="default"):
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "kmock-test-token"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": namespace}}],
+        }
+        with open(path, "w") as handle:
+            json.dump(config, handle)  # JSON is YAML
+        return path
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def _emulator_class():
+    import aiohttp.web
+    import kmock
+
+    versions = itertools.count(1)
+
+    def now():
+        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def fold_string_data(resource, body):
+        if resource.plural == "secrets" and resource.group == "" and body.get("stringData"):
+            data = body.setdefault("data", {}) or {}
+            for key, value in body.pop("stringData").items():
+                data[key] = base64.b64encode(value.encode("utf-8")).decode("ascii")
+            body["data"] = data
+
+    class StrictEmulator(kmock.KubernetesEmulator):
+        async def _handle(self, request):
+            resource = request.resource
+            if resource is not None and request.method == kmock.method.PUT and request.name:
+                return await self._replace(request)
+            if resource is not None and request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                body = request.data
+                metadata = body.setdefault("metadata", {})
+                key = (resource, request.namespace or metadata.get("namespace"), metadata.get("name"))
+                async with self._lock:
+                    if key in self.objects and not self.objects[key].deleted:
+                        raise kmock.KubernetesError(status=409, reason="AlreadyExists",
+                                                    message='%s "%s" already exists' % (resource.plural, metadata.get("name")))
+                metadata["resourceVersion"] = str(next(versions))
+                metadata["uid"] = str(uuid.uuid4())
+                metadata["creationTimestamp"] = now()
+                if request.namespace:
+                    metadata["namespace"] = request.namespace
+                fold_string_data(resource, body)
+                if resource.plural == "customresourcedefinitions":
+                    self._register_crd(body)
+            return await super()._handle(request)
+
+        def _register_crd(self, crd):
+            spec = crd.get("spec", {})
+            names = spec.get("names", {})
+            for version in spec.get("versions", []):
+                if version.get("served"):
+                    key = "%s/%s/%s" % (spec["group"], version["name"], names["plural"])
+                    self.resources[key] = kmock.ResourceInfo(
+                        kind=names.get("kind"), singular=names.get("singular"),
+                        namespaced=spec.get("scope") == "Namespaced",
+                        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                        subresources=set((version.get("subresources") or {}).keys()))
+
+        async def _replace(self, request):
+            body = copy.deepcopy(request.data) if isinstance(request.data, dict) else None
+            if body is None:
+                raise kmock.KubernetesError(status=400, reason="BadRequest", message="the body must be a JSON object")
+            key = (request.resource, request.namespace, request.name)
+            async with self._lock:
+                if key not in self.objects or self.objects[key].deleted:
+                    raise kmock.KubernetesError(status=404, reason="NotFound",
+                                                message='%s "%s" not found' % (request.resource.plural, request.name))
+                current = self.objects[key].raw
+                wanted = (body.get("metadata") or {}).get("resourceVersion")
+                if not wanted:
+                    raise kmock.KubernetesError(status=422, reason="Invalid",
+                                                message="metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
+                if wanted != current["metadata"].get("resourceVersion"):
+                    raise kmock.KubernetesError(
+                        status=409, reason="Conflict",
+                        message='Operation cannot be fulfilled on %s "%s": the object has been modified; '
+                                "please apply your changes to the latest version and try again" % (request.resource.plural, request.name))
+                metadata = body.setdefault("metadata", {})
+                for field in ("uid", "creationTimestamp", "name", "namespace"):
+                    if field in current["metadata"]:
+                        metadata[field] = current["metadata"][field]
+                metadata["resourceVersion"] = str(next(versions))
+                fold_string_data(request.resource, body)
+                self.objects[key].create(body)
+                raw = self.objects[key].raw
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
+            return aiohttp.web.json_response(raw)
+
+    return StrictEmulator
+
+
+async def _serve(port_file):
+    import kmock
+
+    emulator = _emulator_class()()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    # Core resources the stores use; CRDs register themselves when created.
+    emulator.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True,
+                                                          verbs={"get", "list", "create", "update", "delete"})
+    emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
+        verbs={"get", "list", "create", "delete"})
+    async with emulator, kmock.Server(emulator, host="127.0.0.1", port=0) as server:
+        with open(port_file + ".tmp", "w") as handle:
+            handle.write(str(server.port))
+        os.rename(port_file + ".tmp", port_file)
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(sys.argv[1]))
