@@ -111,6 +111,16 @@ def safe_kube_name(name):
     return cleaned
 
 
+def object_name(name):
+    """A Kubernetes object name from ``name``: SafeKubeName, then lower case.
+
+    Deviation: SafeKubeName keeps valid upper-case names ("node-DATA"), which the API
+    server refuses for Secrets, so upstream cannot enrol a partition labelled "DATA".
+    Such names cannot exist in Kubernetes, so lower-casing breaks nothing that worked.
+    """
+    return safe_kube_name(name).lower()
+
+
 def clean_kube_name(name):
     """Legacy servers' cleanKubeName: '_' -> '-', lower case."""
     return name.replace("_", "-").lower()
@@ -119,17 +129,28 @@ def clean_kube_name(name):
 def secret_ref(volume, partition, namer=safe_kube_name):
     """(Secret name, data key) of a spec partition: upstream ``SealedVolumeData.DefaultSecret``.
 
-    Name defaults to ``<volume>-<label>``, key to ``passphrase``; both go through ``namer``.
+    Name defaults to ``<volume>-<label>``, key to ``passphrase``; both go through ``namer``
+    (the name is lower-cased as well, see :func:`object_name`; keys may hold upper case).
     """
     secret = partition.get("secret") or {}
     name = secret.get("name") or "%s-%s" % (volume, partition.get("label", ""))
     path = secret.get("path") or DEFAULT_SECRET_PATH
-    return namer(name), namer(path)
+    return namer(name).lower(), namer(path)
 
 
 def has_secret_ref(partition):
     secret = partition.get("secret") or {}
     return bool(secret.get("name") or secret.get("path"))
+
+
+def label_value(text):
+    """``text`` as a valid Kubernetes label value (unchanged when it already is one, as filesystem labels are)."""
+    value = "".join(c if (_is_alnum(c) or c in "-_.") else "-" for c in text)[:63]
+    while value and not _is_alnum(value[0]):
+        value = value[1:]
+    while value and not _is_alnum(value[-1]):
+        value = value[:-1]
+    return value
 
 
 def secret_labels(tpm_hash, partition_label):
@@ -138,7 +159,7 @@ def secret_labels(tpm_hash, partition_label):
         "app.kubernetes.io/name": "kcrypt-challenger",
         "app.kubernetes.io/component": "encryption-secret",
         TPM_HASH_LABEL: safe_kube_name(tpm_hash),
-        PARTITION_LABEL: partition_label,
+        PARTITION_LABEL: label_value(partition_label),
         "kcrypt.kairos.io/managed-by": "kcrypt-challenger",
     }
 
@@ -147,7 +168,7 @@ def tofu_volume_names(tpm_hash):
     """Candidate TOFU volume names: upstream's ``tofu-<hash[:8]>`` first, longer prefixes if taken."""
     names = []
     for length in (8, 16, 32, 64):
-        name = safe_kube_name("tofu-" + tpm_hash[:length])
+        name = object_name("tofu-" + tpm_hash[:length])
         if name not in names:
             names.append(name)
     return names
@@ -368,7 +389,7 @@ class Policy(object):
         name = self._free_volume_name(tpm_hash)
         entry = partition_entry(partition)
         secret_name, passphrase = self._claim_secret(
-            safe_kube_name("%s-%s" % (name, _secret_suffix(entry, partition))), tpm_hash, partition.label,
+            object_name("%s-%s" % (name, _secret_suffix(entry, partition))), tpm_hash, partition.label,
             "initial enrollment: creating TOFU secret")
         entry["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
         doc = new_volume(name, tpm_hash, [entry], attestation=initial_attestation(ek_pem, pcrs))
@@ -396,7 +417,7 @@ class Policy(object):
         volume = copy.deepcopy(volume)
         entry = partition_entry(partition)
         secret_name, passphrase = self._claim_secret(
-            safe_kube_name("%s-%s" % (volume_name(volume), _secret_suffix(entry, partition))), tpm_hash,
+            object_name("%s-%s" % (volume_name(volume), _secret_suffix(entry, partition))), tpm_hash,
             partition.label, "adding new partition: creating TOFU secret")
         entry["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
         volume["spec"].setdefault("partitions", []).append(entry)
@@ -428,7 +449,7 @@ class Policy(object):
         return self._read_passphrase(name, spec_partition)
 
     def _generate_for(self, volume, spec_partition, tpm_hash, partition, context):
-        base = safe_kube_name("%s-%s" % (volume_name(volume), _secret_suffix(spec_partition, partition)))
+        base = object_name("%s-%s" % (volume_name(volume), _secret_suffix(spec_partition, partition)))
         secret_name, _ = self._claim_secret(base, tpm_hash, spec_partition.get("label", partition.label), context)
         spec_partition["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
 
@@ -440,7 +461,7 @@ class Policy(object):
         another's passphrase.
         """
         owner = safe_kube_name(tpm_hash)
-        candidates = [base_name] + [safe_kube_name("%s-%s" % (base_name, tpm_hash[:n])) for n in (8, 16, 32)]
+        candidates = [base_name] + [object_name("%s-%s" % (base_name, tpm_hash[:n])) for n in (8, 16, 32)]
         for name in candidates:
             passphrase = generate_passphrase()
             try:

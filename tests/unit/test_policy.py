@@ -359,6 +359,15 @@ def test_a_secret_of_another_tpm_is_never_reused(policy, store):
     assert store.get_secret(name)["data"]["passphrase"] == passphrase
 
 
+def test_upper_case_labels_give_valid_secret_names(policy, store):
+    # upstream's SafeKubeName keeps "tofu-5640e37f-DATA", which Kubernetes refuses
+    passphrase = policy.issue_passphrase(HASH, EK, PCRS, PartitionRef(label="DATA"))
+    assert store.get_secret("tofu-5640e37f-data")["data"]["passphrase"] == passphrase
+    assert pol.secret_ref("node", {"label": "DATA", "secret": {"path": "MyKey"}}) == ("node-data", "MyKey")
+    assert pol.label_value("my label/x") == "my-label-x" and pol.label_value("COS_PERSISTENT") == "COS_PERSISTENT"
+    assert pol.label_value("_x_") == "x"
+
+
 def test_label_less_partitions_get_distinct_secrets(policy, store):
     first = policy.issue_passphrase(HASH, EK, PCRS, PartitionRef(device_name="vdb1"))
     second = policy.issue_passphrase(HASH, EK, PCRS, PartitionRef(device_name="vdb2"))
