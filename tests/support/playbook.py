@@ -64,6 +64,16 @@ class Run:
                     found.append(task["hosts"][host])
         return found
 
+    def changed_tasks(self):
+        """``host | task name`` of every task that reported a change (for assertion messages)."""
+        names = []
+        for play in self.data["plays"]:
+            for task in play["tasks"]:
+                for host, result in task["hosts"].items():
+                    if result.get("changed"):
+                        names.append("%s | %s" % (host, task["task"]["name"]))
+        return names
+
     def failure_messages(self):
         messages = []
         for play in self.data["plays"]:
@@ -75,8 +85,8 @@ class Run:
         return messages
 
     def __repr__(self):
-        return "<Run rc=%d changed=%d failures=%s stderr=%s>" % (
-            self.rc, self.changed, self.failure_messages(), self.stderr[-2000:])
+        return "<Run rc=%d changed=%d changed_tasks=%s failures=%s stderr=%s>" % (
+            self.rc, self.changed, self.changed_tasks(), self.failure_messages(), self.stderr[-2000:])
 
 
 def environment(extra=None):

@@ -122,10 +122,15 @@ def supervise(args):
         while not stopping["flag"]:
             started = time.monotonic()
             log("starting: %s" % " ".join(args.command))
-            child["process"] = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=sys.stdout,
-                                                stderr=sys.stderr, cwd=args.workdir or "/", preexec_fn=drop_privileges)
-            write_pid(args.pidfile + ".child", child["process"].pid)
-            rc = wait(child["process"], stopping)
+            try:
+                child["process"] = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, stdout=sys.stdout,
+                                                    stderr=sys.stderr, cwd=args.workdir or "/", preexec_fn=drop_privileges)
+            except (OSError, subprocess.SubprocessError) as error:
+                log("cannot start the server: %s" % error)
+                rc = "not started"
+            else:
+                write_pid(args.pidfile + ".child", child["process"].pid)
+                rc = wait(child["process"], stopping)
             if stopping["flag"]:
                 break
             if rc == 0:
