@@ -32,4 +32,4 @@ fi
 
 mkdir -p .collections/ansible_collections/kairos
 ln -sfn ../../.. .collections/ansible_collections/kairos/kcrypt
-echo "setup: done ($(.venv/bin/ansible --version | head -1))"
+echo "setup: done ($(.venv/bin/ansible --version | sed -n 1p))"

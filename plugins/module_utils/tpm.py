@@ -441,7 +441,7 @@ class TPM:
     def _create_primary_public(self, hierarchy, template, what):
         handle = None
         try:
-            handle, public, _, _, _ = self.esys.create_primary(None, template, hierarchy)
+            handle, public = self.esys.create_primary(None, template, hierarchy)[:2]
             return public.publicArea
         except tss.TSS2_Exception as error:
             raise self._fail(what, error) from None
@@ -454,14 +454,14 @@ class TPM:
         Returns (handle, transient). Unlike go-attestation this never persists the EK:
         creating it transiently costs time but leaves the TPM as it was.
         """
-        _, template = tss_utils.create_ek_template("EK-RSA2048", tss_utils.NVReadEK(self.esys))
+        template = tss_utils.create_ek_template("EK-RSA2048", tss_utils.NVReadEK(self.esys))[1]
         persistent = self._persistent(EK_PERSISTENT_HANDLE)
         if persistent is not None:
-            public, _, _ = self.esys.read_public(persistent)
+            public = self.esys.read_public(persistent)[0]
             expected = bytes(template.publicArea.authPolicy)
             if bytes(public.publicArea.authPolicy) == expected and public.publicArea.type == tss.TPM2_ALG.RSA:
                 return persistent, False
-        handle, _, _, _, _ = self.esys.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)
+        handle = self.esys.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)[0]
         return handle, True
 
     # -- PCRs -------------------------------------------------------------
@@ -472,7 +472,7 @@ class TPM:
         pending = list(pcrs)
         try:
             while pending:
-                _, selection_out, digests = self.esys.pcr_read(pcr_selection(pending, bank))
+                selection_out, digests = self.esys.pcr_read(pcr_selection(pending, bank))[1:]
                 returned = []
                 for sel in selection_out.pcrSelections[: selection_out.count]:
                     bitmap = bytes(sel.pcrSelect)[: sel.sizeofSelect]
@@ -510,7 +510,7 @@ class TPM:
                 return None
             raise self._fail("looking up NV index 0x%x" % index, error) from None
         try:
-            public, _ = self.esys.nv_read_public(nv)
+            public = self.esys.nv_read_public(nv)[0]
             size = public.nvPublic.dataSize
             chunk = self._nv_buffer_max()
             data = b""
@@ -571,7 +571,7 @@ class TPM:
         return True
 
     def _nv_buffer_max(self):
-        _, data = self.esys.get_capability(tss.TPM2_CAP.TPM_PROPERTIES, tss.TPM2_PT_NV.BUFFER_MAX, 1)
+        data = self.esys.get_capability(tss.TPM2_CAP.TPM_PROPERTIES, tss.TPM2_PT_NV.BUFFER_MAX, 1)[1]
         for prop in data.data.tpmProperties:
             if prop.property == tss.TPM2_PT_NV.BUFFER_MAX:
                 return prop.value
@@ -587,7 +587,7 @@ class TPM:
         try:
             persistent = self._persistent(handle)
             if persistent is not None:
-                public, _, _ = self.esys.read_public(persistent)
+                public = self.esys.read_public(persistent)[0]
                 area = public.publicArea
                 if area.type != tss.TPM2_ALG.RSA or not area.objectAttributes & tss.TPMA_OBJECT.DECRYPT:
                     raise TPMError("the object at 0x%x on the TPM at %s is not an RSA decryption key" % (handle, self.tcti))
@@ -596,7 +596,7 @@ class TPM:
                 return None, False
             transient = None
             try:
-                transient, public, _, _, _ = self.esys.create_primary(None, _owner_key_template(), tss.ESYS_TR.OWNER)
+                transient, public = self.esys.create_primary(None, _owner_key_template(), tss.ESYS_TR.OWNER)[:2]
                 self.esys.evict_control(tss.ESYS_TR.OWNER, transient, handle)
             finally:
                 self._flush(transient)
@@ -624,10 +624,10 @@ class TPM:
         """The SRK to hold the AK: go-attestation's persistent one, created and persisted if absent."""
         persistent = self._persistent(SRK_PERSISTENT_HANDLE)
         if persistent is not None:
-            return persistent, False
-        transient, _, _, _, _ = self.esys.create_primary(None, _srk_template(), tss.ESYS_TR.OWNER)
+            return persistent
+        transient = self.esys.create_primary(None, _srk_template(), tss.ESYS_TR.OWNER)[0]
         try:
-            return self.esys.evict_control(tss.ESYS_TR.OWNER, transient, SRK_PERSISTENT_HANDLE), False
+            return self.esys.evict_control(tss.ESYS_TR.OWNER, transient, SRK_PERSISTENT_HANDLE)
         finally:
             self._flush(transient)
 
@@ -635,7 +635,7 @@ class TPM:
         """A new transient AK with its creation certification, as go-attestation's NewAK does."""
         ak = None
         try:
-            srk, _ = self._srk_handle()
+            srk = self._srk_handle()
             private, public, creation_data, creation_hash, ticket = self.esys.create(srk, None, _ak_template())
             ak = self.esys.load(srk, private, public)
             scheme = tss.TPMT_SIG_SCHEME(
@@ -656,9 +656,9 @@ class TPM:
             self._flush(ak)
 
     def _load_ak(self, ak):
-        srk, _ = self._srk_handle()
-        private, _ = tss.TPM2B_PRIVATE.unmarshal(ak.private)
-        public, _ = tss.TPMT_PUBLIC.unmarshal(ak.public)
+        srk = self._srk_handle()
+        private = tss.TPM2B_PRIVATE.unmarshal(ak.private)[0]
+        public = tss.TPMT_PUBLIC.unmarshal(ak.public)[0]
         return self.esys.load(srk, private, tss.TPM2B_PUBLIC(publicArea=public))
 
     def activate_credential(self, ak, credential, secret):
@@ -680,8 +680,8 @@ class TPM:
                 tss.TPM2_ALG.SHA256,
             )
             self.esys.policy_secret(tss.ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
-            id_object, _ = tss.TPM2B_ID_OBJECT.unmarshal(credential)
-            encrypted_secret, _ = tss.TPM2B_ENCRYPTED_SECRET.unmarshal(secret)
+            id_object = tss.TPM2B_ID_OBJECT.unmarshal(credential)[0]
+            encrypted_secret = tss.TPM2B_ENCRYPTED_SECRET.unmarshal(secret)[0]
             result = self.esys.activate_credential(
                 ak_handle, ek_handle, id_object, encrypted_secret, session1=tss.ESYS_TR.PASSWORD, session2=session
             )

@@ -27,7 +27,7 @@ PASSPHRASE_LENGTH = 32
 
 def generate_passphrase():
     """32 characters of ``[0-9a-z]`` (upstream's shape, ~165 bits), from the OS CSPRNG."""
-    return "".join(secrets.choice(PASSPHRASE_ALPHABET) for _ in range(PASSPHRASE_LENGTH)).encode("ascii")
+    return "".join(secrets.choice(PASSPHRASE_ALPHABET) for dummy in range(PASSPHRASE_LENGTH)).encode("ascii")
 
 
 def _oaep():
@@ -37,7 +37,7 @@ def _oaep():
 def encrypt_blob(tpm, plaintext, c_index=DEFAULT_C_INDEX):
     """RSA-OAEP-SHA256 ciphertext of ``plaintext`` under the key at ``c_index`` (created if absent)."""
     require("cryptography", "to encrypt the passphrase")
-    public_key, _ = tpm.owner_key_public(c_index)
+    public_key = tpm.owner_key_public(c_index)[0]
     return public_key.encrypt(plaintext, _oaep())
 
 

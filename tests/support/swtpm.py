@@ -21,7 +21,7 @@ import time
 
 def free_port_pair(host="127.0.0.1"):
     """A port P with P+1 also free on ``host`` (swtpm uses P for commands, P+1 for control)."""
-    for _ in range(200):
+    for dummy in range(200):
         with socket.socket() as first:
             first.bind((host, 0))
             port = first.getsockname()[1]
@@ -66,7 +66,7 @@ class SwTPM:
         return "swtpm:host=127.0.0.1,port=%d" % self.port
 
     def start(self, attempts=5):
-        for _ in range(attempts):
+        for dummy in range(attempts):
             self.port = free_port_pair()
             log = open(os.path.join(self.state_dir, "swtpm.log"), "ab")
             self.process = subprocess.Popen(

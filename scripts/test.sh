@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The project's whole test run: unit + integration tests (real swtpm, cryptsetup, SQLite, zeroconf, kmock),
+# ansible-test sanity, ansible-lint (production profile) and the changelog lint.
+# Run ./scripts/setup.sh once first. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+status=0
+step() { echo; echo "=== $*"; }
+
+step "pytest"
+python -m pytest -n "${KCRYPT_TEST_WORKERS:-3}" -q "$@" || status=1
+
+step "ansible-test sanity"
+./scripts/sanity.sh >/tmp/kcrypt-sanity.log 2>&1 || { grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity.log; status=1; }
+grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity.log || echo "sanity: clean"
+# Modules run on managed nodes with other Pythons: compile and import checks on each one available.
+for v in 3.9 3.10 3.12 3.13; do
+  ls "$HOME"/.pyenv/versions/$v.*/bin/python$v >/dev/null 2>&1 || command -v "python$v" >/dev/null || continue
+  SANITY_PYTHON=$v ./scripts/sanity.sh --test compile --test import >/tmp/kcrypt-sanity-$v.log 2>&1 \
+    || { grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity-$v.log; status=1; }
+  echo "sanity compile+import on Python $v: $(grep -qE '^(ERROR|FATAL)' /tmp/kcrypt-sanity-$v.log && echo FAILED || echo clean)"
+done
+
+step "ansible-lint (production profile)"
+ansible-lint -q || status=1
+
+step "changelog fragments"
+antsibull-changelog lint || status=1
+
+exit $status
