@@ -314,10 +314,8 @@ class _Legacy(_Exchange):
             # Upstream's server answers only on failure; wait for its close to learn which.
             try:
                 answer = protocol.parse_legacy_payload(self.receive(ws, "post result"))
-            except KcryptError:
+            except KcryptError:  # also ProtocolError: no error payload came back
                 return  # closed without an error: stored (or an existing secret was kept)
-            except protocol.ProtocolError:
-                return
             if answer["error"]:
                 raise KcryptError("the KMS did not store the generated passphrase: %s" % answer["error"])
         finally:

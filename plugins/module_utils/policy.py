@@ -450,7 +450,7 @@ class Policy(object):
 
     def _generate_for(self, volume, spec_partition, tpm_hash, partition, context):
         base = object_name("%s-%s" % (volume_name(volume), _secret_suffix(spec_partition, partition)))
-        secret_name, _ = self._claim_secret(base, tpm_hash, spec_partition.get("label", partition.label), context)
+        secret_name = self._claim_secret(base, tpm_hash, spec_partition.get("label", partition.label), context)[0]
         spec_partition["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
 
     def _claim_secret(self, base_name, tpm_hash, partition_label, context):

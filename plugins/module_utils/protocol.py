@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import hmac
 import json
@@ -482,14 +483,42 @@ def parse_legacy_payload(data):
 # -- EK handling -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EndorsementKey:
+    """A node's EK as the server sees it: the key, its TPM hash and its PEM (what the policy stores)."""
+
+    public_key: object
+    tpm_hash: str
+    pem: str
+
+    @classmethod
+    def from_key(cls, key):
+        return cls(key, identity.tpm_hash(key), identity.public_key_pem(key))
+
+
+_EK_CACHE = collections.OrderedDict()
+EK_CACHE_SIZE = 4096  # nodes that attest again reuse the parsed key and its encodings
+
+
 def load_ek_spki(der):
-    """The EK public key from ``ek_public`` (DER SPKI). Only RSA EKs exist in this protocol (spec §1.1)."""
+    """The EK from ``ek_public`` (DER SPKI) as an EndorsementKey. Only RSA EKs exist here (spec §1.1).
+
+    The TPM hash is taken over the re-encoded SPKI, as upstream does, not over the bytes sent.
+    """
     require("cryptography", "to read the EK")
+    der = bytes(der)
+    ek = _EK_CACHE.get(der)
+    if ek is not None:
+        _EK_CACHE.move_to_end(der)
+        return ek
     try:
-        key = identity.load_spki(der)
+        ek = EndorsementKey.from_key(_check_ek(identity.load_spki(der)))
     except (ValueError, TypeError) as error:
         raise ProtocolError("parse EK SPKI: %s" % (error or "not a DER SubjectPublicKeyInfo")) from None
-    return _check_ek(key)
+    _EK_CACHE[der] = ek
+    if len(_EK_CACHE) > EK_CACHE_SIZE:
+        _EK_CACHE.popitem(last=False)
+    return ek
 
 
 def load_ek_pem(pem):
@@ -519,16 +548,28 @@ def _check_ek(key):
 # -- TPM structures ----------------------------------------------------------
 
 
-def _cdata(cls, data, what):
-    """Unmarshal ``data`` as tpm2-pytss type ``cls`` (exactly, no trailing bytes); returns the C structure."""
+_UNMARSHAL = {}
+
+
+def _cdata(type_name, data, what):
+    """Unmarshal ``data`` as the TPM type ``type_name`` with tpm2-pytss's libtss2 binding, exactly (no
+    trailing bytes); returns the C structure. (``tss.<TYPE>.unmarshal`` does the same call and then builds
+    a Python wrapper, which costs more than the unmarshalling itself.)"""
     require("tpm2_pytss", "to parse TPM structures")
-    try:
-        obj, used = cls.unmarshal(bytes(data))
-    except Exception as error:  # TSS2_Exception from libtss2's unmarshalling: malformed input
-        raise ProtocolError("%s failed: %s" % (what, error)) from None
-    if used != len(data):
-        raise ProtocolError("%s failed: %d unexpected trailing bytes" % (what, len(data) - used))
-    return object.__getattribute__(obj, "_cdata")
+    entry = _UNMARSHAL.get(type_name)
+    if entry is None:
+        ffi = tss_types.ffi
+        entry = _UNMARSHAL[type_name] = (getattr(tss_types.lib, "Tss2_MU_%s_Unmarshal" % type_name), ffi.typeof(type_name + " *"))
+    function, pointer_type = entry
+    ffi = tss_types.ffi
+    out = ffi.new(pointer_type)
+    offset = ffi.new("size_t *")
+    rc = function(data, len(data), offset, out)
+    if rc:
+        raise ProtocolError("%s failed: %s" % (what, tss.TSS2_Exception(rc)))
+    if offset[0] != len(data):
+        raise ProtocolError("%s failed: %d unexpected trailing bytes" % (what, len(data) - offset[0]))
+    return out
 
 
 def _bytes(buffer, size):
@@ -566,9 +607,9 @@ def check_ak_parameters(params):
     require("cryptography", "to check attestation keys")
     if len(params.create_signature) < 8:
         raise ProtocolError("signature is too short to be valid: only %d bytes" % len(params.create_signature))
-    pub = _cdata(tss.TPMT_PUBLIC, params.public, "DecodePublic()")
-    _cdata(tss.TPMS_CREATION_DATA, params.create_data, "DecodeCreationData()")
-    att = _cdata(tss.TPMS_ATTEST, params.create_attestation, "DecodeAttestationData()")
+    pub = _cdata("TPMT_PUBLIC", params.public, "DecodePublic()")
+    _cdata("TPMS_CREATION_DATA", params.create_data, "DecodeCreationData()")
+    att = _cdata("TPMS_ATTEST", params.create_attestation, "DecodeAttestationData()")
     if att.type != ST_ATTEST_CREATION:
         raise ProtocolError("attestation does not apply to creation data, got tag %x" % att.type)
     if pub.type != ALG_RSA:
@@ -616,7 +657,7 @@ def check_ak_parameters(params):
 
 
 def _rsassa_signature(data, what, expected_hash):
-    sig = _cdata(tss.TPMT_SIGNATURE, data, what)
+    sig = _cdata("TPMT_SIGNATURE", data, what)
     if sig.sigAlg != ALG_RSASSA:
         raise ProtocolError("unsupported signature algorithm: 0x%x (the AK signs with RSASSA)" % sig.sigAlg)
     rsassa = sig.signature.rsassa
@@ -651,8 +692,13 @@ def _aes_cfb(key, data, encrypt):
     return op.update(data) + op.finalize()
 
 
+_OAEP = []
+
+
 def _oaep_identity():
-    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=IDENTITY_LABEL)
+    if not _OAEP:  # built once: the padding object is immutable
+        _OAEP.append(padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=IDENTITY_LABEL))
+    return _OAEP[0]
 
 
 def make_credential(ek_public_key, ak_name, secret=None, seed=None):
@@ -662,8 +708,9 @@ def make_credential(ek_public_key, ak_name, secret=None, seed=None):
     given (tests use fixed values for golden vectors).
     """
     require("cryptography", "to build the credential challenge")
-    secret = os.urandom(SECRET_SIZE) if secret is None else secret
-    seed = os.urandom(SEED_SIZE) if seed is None else seed
+    random = os.urandom(SECRET_SIZE + SEED_SIZE)  # one getrandom() call for both
+    secret = random[:SECRET_SIZE] if secret is None else secret
+    seed = random[SECRET_SIZE:] if seed is None else seed
     encrypted_seed = ek_public_key.encrypt(seed, _oaep_identity())
     symmetric_key = kdfa("sha256", seed, b"STORAGE", ak_name, b"", len(seed) * 8)
     enc_identity = _aes_cfb(symmetric_key, struct.pack(">H", len(secret)) + secret, True)
@@ -727,7 +774,7 @@ def _verify_quote(ak, pcr_quote, nonce, nonce_mode):
         raise ProtocolError("quote signature verification failed: %s" % error) from None
     prefix = "PCR verification against quote failed: "
     try:
-        att = _cdata(tss.TPMS_ATTEST, pcr_quote.quote, "decoding attestation data")
+        att = _cdata("TPMS_ATTEST", pcr_quote.quote, "decoding attestation data")
     except ProtocolError as error:
         raise ProtocolError(prefix + str(error)) from None
     if att.magic != TPM_GENERATED:
@@ -829,9 +876,9 @@ class AttestationSession:
             raise StageError(STAGE_READ_INIT, "reading attestation init: %s" % error) from None
         try:
             self._ek = load_ek_spki(self._init.ek_public)
-            self.tpm_hash = identity.tpm_hash(self._ek)
+            self.tpm_hash = self._ek.tpm_hash
             params = AttestationParameters.from_json(self._init.ak_params)
-            self._ak, self._secret, credential = generate_challenge(self._ek, params)
+            self._ak, self._secret, credential = generate_challenge(self._ek.public_key, params)
         except ProtocolError as error:
             raise StageError(STAGE_CHALLENGE, "generating challenge: %s" % error) from None
         return challenge_message(credential)
@@ -854,7 +901,7 @@ class AttestationSession:
             raise StageError(STAGE_VERIFY, str(error), rejection=True) from None
         return VerifiedAttestation(
             tpm_hash=self.tpm_hash,
-            ek_pem=identity.public_key_pem(self._ek),
+            ek_pem=self._ek.pem,
             pcrs=pcrs_for_policy(pcrs),
             defer_pcr_enrollment=self._init.defer_pcr_enrollment,
             nonce_bound=bound,
@@ -869,7 +916,7 @@ class LegacyAuth:
         ek_pem, params = parse_legacy_token(authorization)
         self.ek = load_ek_pem(ek_pem)
         self.tpm_hash = identity.tpm_hash(self.ek)
-        _, self._secret, self._credential = generate_challenge(self.ek, params)
+        _ak, self._secret, self._credential = generate_challenge(self.ek, params)
 
     def challenge_frame(self):
         return legacy_challenge(self._credential)

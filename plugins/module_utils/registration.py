@@ -36,9 +36,9 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.store import (
     normalize_volume,
     strip_server_fields,
     volume_name,
+    yaml_text,
 )
 
-yaml = optional_import("yaml")
 x509 = optional_import("cryptography.x509")
 serialization = optional_import("cryptography.hazmat.primitives.serialization")
 
@@ -251,8 +251,7 @@ def _header(doc):
 def _diff_text(doc, secrets):
     if doc is None:
         return ""
-    require("yaml", "to show the diff")
-    text = yaml.safe_dump({"metadata": {"name": volume_name(doc)}, "spec": doc["spec"]}, default_flow_style=False, sort_keys=True)
+    text = yaml_text({"metadata": {"name": volume_name(doc)}, "spec": doc["spec"]}, sort_keys=True)
     for action in secrets:
         text += "# Secret %s (key %s): %s\n" % (action.name, action.path, action.action)
     return text

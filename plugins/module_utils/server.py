@@ -45,6 +45,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import re
 import ssl
 import time
 
@@ -184,8 +185,19 @@ class Challenger:
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_get("/metrics", self.handle_metrics)
+        # Last: a legacy node whose challenger_server ends in "/" asks for "//getPass" (upstream's ServeMux
+        # answers that with a redirect the WebSocket dialer cannot follow, kairos#1248). Serve it.
+        app.router.add_get("/{path:.*}", self.handle_repeated_slashes)
         app.on_cleanup.append(self._cleanup)
         return app
+
+    async def handle_repeated_slashes(self, request):
+        path = re.sub("/{2,}", "/", request.path)
+        handler = {ATTESTATION_PATH: self.handle_attestation, GET_PASS_PATH: self.handle_get_pass,
+                   POST_PASS_PATH: self.handle_post_pass}.get(path)
+        if handler is None or path == request.path:
+            raise web.HTTPNotFound()
+        return await handler(request)
 
     async def _cleanup(self, _app):
         if self._executor is not None:
@@ -236,7 +248,7 @@ class Challenger:
                 await ws.close(code=abort.close_code, message=abort.detail.encode("utf-8")[:120])
             else:
                 await ws.close()
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+        except (ConnectionError, RuntimeError):
             pass  # the node is gone; nothing left to tell it
 
     def _audit(self, protocol_name, started, outcome, tpm_hash, partition, detail, peer, extra=""):
@@ -297,8 +309,11 @@ class Challenger:
             await ws.send_str(protocol.write_json(protocol.response_message(passphrase=passphrase)))
         except _Abort as error:
             abort, outcome, detail = error, error.outcome, error.detail
-        except (ConnectionError, asyncio.CancelledError) as error:
+        except ConnectionError as error:
             outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
+            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
+            raise
         finally:
             self.metrics.in_flight -= 1
             await self._finish(ws, abort)
@@ -343,8 +358,11 @@ class Challenger:
             ))
         except _Abort as error:
             abort, outcome, detail = error, error.outcome, error.detail
-        except (ConnectionError, asyncio.CancelledError) as error:
+        except ConnectionError as error:
             outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
+            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
+            raise
         finally:
             self.metrics.in_flight -= 1
             await self._finish(ws, abort)
@@ -374,8 +392,11 @@ class Challenger:
             extra = " stored=%s" % ("new" if created else "kept-existing")
         except _Abort as error:
             abort, outcome, detail = error, error.outcome, error.detail
-        except (ConnectionError, asyncio.CancelledError) as error:
+        except ConnectionError as error:
             outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
+            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
+            raise
         finally:
             self.metrics.in_flight -= 1
             await self._finish(ws, abort)

@@ -147,7 +147,8 @@ def open_store(url, **options):
 
     * ``sqlite:///abs/path/kms.db`` (also a bare absolute path) — options:
       ``key_file`` (default ``<db>.key``), ``namespace`` (default ``kcrypt``),
-      ``busy_timeout`` (seconds, default 30).
+      ``busy_timeout`` (seconds, default 30), ``create`` (default true: create the
+      database and key file if missing; false: fail instead).
     * ``kubernetes://`` — options: ``namespace`` (default: the pod's namespace in a
       cluster, else ``kcrypt``), ``kubeconfig`` (path; default: in-cluster config, then
       ``$KUBECONFIG``/``~/.kube/config``), ``context``, ``timeout`` (seconds, default 10).
@@ -163,6 +164,7 @@ def open_store(url, **options):
     if scheme == "kubernetes":
         from ansible_collections.kairos.kcrypt.plugins.module_utils import store_kubernetes
 
+        query.pop("create", None)  # a namespace needs no creating
         return store_kubernetes.KubernetesStore(**query)
     raise StoreError("unsupported store URL %r: use sqlite:///path/to/kms.db or kubernetes://?namespace=NS" % url)
 
@@ -300,7 +302,7 @@ def normalize_volume(doc, namespace=None):
     clean = copy.deepcopy(doc)
     clean["apiVersion"] = API_VERSION
     clean["kind"] = KIND
-    clean["spec"] = _drop_none(copy.deepcopy(spec))
+    clean["spec"] = _omit_empty(_drop_none(copy.deepcopy(spec)))
     clean["metadata"] = {k: v for k, v in metadata.items() if v is not None}
     if namespace:
         clean["metadata"]["namespace"] = namespace
@@ -350,6 +352,23 @@ def check_object_name(name, kind):
         raise InvalidDocument("%s name %r is not a valid Kubernetes object name (lowercase letters, digits, '-', '.')" % (kind, name))
 
 
+def _omit_empty(spec):
+    """Drop what Go's ``omitempty`` drops when upstream writes a SealedVolume (false, empty strings),
+    so a volume compares equal however it was written. Attestation values are kept: "" means "learn"."""
+    if spec.get("quarantined") is False:
+        del spec["quarantined"]
+    for partition in spec.get("partitions") or []:
+        for key in ("label", "deviceName", "uuid"):
+            if partition.get(key) == "":
+                del partition[key]
+        secret = partition.get("secret")
+        if isinstance(secret, dict):
+            for key in ("name", "path"):
+                if secret.get(key) == "":
+                    del secret[key]
+    return spec
+
+
 def _drop_none(value):
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
@@ -378,16 +397,32 @@ def secret_to_wire(doc):
     return clean
 
 
+def yaml_text(data, all_documents=False, sort_keys=False):
+    """YAML with multi-line strings (PEM keys) as literal blocks, as kubectl shows them."""
+    require("yaml", "to write YAML")
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    if all_documents:
+        return yaml.dump_all(data, Dumper=Dumper, default_flow_style=False, sort_keys=sort_keys, explicit_start=True)
+    return yaml.dump(data, Dumper=Dumper, default_flow_style=False, sort_keys=sort_keys)
+
+
 def dump_yaml(docs):
     """Multi-document YAML of SealedVolumes/Secrets, server-assigned fields removed."""
-    require("yaml", "to write YAML")
     out = []
     for doc in docs:
         doc = strip_server_fields(doc)
         if doc.get("kind") == "Secret":
             doc = secret_to_wire(doc)
         out.append(doc)
-    return yaml.safe_dump_all(out, default_flow_style=False, sort_keys=False, explicit_start=True)
+    return yaml_text(out, all_documents=True)
 
 
 def load_yaml(text, namespace=None):

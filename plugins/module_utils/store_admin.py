@@ -110,7 +110,8 @@ def main(argv=None, stdin=None, stdout=None, stderr=None):
 # ---------------------------------------------------------------------------
 
 
-def _open(args):
+def _open(args, create=False):
+    """The store; only ``add`` and ``import`` may create a missing SQLite store (a typo must not look empty)."""
     url = getattr(args, "store", None)
     if not url:
         try:
@@ -118,7 +119,7 @@ def _open(args):
         except ImportError:
             store_url = None
         url = store_url(args) if store_url else (os.environ.get(ENV_STORE) or DEFAULT_STORE)
-    return st.open_store(url)
+    return st.open_store(url, create=create)
 
 
 def _out(args):
@@ -202,7 +203,7 @@ def cmd_add(args):
     wishes = [reg.parse_partition_spec(spec) for spec in args.partition]
     for wish in wishes:
         wish.passphrase = passphrase
-    with _open(args) as store:
+    with _open(args, create=True) as store:
         plan = reg.plan_registration(store, args.tpm_hash, wishes, name=args.name,
                                      quarantined=True if args.quarantined else None,
                                      update_passphrase=reg.UPDATE_ALWAYS if args.update_passphrase else reg.UPDATE_ON_CREATE,
@@ -257,14 +258,14 @@ def cmd_import(args):
         except OSError as exc:
             raise KcryptError("cannot read %s: %s" % (args.file, exc.strerror))
     out, failed = _out(args), 0
-    with _open(args) as store:
+    with _open(args, create=True) as store:
         volumes, secrets = st.load_yaml(text, namespace=store.namespace)
         for secret in secrets:
             name = secret["metadata"]["name"]
             for key, value in secret["data"].items():
                 if value.endswith(b"\n"):
                     _err(args).write("Warning: Secret %s key %s ends with a newline; a passphrase typed or piped into "
-                                      "cryptsetup stops before it\n" % (name, key))
+                                     "cryptsetup stops before it\n" % (name, key))
             try:
                 store.create_secret(secret)
                 out.write("Secret %s: created\n" % name)
@@ -294,7 +295,7 @@ def cmd_import(args):
 
 def _set_quarantine(args, value):
     with _open(args) as store:
-        for _ in range(5):
+        for _attempt in range(5):
             volume = _resolve(store, args.target)
             if bool(volume["spec"].get("quarantined")) == value:
                 break

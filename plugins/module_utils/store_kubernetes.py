@@ -216,4 +216,3 @@ class KubernetesStore(Store):
             self.api.close()
         except Exception:  # closing pools of a client that never connected may fail; nothing to release then
             pass
-

@@ -71,10 +71,12 @@ CREATE TABLE IF NOT EXISTS secrets (
 
 
 class SQLiteStore(Store):
-    def __init__(self, path, key_file=None, namespace=None, busy_timeout=30):
+    def __init__(self, path, key_file=None, namespace=None, busy_timeout=30, create=True):
         require("cryptography", "to encrypt Secrets in the embedded store")
         if not os.path.isabs(path):
             raise StoreError("the SQLite store needs an absolute path, got %r" % path)
+        if not create and not os.path.exists(path):
+            raise StoreUnavailable("there is no store at %s (check the path; the server or `add` creates it)" % path)
         self.path = path
         self.key_file = key_file or path + ".key"
         self.namespace = namespace or DEFAULT_NAMESPACE

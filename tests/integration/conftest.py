@@ -18,50 +18,11 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 
+from support import stores
 from support.kube_api import KubeAPI
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CRD_PATH = os.path.join(ROOT, "deploy", "kubernetes", "crd.yaml")
-STORE_BACKENDS = ["sqlite", "kubernetes", "cluster"]
-
-
-class StoreTarget(object):
-    def __init__(self, kind, url, kubeconfig=None, namespace=None, path=None):
-        self.kind = kind
-        self.url = url
-        self.kubeconfig = kubeconfig
-        self.namespace = namespace
-        self.path = path  # SQLite file
-
-    def open(self, **options):
-        from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
-
-        return open_store(self.url, **options)
-
-    def __repr__(self):
-        return "StoreTarget(%s)" % self.url
-
-
-def install_crd(kubeconfig, context=None):
-    """Create the SealedVolume CRD from deploy/kubernetes/crd.yaml unless it exists."""
-    import yaml
-    from kubernetes import client, config
-
-    api = config.new_client_from_config(config_file=kubeconfig, context=context)
-    try:
-        crd = [d for d in yaml.safe_load_all(open(CRD_PATH)) if d][0]
-        try:
-            client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
-        except client.exceptions.ApiException as exc:
-            if exc.status != 409:
-                raise
-    finally:
-        api.close()
+from support.stores import STORE_BACKENDS, install_crd, make_store_target
 
 
 @pytest.fixture(scope="session")
@@ -75,42 +36,10 @@ def kube_api(tmp_path_factory):
         api.stop()
 
 
-def unique_namespace():
-    return "kcrypt-store-%s" % uuid.uuid4().hex[:10]
-
-
 @pytest.fixture
 def real_cluster_namespace():
-    """A fresh namespace on $KUBECONFIG's cluster (CRD installed), deleted afterwards."""
-    kubeconfig = os.environ.get("KUBECONFIG")
-    if not kubeconfig:
-        pytest.skip("KUBECONFIG is not set: no real cluster to test against")
-    from kubernetes import client, config
-
-    install_crd(kubeconfig)
-    namespace = unique_namespace()
-    api = config.new_client_from_config(config_file=kubeconfig)
-    core = client.CoreV1Api(api)
-    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    try:
-        yield kubeconfig, namespace
-    finally:
-        core.delete_namespace(namespace)
-        api.close()
-
-
-def make_store_target(kind, request, tmp_path):
-    if kind == "sqlite":
-        path = str(tmp_path / "kms.db")
-        return StoreTarget("sqlite", "sqlite://" + path, path=path)
-    if kind == "kubernetes":
-        api = request.getfixturevalue("kube_api")
-        namespace = unique_namespace()
-        return StoreTarget("kubernetes", "kubernetes://?kubeconfig=%s&namespace=%s" % (api.kubeconfig, namespace),
-                           kubeconfig=api.kubeconfig, namespace=namespace)
-    kubeconfig, namespace = request.getfixturevalue("real_cluster_namespace")
-    return StoreTarget("cluster", "kubernetes://?kubeconfig=%s&namespace=%s" % (kubeconfig, namespace),
-                       kubeconfig=kubeconfig, namespace=namespace)
+    """A fresh namespace on $KUBECONFIG's cluster (CRD installed), deleted afterwards; skipped without KUBECONFIG."""
+    yield from stores.real_cluster_namespace()
 
 
 @pytest.fixture(params=STORE_BACKENDS)

@@ -137,7 +137,7 @@ def test_invalid_documents_are_refused_and_nothing_written(store, spec, message)
 
 
 def test_concurrent_creates_of_one_name_have_one_winner(store_target):
-    stores = [store_target.open() for _ in range(4)]
+    stores = [store_target.open() for _index in range(4)]
     results = []
     barrier = threading.Barrier(8)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -117,7 +118,8 @@ class ChallengerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError("kcrypt-challenger exited with %s; see %s" % (self.process.returncode, self.log_path))
             try:
-                with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.port, timeout=1) as response:
+                context = ssl._create_unverified_context() if self.tls else None  # only probing liveness
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1, context=context) as response:
                     if response.status == 200:
                         return self
             except OSError:

@@ -436,7 +436,7 @@ def test_concurrent_first_contacts_make_one_volume_and_one_secret(tmp_path):
         finally:
             opened.close()
 
-    threads = [threading.Thread(target=contact) for _ in range(12)]
+    threads = [threading.Thread(target=contact) for _index in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:

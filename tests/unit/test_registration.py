@@ -73,8 +73,8 @@ def test_create_is_idempotent_and_served(store):
     name = "tpm-" + HASH[:16]
     assert st.volume_name(stored) == name
     assert stored["spec"] == {"TPMHash": HASH, "partitions": [{"label": "COS_PERSISTENT"}]}
-    assert [a.summary() for a in plan.secrets] == [{"name": name + "-cos-persistent", "key": "passphrase",
-                                                     "action": "create", "partition": "label=COS_PERSISTENT"}]
+    expected = {"name": name + "-cos-persistent", "key": "passphrase", "action": "create", "partition": "label=COS_PERSISTENT"}
+    assert [a.summary() for a in plan.secrets] == [expected]
     assert "static pw" not in repr(plan.diff()) and "static pw" not in repr([a.summary() for a in plan.secrets])
     again = reg.plan_registration(store, HASH, [P(label="COS_PERSISTENT", passphrase="static pw")])
     assert not again.changed and again.secrets[0].action == "unchanged"
@@ -145,7 +145,7 @@ def test_quarantine_flag(store):
 
 def test_attestation_modes(store):
     wish = {"ek": "learn", "pcrs": {"0": "learn", "7": "ab" * 32, "11": "ignore"}}
-    _, stored = register(store, [P(label="L", passphrase=b"pw")], attestation=wish)
+    stored = register(store, [P(label="L", passphrase=b"pw")], attestation=wish)[1]
     assert stored["spec"]["attestation"] == {"ekPublicKey": "", "pcrValues": {"pcrs": {"0": "", "7": "ab" * 32}}}
     pcrs = {"0": "01" * 32, "7": "ab" * 32, "11": "0b" * 32}
     Policy(store).issue_passphrase(HASH, PEM, pcrs, PartitionRef(label="L"))

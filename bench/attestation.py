@@ -1,0 +1,498 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Attestation benchmark: kcrypt-challenger (ws://, wss://) against Tang, on this machine.
+
+    .venv/bin/python bench/attestation.py [--clients 50] [--rounds 20] [--burst 500] [--runs 3]
+
+Each run starts fresh servers and measures, in this order:
+
+* kcrypt ws://  first contact — every simulated node enrols (TOFU, SQLite writes);
+* kcrypt ws://  enrolled      — ``--clients`` nodes attest ``--rounds`` times each, closed loop;
+* kcrypt ws://  burst         — ``--burst`` enrolled nodes connect at the same moment, once each;
+* kcrypt ws://  enrolled, thread — as "enrolled" with ``--store-calls thread`` (store calls in a thread pool);
+* kcrypt wss:// enrolled      — as above over TLS terminated in the challenger process;
+* aiohttp floor              — the same four messages against a bare aiohttp handler (no
+  crypto, no store, no logging): what the WebSocket exchange alone costs on this machine;
+* tang          recovery      — ``--clients`` clevis-like clients, one McCallum-Relyea key
+  recovery per connection (``POST /rec/<kid>``), tangd spawned per connection like
+  Debian's tangd.socket (Accept=yes) does.
+
+Nodes are software TPM identities (tests/support/soft_tpm.py: RSA-2048 EK and AK,
+byte-exact go-attestation structures, nonce-bound quotes unless ``--head-quotes``);
+the server cannot tell them from TPMs. Clients run in their own process.
+
+Reported per scenario: attestations/s (wall), p50/p99 latency seen by the client
+(connect to passphrase), and server CPU per attestation, read from the server
+process (/proc/PID/task/*/schedstat, ns; for Tang the accept loop plus its reaped
+tangd children). Server CPU per attestation is the stable figure; throughput and
+latency depend on what else runs on the machine (printed: load average).
+Prints figures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bin"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import _checkout  # noqa: E402
+
+_checkout.setup()
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol  # noqa: E402
+from support import soft_tpm  # noqa: E402
+from support.tls import make_pki  # noqa: E402
+
+TANGD = "/usr/libexec/tangd"
+TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- server processes and their CPU time ---------------------------------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid, children=False):
+    """CPU time of ``pid``: all its threads (ns resolution), plus reaped children (ticks) if asked."""
+    total = 0
+    task_dir = "/proc/%d/task" % pid
+    for tid in os.listdir(task_dir):
+        with open(os.path.join(task_dir, tid, "schedstat")) as handle:
+            total += int(handle.read().split()[0])
+    seconds = total / 1e9
+    if children:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        seconds += (int(fields[13]) + int(fields[14])) / CLK_TCK  # cutime, cstime
+    return seconds
+
+
+def wait_http(url, context=None, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("%s did not answer" % url)
+
+
+class Process:
+    def __init__(self, args, log_path):
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    def stop(self):
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_challenger(workdir, tls=None, extra=()):
+    port = free_port()
+    args = [sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger"), "serve", "--listen", "127.0.0.1:%d" % port,
+            "--store", "sqlite://%s/kms.db" % workdir, "--log-level", "info"] + list(extra)
+    context = None
+    if tls:
+        args += ["--tls-cert", tls["server.pem"], "--tls-key", tls["server.key"]]
+        context = ssl.create_default_context(cafile=tls["ca.pem"])
+    process = Process(args, os.path.join(workdir, "challenger.log"))
+    scheme = "https" if tls else "http"
+    wait_http("%s://127.0.0.1:%d/healthz" % (scheme, port), context)
+    return process, "%s://127.0.0.1:%d" % (scheme.replace("http", "ws"), port)
+
+
+TANG_LOOP = r"""
+import os, signal, socket, sys
+port, keys = int(sys.argv[1]), sys.argv[2]
+devnull = os.open(os.devnull, os.O_WRONLY)
+
+
+def reap(*_):  # collect finished tangd processes so their CPU time lands in our cutime/cstime
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+signal.signal(signal.SIGCHLD, reap)
+listener = socket.socket()
+listener.bind(("127.0.0.1", port))
+listener.listen(1024)
+while True:
+    conn, _ = listener.accept()
+    fd = conn.fileno()
+    # What systemd does for tangd.socket (Accept=yes): one tangd per connection on stdin/stdout.
+    os.posix_spawn(%(tangd)r, ["tangd", keys], {}, file_actions=[
+        (os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1), (os.POSIX_SPAWN_DUP2, devnull, 2)])
+    conn.close()
+""" % {"tangd": TANGD}
+
+
+BARE_SERVER = r"""
+import asyncio, sys
+from aiohttp import web
+
+CHALLENGE = '{"challenge":{"Credential":"%s","Secret":"%s"}}\n' % ("A" * 200, "A" * 344)
+PASSPHRASE = '{"passphrase":"%s"}\n' % ("A" * 60)
+
+
+async def exchange(request):  # the same four messages, no crypto, no store: aiohttp's floor
+    ws = web.WebSocketResponse(compress=False, max_msg_size=65536)
+    await ws.prepare(request)
+    await ws.receive(timeout=10)
+    await ws.send_str(CHALLENGE)
+    await ws.receive(timeout=10)
+    await ws.send_str(PASSPHRASE)
+    await ws.close()
+    return ws
+
+
+app = web.Application()
+app.router.add_get("/tpm-attestation", exchange)
+app.router.add_get("/healthz", lambda request: web.Response(text="ok"))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def start_bare(workdir):
+    port = free_port()
+    process = Process([sys.executable, "-c", BARE_SERVER, str(port)], os.path.join(workdir, "bare.log"))
+    wait_http("http://127.0.0.1:%d/healthz" % port)
+    return process, "ws://127.0.0.1:%d" % port
+
+
+def start_tang(workdir):
+    keys = os.path.join(workdir, "tang-keys")
+    os.makedirs(keys)
+    subprocess.run([TANGD_KEYGEN, keys], check=True, stdout=subprocess.DEVNULL)
+    port = free_port()
+    process = Process([sys.executable, "-c", TANG_LOOP, str(port), keys], os.path.join(workdir, "tang.log"))
+    wait_http("http://127.0.0.1:%d/adv" % port)
+    return process, "http://127.0.0.1:%d" % port
+
+
+# -- simulated nodes (run in the client process) ---------------------------------
+
+
+class Node:
+    """A SoftTPM plus the precomputed init message; quotes cached when they need no nonce."""
+
+    def __init__(self, ek_key, ak_key, nonce):
+        self.tpm = soft_tpm.SoftTPM(ek_key, ak_key)
+        self.init = protocol.write_json(self.tpm.init_message())
+        self.nonce = nonce
+        self._quote = None
+        self.bare_proof = protocol.write_json({"secret": "A" * 44, "pcr_quote": {"quote": {"version": "2", "quote": "A" * 196,
+                                               "signature": "A" * 352}, "pcrs": {"0": "A" * 44, "11": "A" * 44, "7": "A" * 44}}})
+
+    def proof(self, challenge_text):
+        ec = protocol.parse_challenge(json.loads(challenge_text))
+        secret = self.tpm.activate_credential(ec.credential, ec.secret)
+        if self.nonce:
+            quote, signature = self.tpm.quote(qualifying_data=secret)
+        else:  # an upstream HEAD node: the quote does not depend on the exchange
+            if self._quote is None:
+                self._quote = self.tpm.quote()
+            quote, signature = self._quote
+        pcr_quote = protocol.PCRQuote(protocol.QUOTE_VERSION, quote, signature, self.tpm.pcr_values())
+        return protocol.write_json(protocol.proof_message(secret, pcr_quote))
+
+
+async def attest(session, url, node, ssl_context, bare=False):
+    import aiohttp
+
+    started = time.perf_counter()
+    headers = {"label": "COS_PERSISTENT", "name": "vda5", "uuid": ""}
+    async with session.ws_connect(url + protocol.ATTESTATION_PATH, headers=headers, ssl=ssl_context or False,
+                                  autoping=False, compress=0, max_msg_size=0) as ws:
+        await ws.send_str(node.init)
+        challenge = await ws.receive()
+        if challenge.type != aiohttp.WSMsgType.TEXT:
+            raise RuntimeError("no challenge: %r" % (challenge,))
+        await ws.send_str(node.bare_proof if bare else node.proof(challenge.data))
+        answer = await ws.receive()
+    if answer.type != aiohttp.WSMsgType.TEXT or "passphrase" not in json.loads(answer.data):
+        raise RuntimeError("attestation failed: %r" % (answer.data,))
+    return time.perf_counter() - started
+
+
+# Tang client: McCallum-Relyea key recovery as clevis does it, on P-521 (tangd's default ECMR key).
+P521 = 2 ** 521 - 1
+P521_B = int("0051953EB9618E1C9A1F929A21A0B68540EEA2DA725B99B315F3B8B489918EF109E156193951EC7E937B1652C0BD3BB1BF073"
+             "573DF883D2C34F1EF451FD46B503F00", 16)
+
+
+def _b64u(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64u(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _point_add(a, b):
+    (x1, y1), (x2, y2) = a, b
+    if x1 == x2:
+        if (y1 + y2) % P521 == 0:
+            return None
+        lam = (3 * x1 * x1 - 3) * pow(2 * y1, -1, P521) % P521
+    else:
+        lam = (y2 - y1) * pow(x2 - x1, -1, P521) % P521
+    x3 = (lam * lam - x1 - x2) % P521
+    return x3, (lam * (x1 - x3) - y1) % P521
+
+
+class TangClient:
+    """Provisioned once (like ``clevis encrypt tang``); ``recover`` is one ``clevis decrypt``'s exchange."""
+
+    def __init__(self, url):
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.ec = ec
+        self.host, self.port = url.split("://")[1].split(":")
+        adv = json.loads(urllib.request.urlopen(url + "/adv").read())
+        keys = json.loads(_unb64u(adv["payload"]))["keys"]
+        jwk = [k for k in keys if k.get("alg") == "ECMR"][0]
+        canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+        self.kid = _b64u(hashlib.sha256(canonical.encode()).digest())
+        self.server_key = ec.EllipticCurvePublicNumbers(int.from_bytes(_unb64u(jwk["x"]), "big"),
+                                                        int.from_bytes(_unb64u(jwk["y"]), "big"), ec.SECP521R1()).public_key()
+        client_key = ec.generate_private_key(ec.SECP521R1())
+        numbers = client_key.public_key().public_numbers()
+        self.client_point = (numbers.x, numbers.y)  # stored in the JWE header as epk
+        self.expected_x = int.from_bytes(client_key.exchange(ec.ECDH(), self.server_key), "big")  # the key clevis derives
+
+    async def recover(self, verify):
+        started = time.perf_counter()
+        ephemeral = self.ec.generate_private_key(self.ec.SECP521R1())
+        numbers = ephemeral.public_key().public_numbers()
+        x, y = _point_add(self.client_point, (numbers.x, numbers.y))
+        body = json.dumps({"kty": "EC", "crv": "P-521", "x": _b64u(x.to_bytes(66, "big")), "y": _b64u(y.to_bytes(66, "big"))})
+        request = ("POST /rec/%s HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/jwk+json\r\nContent-Length: %d\r\n"
+                   "Connection: close\r\n\r\n%s" % (self.kid, self.host, self.port, len(body), body)).encode()
+        reader, writer = await asyncio.open_connection(self.host, int(self.port))
+        writer.write(request)
+        writer.write_eof()  # tangd serves requests until EOF on stdin; clevis sends just this one
+        response = await reader.read()
+        writer.close()
+        head, _sep, payload = response.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError("tang recovery failed: %r" % head[:80])
+        elapsed = time.perf_counter() - started
+        if verify:  # K = Y - e·S must be the key derived at provisioning (checked on a sample: costs ~1 ms)
+            jwk = json.loads(payload)
+            y_point = (int.from_bytes(_unb64u(jwk["x"]), "big"), int.from_bytes(_unb64u(jwk["y"]), "big"))
+            es_x = int.from_bytes(ephemeral.exchange(self.ec.ECDH(), self.server_key), "big")
+            es_y = pow((es_x ** 3 - 3 * es_x + P521_B) % P521, (P521 + 1) // 4, P521)
+            candidates = [_point_add(y_point, (es_x, (-sign * es_y) % P521)) for sign in (1, -1)]
+            if self.expected_x not in [c[0] for c in candidates if c]:
+                raise RuntimeError("tang recovery returned the wrong key")
+        return elapsed
+
+
+async def closed_loop(job, rounds, clients, work):
+    """``clients`` workers, each calling ``work(i)`` ``rounds`` times; returns latencies."""
+    latencies = []
+
+    async def worker(i):
+        for r in range(rounds):
+            latencies.append(await work(i * rounds + r))
+
+    await asyncio.gather(*(worker(i) for i in range(clients)))
+    return latencies
+
+
+def client_process(job, results):
+    """Runs in its own process: one scenario, results (latencies, wall) back through the queue."""
+    import aiohttp
+
+    async def run():
+        if job["kind"] == "tang":
+            tang = TangClient(job["url"])
+            started = time.perf_counter()
+            latencies = await closed_loop(job, job["rounds"], job["clients"], lambda n: tang.recover(n % 50 == 0))
+            return latencies, time.perf_counter() - started
+        keys = soft_tpm.key_pool(job["identities"] + 1)
+        nodes = [Node(k, keys[-1], job["nonce"]) for k in keys[: job["identities"]]]
+        context = ssl.create_default_context(cafile=job["ca"]) if job.get("ca") else None
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            if job["kind"] == "burst":
+                gate = asyncio.Event()
+
+                async def one(i):
+                    await gate.wait()
+                    return await attest(session, job["url"], nodes[i % len(nodes)], context)
+
+                tasks = [asyncio.ensure_future(one(i)) for i in range(job["clients"])]
+                await asyncio.sleep(0.2)  # every task is parked at the gate
+                started = time.perf_counter()
+                gate.set()
+                latencies = await asyncio.gather(*tasks)
+                return list(latencies), time.perf_counter() - started
+            started = time.perf_counter()
+            bare = job["kind"] == "bare"
+            latencies = await closed_loop(job, job["rounds"], job["clients"],
+                                          lambda n: attest(session, job["url"], nodes[n % len(nodes)], context, bare))
+            return latencies, time.perf_counter() - started
+
+    try:
+        results.put(("ok",) + asyncio.run(run()))
+    except Exception as error:  # reported by the parent
+        results.put(("error", repr(error), 0))
+
+
+def run_clients(job):
+    results = multiprocessing.Queue()
+    process = multiprocessing.Process(target=client_process, args=(job, results))
+    process.start()
+    status, latencies, wall = results.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError("client process failed: %s" % latencies)
+    return latencies, wall
+
+
+def measure(name, pid, job, children=False):
+    before = cpu_seconds(pid, children)
+    latencies, wall = run_clients(job)
+    if children:
+        time.sleep(0.3)  # the last tangd processes exit and get reaped
+    cpu = cpu_seconds(pid, children) - before
+    latencies = sorted(latencies)
+    count = len(latencies)
+    return {
+        "scenario": name, "n": count, "per_s": count / wall,
+        "p50_ms": latencies[count // 2] * 1000, "p99_ms": latencies[min(count - 1, int(count * 0.99))] * 1000,
+        "cpu_ms": cpu / count * 1000,
+    }
+
+
+def enrol_all(job):
+    """A job that makes every identity's first contact, so the measured loop sees enrolled nodes only."""
+    clients = min(job["clients"], job["identities"])
+    return dict(job, clients=clients, rounds=-(-job["identities"] // clients))
+
+
+def one_run(args, workdir):
+    rows = []
+    pki = make_pki(workdir)
+    process, url = start_bare(workdir)
+    try:
+        job = {"identities": args.identities, "nonce": False, "kind": "bare", "url": url, "clients": args.clients}
+        run_clients(dict(job, rounds=1))
+        rows.append(measure("aiohttp bare exchange (floor)", process.pid, dict(job, rounds=args.rounds)))
+    finally:
+        process.stop()
+    base = {"identities": args.identities, "nonce": not args.head_quotes, "ca": None}
+    process, url = start_challenger(os.path.join(workdir, "ws"))
+    try:
+        rows.append(measure("kcrypt ws://  first contact", process.pid,
+                            enrol_all(dict(base, kind="loop", url=url, clients=args.clients))))
+        rows.append(measure("kcrypt ws://  enrolled", process.pid,
+                            dict(base, kind="loop", url=url, clients=args.clients, rounds=args.rounds)))
+        rows.append(measure("kcrypt ws://  burst %d" % args.burst, process.pid,
+                            dict(base, kind="burst", url=url, clients=args.burst)))
+    finally:
+        process.stop()
+    process, url = start_challenger(os.path.join(workdir, "thread"), extra=["--store-calls", "thread"])
+    try:
+        job = dict(base, kind="loop", url=url, clients=args.clients, rounds=args.rounds)
+        run_clients(enrol_all(job))
+        rows.append(measure("kcrypt ws://  enrolled, thread", process.pid, job))
+    finally:
+        process.stop()
+    process, url = start_challenger(os.path.join(workdir, "wss"), tls=pki)
+    try:
+        job = dict(base, kind="loop", url=url, ca=pki["ca.pem"], clients=args.clients, rounds=args.rounds)
+        run_clients(enrol_all(job))  # first contacts over TLS are not the figure here
+        rows.append(measure("kcrypt wss:// enrolled", process.pid, job))
+    finally:
+        process.stop()
+    if not args.no_tang and os.path.exists(TANGD):
+        process, url = start_tang(workdir)
+        try:
+            rows.append(measure("tang          recovery", process.pid,
+                                dict(kind="tang", url=url, clients=args.clients, rounds=args.rounds), children=True))
+        finally:
+            process.stop()
+    return rows
+
+
+def print_rows(title, rows):
+    print(title)
+    print("  %-30s %8s %10s %9s %9s %17s" % ("scenario", "n", "ops/s", "p50 ms", "p99 ms", "server CPU ms/op"))
+    for row in rows:
+        values = (row["scenario"], row["n"], row["per_s"], row["p50_ms"], row["p99_ms"], row["cpu_ms"])
+        print("  %-30s %8d %10.0f %9.1f %9.1f %17.3f" % values)
+    sys.stdout.flush()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--clients", type=int, default=50, help="concurrent nodes in the closed-loop scenarios")
+    parser.add_argument("--rounds", type=int, default=20, help="attestations per node in the closed-loop scenarios")
+    parser.add_argument("--burst", type=int, default=500, help="nodes connecting at once in the burst scenario")
+    parser.add_argument("--identities", type=int, default=200, help="distinct software TPM identities")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions (fresh servers each time)")
+    parser.add_argument("--head-quotes", action="store_true", help="quotes without nonce, as upstream HEAD clients send")
+    parser.add_argument("--no-tang", action="store_true", help="skip the Tang baseline")
+    args = parser.parse_args()
+    soft_tpm.key_pool(args.identities + 1)  # generate (and cache) the keys before measuring
+    print("machine: %d CPUs, load average %s; python %s" % (os.cpu_count(), "%.2f %.2f %.2f" % os.getloadavg(), sys.version.split()[0]))
+    all_rows = []
+    for run in range(1, args.runs + 1):
+        workdir = tempfile.mkdtemp(prefix="kcrypt-bench-")
+        for sub in ("ws", "wss", "thread"):
+            os.makedirs(os.path.join(workdir, sub))
+        try:
+            rows = one_run(args, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print_rows("run %d (load average %.2f %.2f %.2f)" % ((run,) + os.getloadavg()), rows)
+        all_rows.append(rows)
+    if args.runs > 1:
+        median = []
+        for i, row in enumerate(all_rows[0]):
+            values = [rows[i] for rows in all_rows]
+            median.append({key: (statistics.median(v[key] for v in values) if key != "scenario" else row[key]) for key in row})
+        print_rows("median of %d runs" % args.runs, median)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""kairos.kcrypt.kairos_sealedvolume through real ansible-playbook runs, against every store backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils import identity
+from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import Policy
+
+PLAYBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playbooks")
+PASSPHRASE = "module-static-Passphrase-42"
+
+
+def ensure_collection_link(repo_root):
+    """What scripts/setup.sh does: make the checkout visible as ansible_collections/kairos/kcrypt."""
+    link = os.path.join(repo_root, ".collections", "ansible_collections", "kairos", "kcrypt")
+    if not os.path.lexists(link):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink("../../..", link)
+
+
+def run_playbook(repo_root, env, playbook, variables, tmp_path):
+    ensure_collection_link(repo_root)
+    vars_file = tmp_path / "vars.json"
+    vars_file.write_text(json.dumps(dict(variables, ansible_python_interpreter=sys.executable)))
+    command = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", "localhost,", "-c", "local",
+               "-v", "--diff", "-e", "@%s" % vars_file, os.path.join(PLAYBOOKS, playbook)]
+    return subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, check=False, timeout=300)
+
+
+def store_args(store_target):
+    if store_target.kind == "sqlite":
+        return {"backend": "embedded", "store_path": store_target.path}
+    return {"backend": "kubernetes", "kubeconfig": store_target.kubeconfig, "namespace": store_target.namespace}
+
+
+def test_module_end_to_end(store_target, repo_root, subprocess_env, tmp_path):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    tpm_hash, ek_pem = identity.tpm_hash(key), identity.public_key_pem(key)
+    result = run_playbook(repo_root, subprocess_env, "sealedvolume.yml", {
+        "store_args": store_args(store_target), "tpm_hash": tpm_hash, "other_hash": "e" * 64,
+        "ek_pem": ek_pem, "passphrase": PASSPHRASE,
+    }, tmp_path)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    assert "failed=0" in result.stdout and "ignored=2" in result.stdout
+    assert PASSPHRASE not in result.stdout + result.stderr  # -v --diff output never shows it
+
+    with store_target.open() as store:
+        volume = store.get_volume("node-final")
+        assert volume["spec"] == {"TPMHash": tpm_hash, "partitions": [{"label": "COS_PERSISTENT", "deviceName": "vda5"}]}
+        assert store.get_volume("node-1") is None
+        assert store.find_volume("e" * 64) is None
+        # the first run's Secret outlived the removal of node-1; node-final has its own
+        assert store.get_secret("node-1-cos-persistent")["data"]["passphrase"] == PASSPHRASE.encode()
+        policy = Policy(store)
+        assert policy.issue_passphrase(tpm_hash, ek_pem, {"0": "aa"}, PartitionRef(label="COS_PERSISTENT")) == PASSPHRASE.encode()
+        assert len(policy.issue_passphrase(tpm_hash, ek_pem, {"0": "aa"}, PartitionRef(label="COS_OEM"))) == 44  # TOFU
