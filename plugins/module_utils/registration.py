@@ -169,6 +169,8 @@ def attestation_after(existing, wish, tpm_hash):
     existing = existing or {}
     result = {}
     ek_mode = wish.get("ek") or LEARN
+    if ek_mode == RELEARN and wish.get("ek_public_key"):
+        raise RegistrationError("attestation.ek=relearn contradicts attestation.ek_public_key (which enforces that key)")
     if ek_mode == ENFORCE or wish.get("ek_public_key"):
         if not wish.get("ek_public_key"):
             raise RegistrationError("attestation.ek=enforce needs attestation.ek_public_key")

@@ -11,6 +11,12 @@ to create or reuse is never taken on stale data, and updates are PUTs carrying t
 ``resourceVersion`` they were read at, so a concurrent change (another replica, an
 administrator) makes the API server answer 409 Conflict and the policy starts over.
 Creates of the same name from two replicas: one wins, the other gets 409 AlreadyExists.
+
+Looking a TPM up must not read every SealedVolume on every boot of a large fleet, and
+``spec.TPMHash`` is not a selectable field. So every volume this store writes carries the
+label ``kcrypt.kairos.io/tpm-hash: SafeKubeName(hash)`` (its index, as SQLite's column),
+and ``volumes_for`` asks for that label first; only when no labelled volume of the TPM
+exists (a first contact, or a volume written by other tools) does it scan the namespace.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.store import (
     resource_version,
     secret_to_wire,
 )
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import TPM_HASH_LABEL, safe_kube_name
 
 kclient = optional_import("kubernetes.client")
 kconfig = optional_import("kubernetes.config")
@@ -114,10 +122,12 @@ class KubernetesStore(Store):
     def ping(self):
         self.list_volumes(limit=1)
 
-    def list_volumes(self, limit=None):
+    def list_volumes(self, limit=None, label_selector=None):
         volumes, token = [], None
         while True:
             kwargs = {"limit": limit or LIST_PAGE}
+            if label_selector:
+                kwargs["label_selector"] = label_selector
             if token:
                 kwargs["_continue"] = token
             try:
@@ -131,6 +141,19 @@ class KubernetesStore(Store):
             if not token or limit:
                 break
         return sorted(volumes, key=lambda v: v["metadata"]["name"])
+
+    def volumes_for(self, tpm_hash):
+        """Labelled volumes of the TPM first (cheap); a full scan only when there is none.
+
+        With several volumes for one TPM (an operator error the admin tools refuse),
+        labelled ones are preferred over unlabelled ones, then name order applies.
+        """
+        if tpm_hash:
+            labelled = [v for v in self.list_volumes(label_selector="%s=%s" % (TPM_HASH_LABEL, safe_kube_name(tpm_hash)))
+                        if v["spec"].get("TPMHash") == tpm_hash]  # a hand-edited label must not mislead
+            if labelled:
+                return labelled
+        return [v for v in self.list_volumes() if v["spec"].get("TPMHash") == tpm_hash]
 
     @staticmethod
     def _volume(item):
@@ -153,12 +176,24 @@ class KubernetesStore(Store):
         body["metadata"] = metadata
         return body
 
+    def _volume_body(self, doc, keep_version):
+        """A SealedVolume body with the tpm-hash index label set to match its spec."""
+        body = self._body(doc, keep_version)
+        labels = dict(body["metadata"].get("labels") or {})
+        tpm_hash = doc["spec"].get("TPMHash", "")
+        if tpm_hash:
+            labels[TPM_HASH_LABEL] = safe_kube_name(tpm_hash)
+        else:
+            labels.pop(TPM_HASH_LABEL, None)
+        body["metadata"]["labels"] = labels
+        return body
+
     def create_volume(self, doc):
         doc = normalize_volume(doc)
         name = doc["metadata"]["name"]
         try:
             return self._volume(self._call("creating SealedVolume %s" % name, self.custom.create_namespaced_custom_object,
-                                           GROUP, VERSION, self.namespace, PLURAL, self._body(doc, False)))
+                                           GROUP, VERSION, self.namespace, PLURAL, self._volume_body(doc, False)))
         except Conflict:
             raise AlreadyExists("SealedVolume %s already exists" % name)
 
@@ -168,7 +203,7 @@ class KubernetesStore(Store):
         if not resource_version(doc):
             raise Conflict("SealedVolume %s: an update needs the resourceVersion it was read at" % name)
         return self._volume(self._call("updating SealedVolume %s" % name, self.custom.replace_namespaced_custom_object,
-                                       GROUP, VERSION, self.namespace, PLURAL, name, self._body(doc, True)))
+                                       GROUP, VERSION, self.namespace, PLURAL, name, self._volume_body(doc, True)))
 
     def delete_volume(self, name):
         try:

@@ -93,6 +93,7 @@ options:
       ek_public_key:
         description:
           - The EK as C(PUBLIC KEY) or C(CERTIFICATE) PEM, enforced from now on. It must hash to O(tpm_hash).
+          - Giving it implies O(attestation.ek=enforce), except with V(relearn), which fails.
           - It is stored in the exact PEM form the KMS compares against.
         type: str
       pcrs:
@@ -144,15 +145,14 @@ options:
     description: Namespace of the SealedVolumes and Secrets (the KMS's C(--namespace)). Used with O(backend=kubernetes).
     type: str
     default: kcrypt
+extends_documentation_fragment:
+  - kairos.kcrypt.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
 requirements:
   - cryptography >= 41

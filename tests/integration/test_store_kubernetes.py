@@ -5,14 +5,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
+import yaml
 from kubernetes import client, config
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import Policy
+from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import TPM_HASH_LABEL, Policy, safe_kube_name
 from support.kube_api import KubeAPI
 
 HASH = "c" * 64
@@ -72,3 +74,77 @@ def test_store_url_describes_the_api_without_credentials(kube_api):
         assert store.namespace == "ns1"
         assert store.url == "kubernetes://%s?namespace=ns1" % kube_api.url
         assert "token" not in store.url
+
+
+def test_tpm_hash_label_is_the_lookup_index(kube_api):
+    namespace = "kcrypt-label-index"
+    url = "kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)
+    other = "e" * 64
+    with st.open_store(url) as store:
+        created = store.create_volume(st.new_volume("ours", HASH, [{"label": "L"}]))
+        assert created["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(HASH)
+        # a volume of another tool, unlabelled, and one whose label was edited to lie about its TPM
+        api = config.new_client_from_config(config_file=kube_api.kubeconfig)
+        try:
+            objects = client.CustomObjectsApi(api)
+            objects.create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
+                "apiVersion": st.API_VERSION, "kind": "SealedVolume", "metadata": {"name": "theirs"},
+                "spec": {"TPMHash": other, "partitions": [{"label": "L"}]}})
+            objects.create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
+                "apiVersion": st.API_VERSION, "kind": "SealedVolume",
+                "metadata": {"name": "liar", "labels": {TPM_HASH_LABEL: safe_kube_name(other)}},
+                "spec": {"TPMHash": "f" * 64, "partitions": [{"label": "L"}]}})
+        finally:
+            api.close()
+        assert st.volume_name(store.find_volume(HASH)) == "ours"
+        assert [st.volume_name(v) for v in store.volumes_for(other)] == ["theirs"]  # the lying label is not trusted
+        assert st.volume_name(store.find_volume("f" * 64)) == "liar"
+        theirs = store.get_volume("theirs")
+        theirs["spec"]["quarantined"] = True
+        assert store.update_volume(theirs)["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(other)
+
+
+API_VERBS = {
+    "list_namespaced_custom_object": ("sealedvolumes", "list"), "get_namespaced_custom_object": ("sealedvolumes", "get"),
+    "create_namespaced_custom_object": ("sealedvolumes", "create"),
+    "replace_namespaced_custom_object": ("sealedvolumes", "update"),
+    "delete_namespaced_custom_object": ("sealedvolumes", "delete"),
+    "read_namespaced_secret": ("secrets", "get"), "create_namespaced_secret": ("secrets", "create"),
+    "replace_namespaced_secret": ("secrets", "update"), "delete_namespaced_secret": ("secrets", "delete"),
+}
+
+
+class Recorder(object):
+    """Wraps a kubernetes API object and records which RBAC (resource, verb) each call needs."""
+
+    def __init__(self, api, used):
+        self._api, self._used = api, used
+
+    def __getattr__(self, name):
+        method = getattr(self._api, name)
+
+        def call(*args, **kwargs):
+            self._used.add(API_VERBS[name])  # KeyError: a call nobody mapped to RBAC yet
+            return method(*args, **kwargs)
+        return call
+
+
+def test_rbac_role_grants_exactly_what_the_server_uses(kube_api, repo_root):
+    """Every server code path through the store, recorded; the Role in deploy/kubernetes/rbac.yaml must match."""
+    used = set()
+    url = "kubernetes://?kubeconfig=%s&namespace=kcrypt-rbac" % kube_api.kubeconfig
+    with st.open_store(url) as store:
+        store.custom, store.core = Recorder(store.custom, used), Recorder(store.core, used)
+        policy = Policy(store)
+        pcrs = {"0": "aa", "7": "bb"}
+        policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # TOFU
+        policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # next boot
+        policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_OEM"))  # new partition
+        policy.legacy_post_pass(HASH, PartitionRef(label="COS_OEM"), {"passphrase": "x", "generated_by": "tpm"})
+        policy.legacy_get_pass(HASH, PartitionRef(label="COS_OEM"))
+        store.ping()
+    with open(os.path.join(repo_root, "deploy", "kubernetes", "rbac.yaml")) as handle:
+        items = yaml.safe_load(handle)["items"]
+    role = [i for i in items if i["kind"] == "Role" and i["metadata"]["name"] == "kcrypt-challenger"][0]
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert used == granted

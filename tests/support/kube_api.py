@@ -14,12 +14,13 @@ store, with the API server's rules:
 * ``metadata.resourceVersion`` (one counter, like etcd's revision), ``uid`` and
   ``creationTimestamp`` on create;
 * 409 ``AlreadyExists`` on a second create of a name, 404 ``NotFound`` for a missing object;
-* lists sorted by namespace and name, as the API server returns them;
+* lists sorted by namespace and name, as the API server returns them, with equality label selectors;
 * PUT (replace): 404 if missing, 422 without ``resourceVersion``, 409 ``Conflict``
   when it is stale, else the object is replaced and gets a new resourceVersion;
 * Secret ``stringData`` folded into base64 ``data``;
 * CustomResourceDefinitions: creating one registers its served versions, so the
-  CRD manifest must be applied before SealedVolumes can be used, as on a cluster.
+  CRD manifest must be applied before SealedVolumes can be used, as on a cluster;
+* Namespaces (create, get, list, delete with their objects), which kmock's URL parser cannot read.
 
 Run it as a process: ``python tests/support/kube_api.py PORT_FILE`` writes the port
 into PORT_FILE once it listens and serves until SIGTERM. ``KubeAPI`` does that and
@@ -115,10 +116,53 @@ def _emulator_class():
                 data[key] = base64.b64encode(value.encode("utf-8")).decode("ascii")
             body["data"] = data
 
+    def parse_label_selector(text):
+        """Equality-based selectors (``a=b,c!=d``), as the API server's list supports them."""
+        terms = []
+        for term in filter(None, (t.strip() for t in text.split(","))):
+            if "!=" in term:
+                key, value = term.split("!=", 1)
+                terms.append((key.strip(), value.strip(), False))
+            elif "=" in term:
+                key, value = term.replace("==", "=").split("=", 1)
+                terms.append((key.strip(), value.strip(), True))
+            else:
+                raise kmock.KubernetesError(status=400, reason="BadRequest", message="unsupported label selector %r" % term)
+        return lambda labels: all((labels.get(key) == value) == equal for key, value, equal in terms)
+
     class StrictEmulator(kmock.KubernetesEmulator):
         """Object requests are answered here from kmock's object store; the rest (discovery,
         watch, patch) by kmock. kmock's generic reaction matching costs ~30 ms per request,
         which made 200 concurrent enrolments take minutes; this path keeps the same semantics."""
+
+        async def __call__(self, raw_request):
+            # kmock's URL parser cannot read /api/v1/namespaces[/NAME] (it takes "namespaces" for
+            # the namespace marker), so Namespace objects, which tests create on real clusters, are served here.
+            path = raw_request.path.rstrip("/")
+            if path == "/api/v1/namespaces" or (path.startswith("/api/v1/namespaces/") and path.count("/") == 4):
+                return await self._namespace(raw_request, path[len("/api/v1/namespaces/"):] if path.count("/") == 4 else None)
+            return await super().__call__(raw_request)
+
+        async def _namespace(self, raw_request, name):
+            namespaces = self.__dict__.setdefault("_namespace_objects", {})
+            if raw_request.method == "POST" and name is None:
+                body = await raw_request.json()
+                name = (body.get("metadata") or {}).get("name")
+                if name in namespaces:
+                    return aiohttp.web.json_response({"kind": "Status", "code": 409, "reason": "AlreadyExists"}, status=409)
+                body["metadata"].update(resourceVersion=self._next(), uid=str(uuid.uuid4()), creationTimestamp=now())
+                namespaces[name] = body
+                return aiohttp.web.json_response(body, status=201)
+            if raw_request.method == "GET" and name is None:
+                return aiohttp.web.json_response({"kind": "NamespaceList", "apiVersion": "v1", "items": list(namespaces.values())})
+            if name not in namespaces:
+                return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+            if raw_request.method == "DELETE":
+                async with self._lock:  # the API server removes what the namespace held
+                    for key in [k for k in self.objects if k[1] == name and not self.objects[k].deleted]:
+                        self.objects[key].delete()
+                return aiohttp.web.json_response(namespaces.pop(name))
+            return aiohttp.web.json_response(namespaces[name])
 
         async def _handle(self, request):
             resource = request.resource
@@ -155,10 +199,12 @@ def _emulator_class():
         async def _list(self, request):
             if not self._known(request.resource):
                 raise kmock.KubernetesError(status=404, reason="NotFound", message="the server could not find the requested resource")
+            selector = parse_label_selector(request.params.get("labelSelector", ""))
             async with self._lock:
                 items = [obj.raw for (resource, namespace, _name), obj in self.objects.items()
                          if resource == request.resource and not obj.deleted
-                         and (request.namespace is None or namespace == request.namespace)]
+                         and (request.namespace is None or namespace == request.namespace)
+                         and selector(obj.raw.get("metadata", {}).get("labels") or {})]
             items.sort(key=lambda item: (item["metadata"].get("namespace") or "", item["metadata"]["name"]))
             return aiohttp.web.json_response({"apiVersion": "v1", "kind": "List", "items": items,
                                               "metadata": {"resourceVersion": str(self._version)}})

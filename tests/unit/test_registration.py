@@ -172,6 +172,10 @@ def test_ek_public_key_is_normalised_and_must_match(store):
         reg.plan_registration(store, HASH, [P(label="L")], attestation={"ek": "enforce", "ek_public_key": other})
     with pytest.raises(reg.RegistrationError, match="needs attestation.ek_public_key"):
         reg.plan_registration(store, HASH, [P(label="L")], attestation={"ek": "enforce"})
+    with pytest.raises(reg.RegistrationError, match="contradicts"):
+        reg.plan_registration(store, HASH, [P(label="L")], attestation={"ek": "relearn", "ek_public_key": PEM})
+    implied = reg.plan_registration(store, HASH, [P(label="L")], attestation={"ek": "learn", "ek_public_key": PEM})
+    assert implied.after["spec"]["attestation"]["ekPublicKey"] == PEM
     with pytest.raises(reg.RegistrationError, match="not a PEM"):
         reg.plan_registration(store, HASH, [P(label="L")], attestation={"ek_public_key": "garbage"})
 
