@@ -71,6 +71,8 @@ def applied(run):
     return json.loads(results[-1]["stdout"])
 
 
+# the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)
+@pytest.mark.slow
 class TestChallengerOnKubernetes:
     def test_deploy(self, cluster, dynamic):
         run = deploy(cluster)

@@ -152,6 +152,8 @@ def deploy(kms, check=False, **overrides):
     return run
 
 
+# the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)
+@pytest.mark.slow
 class TestChallengerOnThisHost:
     def test_deploy_plain_http(self, kms):
         run = deploy(kms)

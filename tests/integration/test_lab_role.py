@@ -117,6 +117,7 @@ def read_inventory(lab):
         return yaml.safe_load(handle)["all"]["children"]["kcrypt_nodes"]
 
 
+# the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)
 class TestLab:
     def test_lab_up(self, lab):
         run = playbook.playbook("playbooks/lab_up.yml", lab["vars"])

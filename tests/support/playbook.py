@@ -114,7 +114,7 @@ def playbook(path, extra_vars=None, inventory=None, check=False, diff=False, tim
         args += ["-i", inventory]
     else:
         # the checkout's default inventory may be a lab someone else built: only localhost here
-        args += ["-i", os.path.join(ROOT, "tests", "support", "localhost.yml")]
+        args += ["-i", os.path.join(ROOT, "inventory", "localhost.yml")]
     if extra_vars:
         args += ["-e", json.dumps(extra_vars)]
     if check:
