@@ -222,6 +222,23 @@ class TestLab:
         assert int((node_dir / "swtpm.pid").read_text()) != pid
         assert tpm_hash(node1["kcrypt_tpm_device"]) == lab["hashes"]["node1"]
 
+    def test_lab_comes_back_after_a_reboot(self, lab):
+        """Processes, loop devices, namespaces and the bridge gone (as after a reboot): lab_up rebuilds them."""
+        helper = [PYTHON, HELPER]
+        nodes = ["--node=node1", "--node=node2", "--node=node3"]
+        for step in ("stop", "detach", "remove-netns"):
+            subprocess.run(helper + [step, "--lab-dir", str(lab["dir"])] + nodes, check=True, capture_output=True)
+        subprocess.run(["ip", "link", "delete", load_helper().Lab(str(lab["dir"])).bridge], check=True)
+        assert [kind for kind, _ in leftovers(lab["dir"], lab["name"])] == ["dir"]
+        run = playbook.playbook("playbooks/lab_up.yml", lab["vars"])
+        assert run.rc == 0, run
+        hosts = read_inventory(lab)["hosts"]
+        assert {name: tpm_hash(node["kcrypt_tpm_device"], node["kcrypt_lab_netns"])
+                for name, node in hosts.items()} == lab["hashes"]
+        for node in hosts.values():
+            assert os.path.exists(node["kcrypt_lab_partitions"]["COS_PERSISTENT"])
+        assert playbook.playbook("playbooks/lab_up.yml", lab["vars"]).changed == 0
+
     def test_changing_an_existing_node_is_refused(self, lab):
         changed = dict(lab["vars"], lab_nodes=[{"name": "node1", "oem": True}, {"name": "node2"},
                                                {"name": "node3", "netns": True, "oem": True}])
