@@ -250,6 +250,7 @@ class TestChallengerOnThisHost:
 
     def test_supervisor_restarts_a_crashed_server(self, kms):
         child = read_pid(kms["pidfile"] + ".child")
+        assert child > 0  # never os.kill(0, ...): that would hit this test's own process group
         os.kill(child, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while read_pid(kms["pidfile"] + ".child") in (0, child):
@@ -259,6 +260,7 @@ class TestChallengerOnThisHost:
 
     def test_rerun_starts_a_stopped_server(self, kms):
         supervisor = read_pid(kms["pidfile"])
+        assert supervisor > 0
         os.kill(supervisor, signal.SIGTERM)  # a clean stop: the supervisor does not restart it
         deadline = time.monotonic() + 20
         while alive(supervisor):

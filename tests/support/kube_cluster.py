@@ -5,9 +5,10 @@
 
 kube_api.py registers what the stores use (Secrets, CRDs). Deploying the challenger
 also creates Namespaces, ServiceAccounts, Roles, RoleBindings, ConfigMaps, Services
-and Deployments; this process registers those on the same strict emulator. kmock
-stores them and serves create/get/list/patch/delete; it runs no controllers, so a
-Deployment never gets pods: tests check the objects, not a rollout.
+and Deployments; this process registers those on the same strict emulator (Namespaces
+are served by kube_api.py itself). kmock stores them and serves create/get/list/patch/
+delete; it runs no controllers, so a Deployment never gets pods: tests check the objects,
+not a rollout.
 
 ``KubeCluster(work_dir).start()`` runs ``python tests/support/kube_cluster.py PORT_FILE``.
 """
@@ -49,27 +50,28 @@ class KubeCluster(kube_api.KubeAPI):
             kube_api.__file__ = script
 
 
-def _teach_namespace_paths():
-    """kmock 0.8 reads /api/v1/namespaces[/NAME] as "objects in namespace NAME" and fails;
-    a real API server means the Namespace objects themselves. Parse them that way."""
-    from kmock._internal import parsing
+def _emulator():
+    """kube_api's strict emulator, with discovery left to kmock.
 
-    original = parsing.parse_path
+    The strict emulator answers object requests itself and 404s a list of a resource it does
+    not know; the discovery documents (/api/v1, /apis/GROUP/VERSION) parse as such a list with
+    no plural, but the kubernetes DynamicClient needs them, so they go to kmock as before.
+    """
+    import kmock
 
-    def parse_path(path):
-        parts = path.strip("/").split("/")
-        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
-            return parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
-        return original(path)
+    class WorkloadEmulator(kube_api._emulator_class()):
+        async def _handle(self, request):
+            if request.resource is not None and not request.resource.plural:
+                return await kmock.KubernetesEmulator._handle(self, request)
+            return await super()._handle(request)
 
-    parsing.parse_path = parse_path
+    return WorkloadEmulator()
 
 
 async def _serve(port_file):
     import kmock
 
-    _teach_namespace_paths()
-    emulator = kube_api._emulator_class()()
+    emulator = _emulator()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

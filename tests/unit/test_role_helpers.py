@@ -163,3 +163,10 @@ def test_tls_replaces_a_server_certificate_that_does_not_match_its_key(tmp_path)
     tls(tmp_path)
     (tmp_path / "tls" / "server.key").unlink()
     assert tls(tmp_path)["reasons"] == ["server certificate does not match its key"]
+
+
+def test_k8s_apply_expands_list_documents_in_order():
+    flatten = load("challenger", "kcrypt_k8s_apply.py").flatten
+    objects = [{"kind": "Namespace"}, {"kind": "List", "items": [{"kind": "Role"}, {"kind": "List", "items": [{"kind": "A"}]}]},
+               {"kind": "Service"}]
+    assert [obj["kind"] for obj in flatten(objects)] == ["Namespace", "Role", "A", "Service"]

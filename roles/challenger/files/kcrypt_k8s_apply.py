@@ -4,7 +4,7 @@
 """Apply (or delete) Kubernetes objects with the official ``kubernetes`` client, idempotently.
 
 Used by the kairos.kcrypt ``challenger`` role, where kubernetes.core may not be installed.
-Reads a JSON list of objects on stdin:
+Reads a JSON list of objects (``kind: List`` documents are expanded) on stdin:
 
     kcrypt_k8s_apply.py [--kubeconfig F] [--context C] [--namespace NS] [--delete] [--check] < objects.json
 
@@ -40,6 +40,17 @@ def is_subset(wanted, live):
     if isinstance(wanted, list):
         return isinstance(live, list) and len(wanted) == len(live) and all(map(is_subset, wanted, live))
     return wanted == live
+
+
+def flatten(objects):
+    """Objects in order, with the items of ``kind: List`` documents in place of the list (as kubectl does)."""
+    result = []
+    for obj in objects:
+        if obj.get("kind") == "List" and isinstance(obj.get("items"), list):
+            result.extend(flatten(obj["items"]))
+        else:
+            result.append(obj)
+    return result
 
 
 def label(obj):
@@ -138,7 +149,7 @@ def main(argv=None):
         return fail("the kubernetes Python client is required where this runs (pip install kubernetes); "
                     "interpreter: %s" % sys.executable)
     try:
-        objects = json.load(sys.stdin)
+        objects = flatten(json.load(sys.stdin))
         applier = Applier(args)
         result = applier.delete(objects) if args.delete else applier.apply(objects)
     except ValueError as error:
@@ -146,8 +157,9 @@ def main(argv=None):
     except Exception as error:  # the client raises many types; report the API's own message
         status = getattr(error, "status", None)
         body = getattr(error, "body", None) or ""
-        return fail("Kubernetes API error%s: %s" % (" %s" % status if status else "",
-                                                      _api_message(body) or str(error).splitlines()[0]))
+        detail = _api_message(body) or (str(error).strip().splitlines() or [""])[0]
+        return fail("Kubernetes API error%s: %s%s" % (" %s" % status if status else "", type(error).__name__,
+                                                        ": " + detail if detail else ""))
     result["changed"] = bool(result["created"] or result["updated"] or result["deleted"])
     json.dump(result, sys.stdout, sort_keys=True)
     return 0

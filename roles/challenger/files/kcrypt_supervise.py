@@ -45,6 +45,17 @@ def cmdline(pid):
         return []
 
 
+def parent_of(pid):
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            for line in handle:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def read_pid(path):
     try:
         with open(path) as handle:
@@ -211,12 +222,13 @@ def stop(args):
     pid = running_supervisor(args.pidfile)
     if not pid:
         return {"changed": False, "running": False, "pid": None, "child_pid": None}
+    child = read_pid(args.pidfile + ".child")
+    child = child if child > 0 and parent_of(child) == pid else 0  # only the supervisor's own child
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT + 5
     while cmdline(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
-            child = read_pid(args.pidfile + ".child")
             if child and cmdline(child):
                 os.kill(child, signal.SIGKILL)
             remove(args.pidfile + ".child")

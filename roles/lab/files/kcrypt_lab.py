@@ -589,12 +589,16 @@ def stop_swtpms(records):
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    waiting = [pid for node_pids in pids.values() for pid in node_pids]
+    markers = {pid: "dir=%s" % record["state_dir"] for record in records for pid in pids[record["name"]]}
+
+    def still_ours(pid):  # the same swtpm, not a process that got its PID since
+        return markers[pid] in cmdline(pid)
+
     deadline = time.monotonic() + 10
-    while any(cmdline(pid) for pid in waiting):
+    while any(still_ours(pid) for pid in markers):
         if time.monotonic() > deadline:
-            for pid in waiting:
-                if cmdline(pid):
+            for pid in markers:
+                if still_ours(pid):
                     os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
         time.sleep(0.05)
