@@ -34,7 +34,7 @@ def timed(path, variables):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--netns", action="store_true", help="every node in its own network namespace")
     args = parser.parse_args()
@@ -45,9 +45,9 @@ def main():
                      "lab_name": "kcrypt-bench-%d" % os.getpid(), "lab_node_count": count,
                      "lab_netns": args.netns, "lab_network": "10.213.%d.0/24" % (20 + os.getpid() % 80)}
         try:
-            up, _ = timed("playbooks/lab_up.yml", variables)
+            up = timed("playbooks/lab_up.yml", variables)[0]
             again, changed = timed("playbooks/lab_up.yml", variables)
-            down, _ = timed("playbooks/lab_down.yml", {"lab_dir": variables["lab_dir"]})
+            down = timed("playbooks/lab_down.yml", {"lab_dir": variables["lab_dir"]})[0]
         finally:
             playbook.playbook("playbooks/lab_down.yml", {"lab_dir": variables["lab_dir"]})
             shutil.rmtree(base, ignore_errors=True)

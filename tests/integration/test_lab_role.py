@@ -60,16 +60,16 @@ def leftovers(lab_dir, name):
                 continue
             if argv and os.path.basename(argv[0]) == b"swtpm" and any(str(lab_dir).encode() in a for a in argv):
                 found.append(("process", int(entry)))
-    listing = json.loads(subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True).stdout
+    listing = json.loads(subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=False).stdout
                          or '{"loopdevices": []}')
     for loop in listing["loopdevices"]:
         if (loop.get("back-file") or "").startswith(str(lab_dir)):
             found.append(("loop", loop["name"]))
-    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
+    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.splitlines():
         if line.split()[0].startswith(name + "-"):
             found.append(("netns", line.split()[0]))
     bridge = load_helper().Lab(str(lab_dir)).bridge
-    if subprocess.run(["ip", "link", "show", "dev", bridge], capture_output=True).returncode == 0:
+    if subprocess.run(["ip", "link", "show", "dev", bridge], capture_output=True, check=False).returncode == 0:
         found.append(("bridge", bridge))
     if os.path.exists(lab_dir):
         found.append(("dir", str(lab_dir)))
@@ -95,7 +95,7 @@ def tpm_hash(tcti, netns=""):
     prefix = ["ip", "netns", "exec", netns] if netns else []
     result = subprocess.run(prefix + [PYTHON, os.path.join(ROOT, "bin", "kcrypt-discovery-challenger"),
                                       "--tpm-device", tcti],
-                            capture_output=True, text=True, env=dict(os.environ, TSS2_LOG="all+NONE"), timeout=60)
+                            capture_output=True, text=True, env=dict(os.environ, TSS2_LOG="all+NONE"), timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -149,13 +149,13 @@ class TestLab:
         hosts = read_inventory(lab)["hosts"]
         for label in ("COS_PERSISTENT", "COS_OEM"):
             listed = subprocess.run(["blkid", "-c", "/dev/null", "-t", "LABEL=%s" % label, "-o", "device"],
-                                    capture_output=True, text=True).stdout.split()
+                                    capture_output=True, text=True, check=False).stdout.split()
             ours = {node["kcrypt_lab_partitions"][label] for node in hosts.values() if label in node["kcrypt_lab_partitions"]}
             assert ours and ours <= set(listed), (label, ours, listed)
         # the partition is really the GPT partition named "persistent" with ext4 in it
         probe = subprocess.run(["blkid", "-c", "/dev/null", "-p", "-o", "export",
                                 hosts["node3"]["kcrypt_lab_partitions"]["COS_PERSISTENT"]],
-                               capture_output=True, text=True).stdout
+                               capture_output=True, text=True, check=False).stdout
         assert "TYPE=ext4" in probe and "PART_ENTRY_NAME=persistent" in probe and "PART_ENTRY_SCHEME=gpt" in probe
 
     def test_second_run_changes_nothing(self, lab):
@@ -204,7 +204,7 @@ class TestLab:
             """)
             result = subprocess.run(["ip", "netns", "exec", node3["kcrypt_lab_netns"], PYTHON, "-c", resolver,
                                      node3["kcrypt_lab_address"], service, name],
-                                    capture_output=True, text=True, timeout=60)
+                                    capture_output=True, text=True, timeout=60, check=False)
         finally:
             announcer.close()
         assert result.stdout.split() == [host_address, "8082"], result.stderr
@@ -229,7 +229,7 @@ class TestLab:
         for step in ("stop", "detach", "remove-netns"):
             subprocess.run(helper + [step, "--lab-dir", str(lab["dir"])] + nodes, check=True, capture_output=True)
         subprocess.run(["ip", "link", "delete", load_helper().Lab(str(lab["dir"])).bridge], check=True)
-        assert [kind for kind, _ in leftovers(lab["dir"], lab["name"])] == ["dir"]
+        assert [kind for kind, _what in leftovers(lab["dir"], lab["name"])] == ["dir"]
         run = playbook.playbook("playbooks/lab_up.yml", lab["vars"])
         assert run.rc == 0, run
         hosts = read_inventory(lab)["hosts"]
@@ -256,7 +256,7 @@ class TestLab:
         assert not os.path.exists(lab["vars"]["lab_inventory_path"])
         for loop in loops:  # detached, or reused since by someone else for another file
             back = subprocess.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE", loop],
-                                  capture_output=True, text=True).stdout.strip()
+                                  capture_output=True, text=True, check=False).stdout.strip()
             assert not back.startswith(str(lab["dir"])), (loop, back)
         again = playbook.playbook("playbooks/lab_down.yml", {"lab_dir": str(lab["dir"])})
         assert again.rc == 0 and again.changed == 0, again

@@ -24,7 +24,7 @@ def call(action, pidfile, *command, logfile=None):
         args += ["--logfile", str(logfile)]
     if command:
         args += ["--"] + list(command)
-    run = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads(run.stdout)
 
@@ -81,7 +81,7 @@ def test_start_is_idempotent_and_stop_ends_both_processes(supervised):
 
 
 def test_a_crashed_command_is_restarted(supervised):
-    pidfile, _, start = supervised
+    pidfile, _logfile, start = supervised
     first = start(*SLEEPER)
     os.kill(first["child_pid"], signal.SIGKILL)
     wait_for(lambda: call("status", pidfile)["child_pid"] not in (None, first["child_pid"]))
@@ -97,7 +97,7 @@ def test_a_clean_exit_is_not_restarted(supervised):
 
 
 def test_a_stale_pid_file_is_not_trusted(supervised, tmp_path):
-    pidfile, _, start = supervised
+    pidfile, _logfile, start = supervised
     pidfile.parent.mkdir(parents=True)
     pidfile.write_text("%d\n" % os.getpid())  # a live process that is not the supervisor
     assert call("status", pidfile)["running"] is False

@@ -80,8 +80,8 @@ class Run:
             for task in play["tasks"]:
                 for host, result in task["hosts"].items():
                     if result.get("failed"):
-                        messages.append("%s | %s: %s %s" % (host, task["task"]["name"], result.get("msg", ""),
-                                                           result.get("stderr", "")))
+                        messages.append("%s | %s: %s %s" % (
+                            host, task["task"]["name"], result.get("msg", ""), result.get("stderr", "")))
         return messages
 
     def __repr__(self):

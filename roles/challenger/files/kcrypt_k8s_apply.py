@@ -158,8 +158,8 @@ def main(argv=None):
         status = getattr(error, "status", None)
         body = getattr(error, "body", None) or ""
         detail = _api_message(body) or (str(error).strip().splitlines() or [""])[0]
-        return fail("Kubernetes API error%s: %s%s" % (" %s" % status if status else "", type(error).__name__,
-                                                        ": " + detail if detail else ""))
+        return fail("Kubernetes API error%s: %s%s" % (
+            " %s" % status if status else "", type(error).__name__, ": " + detail if detail else ""))
     result["changed"] = bool(result["created"] or result["updated"] or result["deleted"])
     json.dump(result, sys.stdout, sort_keys=True)
     return 0

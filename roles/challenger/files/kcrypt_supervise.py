@@ -249,7 +249,7 @@ def main(argv=None):
     if "--" in argv:
         command = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
-    parser = argparse.ArgumentParser(prog="kcrypt_supervise.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="kcrypt_supervise.py", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("action", choices=("start", "stop", "restart", "status"))
     parser.add_argument("--pidfile", required=True)
     parser.add_argument("--logfile", default="")

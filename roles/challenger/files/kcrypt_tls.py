@@ -40,7 +40,7 @@ def now():
 
 
 def parse_san(item):
-    kind, _, value = item.partition(":")
+    kind, _sep, value = item.partition(":")
     if kind == "DNS" and value:
         return x509.DNSName(value)
     if kind == "IP" and value:

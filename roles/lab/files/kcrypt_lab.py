@@ -218,7 +218,7 @@ def node_status(record):
     status["swtpm_pids"] = pids
     port = swtpm_port_of(pids[0]) if pids else None
     status["swtpm_port"] = port
-    status["tcti"] = "swtpm:host=127.0.0.1,port=%d" % port if port else ""
+    status["tcti"] = swtpm_tcti(port) if port else ""
     status["image_exists"] = os.path.exists(record["image"])
     status["loop_devices"] = loop_devices_of(record["image"]) if status["image_exists"] else []
     status["partitions"] = {}
@@ -236,6 +236,11 @@ def node_status(record):
     status["veth_exists"] = bool(record["veth"]) and link_exists(record["veth"])
     status["interpreter"] = os.path.join(record["dir"], "python") if record["netns"] else record["python"]
     return status
+
+
+def swtpm_tcti(port):
+    """The TCTI string of a swtpm on 127.0.0.1 (inside the node's namespace when it has one)."""
+    return "swtpm:host=127.0.0.1,port=%d" % port
 
 
 def swtpm_pids(record):
@@ -519,7 +524,7 @@ def start_swtpm(record):
         raise LabError("its swtpm state is not provisioned")
     port_file = os.path.join(record["dir"], "swtpm.port")
     error = ""
-    for _ in range(5):
+    for _attempt in range(5):
         if record["netns"]:
             port = SWTPM_NETNS_PORT
         else:
@@ -562,7 +567,7 @@ def attach_disk(record):
     if not loops:
         loops = [run(["losetup", "--find", "--show", record["image"]]).stdout.strip()]
         changed = True
-    expected = ["%sp%d" % (loops[0], number) for number, _ in image_partitions(record["image"])]
+    expected = ["%sp%d" % (loops[0], number) for number, _name in image_partitions(record["image"])]
     if not all(os.path.exists(device) for device in expected):
         # no udev here, and losetup -P does not create partition nodes on every kernel
         run(["partx", "--update", loops[0]])

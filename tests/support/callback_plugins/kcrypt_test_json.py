@@ -68,4 +68,3 @@ class CallbackModule(CallbackBase):
     def v2_playbook_on_stats(self, stats):
         summary = {host: stats.summarize(host) for host in sorted(stats.processed)}
         self._display.display(json.dumps({"plays": self.plays, "stats": summary}, default=str))
-
