@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+# mDNS queries default to every interface, as upstream; keep ours on this machine.
+export KCRYPT_MDNS_INTERFACES=${KCRYPT_MDNS_INTERFACES:-127.0.0.1}
 state=$(mktemp -d /tmp/kcrypt-demo.XXXXXX)
 pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; rm -rf "$state"; }

@@ -11,6 +11,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# mDNS queries default to every interface (upstream's behaviour); no test traffic may leave this machine.
+os.environ.setdefault("KCRYPT_MDNS_INTERFACES", "127.0.0.1")
 sys.path.insert(0, os.path.join(ROOT, "bin"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 

@@ -51,7 +51,9 @@ DIAL_TIMEOUT = 10.0  # upstream abandons the WebSocket dial after 10 s
 UNKNOWN_AUTHORITY = "x509: certificate signed by unknown authority"
 MAX_LEGACY_GENERATIONS = 3  # upstream resets its attempt counter after every post; we bound it
 # OpenSSL verify codes meaning "no trusted issuer", which Go reports as an unknown authority.
-_UNKNOWN_ISSUER_CODES = (2, 18, 19, 20, 21)
+# 7 (signature failure): a trusted CA with the issuer's name did not sign it (e.g. a CA re-made
+# under the same name); Go's chain building reports that as an unknown authority too.
+_UNKNOWN_ISSUER_CODES = (2, 7, 18, 19, 20, 21)
 
 
 class AttestationRejected(KcryptError):
@@ -128,8 +130,11 @@ class _Exchange:
         if self._resolved is None:
             from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns  # lazy: zeroconf only when asked
 
-            url, headers = mdns.resolve_url(server, timeout=self.config.mdns_timeout,
-                                            interfaces=self.config.mdns_interfaces, log=self.log)
+            try:
+                url, headers = mdns.resolve_url(server, timeout=self.config.mdns_timeout,
+                                                interfaces=self.config.mdns_interfaces, log=self.log)
+            except mdns.MDNSError as error:
+                raise _Fatal(str(error)) from None  # upstream: a hard error, resolved once, never retried
             self.log("mDNS: %s is %s" % (server, url))
             self._resolved = (url, headers)
         return self._resolved

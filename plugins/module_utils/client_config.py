@@ -163,7 +163,7 @@ def parse_cmdline(text):
         key, sep, value = token.partition("=")
         key = key.strip('"')
         value = value.strip('"') if sep else "true"
-        path = [part for part in key.split(".")]
+        path = key.split(".")
         if not key or "" in path:
             continue
         node = values
@@ -332,3 +332,50 @@ def certificate_pem(value):
     if "-----BEGIN" not in text:
         raise ConfigError("certificate file %s holds no PEM data" % path)
     return text
+
+
+# -- boot state (LiveCD detection, checklist 17) ------------------------------------
+
+EFIVARS_DIR = "/sys/firmware/efi/efivars"
+LOADER_DEVICE_PART_UUID = "LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # set by systemd-boot from disk
+
+
+def is_livecd_boot(cmdline, efivars_dir=EFIVARS_DIR):
+    """kairos-sdk's boot state is ``livecd_boot``: the node is installing, its PCRs are not final yet.
+
+    Upstream clients then send ``defer_pcr_enrollment`` so the KMS learns the PCRs on
+    the first boot of the installed system. ``kairos.ram`` forces an active boot; UKI
+    (``rd.immucore.uki``) is LiveCD when the boot loader did not record a disk partition;
+    otherwise the cmdline decides, first match wins: reset, active, passive, recovery, live.
+    """
+    tokens = cmdline.split()
+    if any(token == "kairos.ram" or token.startswith("kairos.ram=") for token in tokens):
+        return False
+    if "rd.immucore.uki" in cmdline:
+        try:
+            with open(os.path.join(efivars_dir, LOADER_DEVICE_PART_UUID), "rb") as handle:
+                return not handle.read()
+        except OSError:
+            return True
+    for markers, livecd in (
+        (("kairos.reset",), False),
+        (("COS_ACTIVE",), False),
+        (("COS_PASSIVE",), False),
+        (("COS_RECOVERY", "COS_SYSTEM", "recovery-mode"), False),
+        (("live:LABEL", "live:CDLABEL", "netboot"), True),
+    ):
+        if any(marker in cmdline for marker in markers):
+            return livecd
+    return False
+
+
+def read_livecd_boot(cmdline_path=None, efivars_dir=EFIVARS_DIR):
+    """is_livecd_boot for the running system (False when the command line cannot be read)."""
+    cmdline_path = DEFAULT_CMDLINE if cmdline_path is None else cmdline_path
+    if not cmdline_path:
+        return False
+    try:
+        with open(cmdline_path, encoding="utf-8", errors="replace") as handle:
+            return is_livecd_boot(handle.read(), efivars_dir)
+    except OSError:
+        return False

@@ -13,11 +13,13 @@ Private to the collection. Two sides:
   and that carries A, SRV and TXT records (IPv4 only); a non-``.local`` host fails
   at once, no answer fails after the timeout (no fallback to plain DNS).
 
-Interfaces: zeroconf is never started on all interfaces unless the caller asks
-for it by name (``all``). The default is loopback (``127.0.0.1``), so nothing
-leaves the machine unless configured: a node that must find a KMS on its LAN
-sets ``kcrypt.challenger.mdns_interfaces`` (or ``$KCRYPT_MDNS_INTERFACES``, or
-``--mdns-interfaces``) to interface names or IPv4 addresses.
+Interfaces: like upstream, a node queries on every interface unless told
+otherwise, so an upstream config with ``mdns: true`` finds its KMS on the LAN.
+``kcrypt.challenger.mdns_interfaces`` (or ``$KCRYPT_MDNS_INTERFACES``, or
+``--mdns-interfaces``) narrows it to interface names or IPv4 addresses; the
+project's tests and scripts set ``KCRYPT_MDNS_INTERFACES=127.0.0.1`` so their
+queries never leave the machine. The announcer has no default: it answers only
+on the interfaces it is given, as simple-mdns-server does.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ ifaddr = optional_import("ifaddr")  # installed with zeroconf
 SERVICE_TYPE = "_kcrypt._tcp"
 DOMAIN = "local."
 DEFAULT_TIMEOUT = 15.0  # upstream's MDNSTimeout
-DEFAULT_INTERFACES = ("127.0.0.1",)
 ALL_INTERFACES = "all"
+DEFAULT_INTERFACES = (ALL_INTERFACES,)  # upstream queries every interface
 ENV_INTERFACES = "KCRYPT_MDNS_INTERFACES"
 # Upstream's texts (kcrypt/discovery/client/mdns.go); callers and tests match on them.
 NOT_LOCAL_ERROR = 'domain should end in ".local" when using mdns'
@@ -77,7 +79,7 @@ def split_interfaces(value):
 
 
 def configured_interfaces(value=None, environ=None):
-    """The interfaces to use: ``value`` if given, else ``$KCRYPT_MDNS_INTERFACES``, else loopback."""
+    """The interfaces to use: ``value`` if given, else ``$KCRYPT_MDNS_INTERFACES``, else all (upstream)."""
     items = split_interfaces(value)
     if not items:
         items = split_interfaces((os.environ if environ is None else environ).get(ENV_INTERFACES, ""))
@@ -288,9 +290,23 @@ def resolve(host, timeout=DEFAULT_TIMEOUT, interfaces=None, service_type=SERVICE
     where = interface_addresses(interfaces)
     raise MDNSError(
         (NOT_FOUND_ERROR % (hostname, service_type))
-        + " on interfaces %s; set kcrypt.challenger.mdns_interfaces to search elsewhere"
+        + " on interfaces %s (the mDNS interfaces setting chooses where to search)"
         % (where if where == ALL_INTERFACES else ", ".join(where))
     )
+
+
+def url_host(url):
+    """The ``host[:port]`` of a challenger URL (what upstream sends as the ``Host`` header)."""
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise MDNSError("challenger_server %r is not a URL (expected e.g. http://kms.local:8082)" % (url,))
+    return parts.netloc.rsplit("@", 1)[-1]
+
+
+def rewrite_url(url, ip, port):
+    """``url`` with its host replaced by ``ip:port``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, "%s:%d" % (ip, port), parts.path, parts.query, parts.fragment))
 
 
 def resolve_url(url, timeout=DEFAULT_TIMEOUT, interfaces=None, log=None):
@@ -298,10 +314,6 @@ def resolve_url(url, timeout=DEFAULT_TIMEOUT, interfaces=None, log=None):
 
     TLS then verifies against the IP, so a KMS certificate needs an IP SAN (as upstream).
     """
-    parts = urlsplit(url)
-    if not parts.netloc:
-        raise MDNSError("challenger_server %r is not a URL (expected e.g. http://kms.local:8082)" % (url,))
-    host = parts.netloc.rsplit("@", 1)[-1]
+    host = url_host(url)
     ip, port = resolve(host, timeout=timeout, interfaces=interfaces, log=log)
-    rewritten = urlunsplit((parts.scheme, "%s:%d" % (ip, port), parts.path, parts.query, parts.fragment))
-    return rewritten, {"Host": host}
+    return rewrite_url(url, ip, port), {"Host": host}

@@ -25,11 +25,11 @@ listed in docs/store.md ("Compatibility"):
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import logging
 import os
 import random
+import re
 import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
@@ -73,13 +73,13 @@ def _is_alnum(char):
     return "a" <= char <= "z" or "A" <= char <= "Z" or "0" <= char <= "9"
 
 
+# ASCII only, so a match is also its own byte length.
+_VALID_KUBE_NAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?\Z")
+
+
 def is_valid_kube_name(name):
     """Upstream IsValidKubeName: 1..63 bytes, alnum at both ends (upper case allowed), alnum or '-' inside."""
-    if not name or len(name.encode("utf-8")) > 63:
-        return False
-    if not (_is_alnum(name[0]) and _is_alnum(name[-1])):
-        return False
-    return all(_is_alnum(c) or c == "-" for c in name)
+    return bool(_VALID_KUBE_NAME.match(name))
 
 
 def sanitize_kube_name(name):
@@ -97,7 +97,7 @@ def sanitize_kube_name(name):
 
 def safe_kube_name(name):
     """Upstream SafeKubeName, byte for byte (golden vectors in tests/unit/test_policy.py)."""
-    if len(name.encode("utf-8")) <= 63 and is_valid_kube_name(name):
+    if is_valid_kube_name(name):
         return name
     checksum = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
     cleaned = sanitize_kube_name(name)
@@ -414,7 +414,6 @@ class Policy(object):
         if self.enrollment != ENROLLMENT_TOFU:
             raise PolicyRejection("partition %s is not registered for this TPM and enrollment is registered-only"
                                   % partition.describe())
-        volume = copy.deepcopy(volume)
         entry = partition_entry(partition)
         secret_name, passphrase = self._claim_secret(
             object_name("%s-%s" % (volume_name(volume), _secret_suffix(entry, partition))), tpm_hash,
@@ -426,7 +425,7 @@ class Policy(object):
         return passphrase
 
     def _existing_partition(self, volume, index, tpm_hash, ek_pem, pcrs, partition):
-        volume = copy.deepcopy(volume)
+        # ``volume`` is a fresh copy from the store (Store contract), so it is changed in place.
         spec = volume["spec"]
         spec_partition = spec["partitions"][index]
         name = volume_name(volume)

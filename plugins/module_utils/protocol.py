@@ -554,8 +554,7 @@ _UNMARSHAL = {}
 def _cdata(type_name, data, what):
     """Unmarshal ``data`` as the TPM type ``type_name`` with tpm2-pytss's libtss2 binding, exactly (no
     trailing bytes); returns the C structure. (``tss.<TYPE>.unmarshal`` does the same call and then builds
-    a Python wrapper, which costs more than the unmarshalling itself.)"""
-    require("tpm2_pytss", "to parse TPM structures")
+    a Python wrapper, which costs more than the unmarshalling itself.) Callers check the dependency."""
     entry = _UNMARSHAL.get(type_name)
     if entry is None:
         ffi = tss_types.ffi
@@ -605,6 +604,7 @@ def check_ak_parameters(params):
     go-attestation's. Returns CheckedAK.
     """
     require("cryptography", "to check attestation keys")
+    require("tpm2_pytss", "to parse TPM structures")
     if len(params.create_signature) < 8:
         raise ProtocolError("signature is too short to be valid: only %d bytes" % len(params.create_signature))
     pub = _cdata("TPMT_PUBLIC", params.public, "DecodePublic()")
@@ -752,6 +752,7 @@ def verify_quote(ak, pcr_quote, nonce=b"", nonce_mode=NONCE_WHEN_SUPPORTED):
     Returns (pcrs, bound) where ``bound`` says the quote carried the nonce.
     Raises Rejection with upstream's wording (``PCR quote verification failed: ...``).
     """
+    require("tpm2_pytss", "to parse TPM structures")
     try:
         return _verify_quote(ak, pcr_quote, nonce, nonce_mode)
     except ProtocolError as error:

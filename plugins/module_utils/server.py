@@ -157,7 +157,7 @@ class Challenger:
     """
 
     def __init__(self, policy, nonce_mode=protocol.NONCE_WHEN_SUPPORTED, read_timeout=DEFAULT_READ_TIMEOUT,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, store_calls="inline", ready_check=None, workers=8):
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, store_calls="inline", ready_check=None, store_threads=8):
         require("aiohttp", "to run the challenger")
         if nonce_mode not in protocol.NONCE_MODES:
             raise KcryptError("nonce must be one of %s, not %r" % (", ".join(protocol.NONCE_MODES), nonce_mode))
@@ -175,7 +175,7 @@ class Challenger:
         self.metrics = Metrics()
         self._executor = None
         if store_calls == "thread":
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kcrypt-store")
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="kcrypt-store")
 
     def application(self):
         app = web.Application()

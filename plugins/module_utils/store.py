@@ -76,7 +76,8 @@ class InvalidDocument(StoreError):
 class Store(object):
     """What the policy, the admin CLI and the module need from a backend.
 
-    All methods are synchronous and safe to call from several threads.
+    All methods are synchronous and safe to call from several threads. Every document
+    returned is a fresh copy the caller may modify (backends never hand out cached objects).
     ``list_volumes``/``volumes_for`` return volumes in name order; the first one
     with a TPM hash is "the" volume of that TPM (upstream picks the first of its
     cache's list, whose order is not defined).

@@ -62,7 +62,7 @@ def test_announced_on_loopback_is_resolved_with_upstream_records(loopback_kms):
 
 
 def test_resolve_url_rewrites_host_and_keeps_original_host_header(loopback_kms):
-    host, port, _ = loopback_kms
+    host, port = loopback_kms[:2]
     url, headers = mdns.resolve_url("https://%s:9443/" % host, timeout=10, interfaces="lo")
     assert url == "https://127.0.0.1:%d/" % port
     assert headers == {"Host": "%s:9443" % host}
@@ -92,7 +92,10 @@ def test_non_local_host_fails_immediately_with_upstream_text():
 
 
 def test_interface_selection():
-    assert mdns.interface_addresses(None) == ["127.0.0.1"]  # safe default: loopback only
+    # upstream's default is every interface; the test session pins the environment variable to loopback
+    assert mdns.configured_interfaces(None, environ={}) == ["all"]
+    assert os.environ["KCRYPT_MDNS_INTERFACES"] == "127.0.0.1"
+    assert mdns.interface_addresses(None) == ["127.0.0.1"]
     assert mdns.interface_addresses("lo") == ["127.0.0.1"]
     assert mdns.interface_addresses("lo, 127.0.0.1") == ["127.0.0.1"]
     assert mdns.interface_addresses(["all"]) == "all"  # every interface only when asked for by name
@@ -122,13 +125,13 @@ def test_found_across_network_namespaces():
             assert announcer.stdout.readline().strip() == "ready"
             found = subprocess.run(
                 pair.exec_args("b") + [sys.executable, PEER, "resolve", "kms-ns.local", "10", pair.if_b],
-                capture_output=True, text=True, timeout=30,
+                capture_output=True, text=True, timeout=30, check=False,
             )
             assert (found.returncode, found.stdout.strip()) == (0, "%s 8082" % pair.addr_a), found.stderr
             # The same query on namespace b's loopback (the default) does not reach a's announcement.
             missed = subprocess.run(
                 pair.exec_args("b") + [sys.executable, PEER, "resolve", "kms-ns.local", "2", "127.0.0.1"],
-                capture_output=True, text=True, timeout=30,
+                capture_output=True, text=True, timeout=30, check=False,
             )
             assert missed.returncode == 1
             assert "no mDNS server found for kms-ns.local" in missed.stdout
@@ -139,3 +142,39 @@ def test_found_across_network_namespaces():
             except subprocess.TimeoutExpired:
                 announcer.kill()
                 announcer.wait()
+
+
+@needs_netns
+def test_challenger_announced_in_one_namespace_is_found_and_reached_from_another(tmp_path):
+    """kcrypt-challenger serve --mdns-host in namespace a; resolution and /healthz from namespace b over the veth."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with veth_namespaces("kcrypt-disc") as pair, open(str(tmp_path / "kms.log"), "wb") as kms_log:
+        kms = subprocess.Popen(
+            pair.exec_args("a") + [
+                sys.executable, os.path.join(root, "bin", "kcrypt-challenger"), "serve",
+                "--listen", "%s:8082" % pair.addr_a, "--store", "sqlite://%s/kms.db" % tmp_path,
+                "--mdns-host", "kms-ns.local", "--mdns-interface", pair.if_a,
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=kms_log,
+        )
+        try:
+            found = subprocess.run(
+                pair.exec_args("b") + [sys.executable, PEER, "resolve", "kms-ns.local", "15", pair.if_b],
+                capture_output=True, text=True, timeout=60, check=False,
+            )
+            assert (found.returncode, found.stdout.strip()) == (0, "%s 8082" % pair.addr_a), (
+                found.stdout, (tmp_path / "kms.log").read_text())
+            health = subprocess.run(
+                pair.exec_args("b") + [sys.executable, "-c",
+                                       "import urllib.request;print(urllib.request.urlopen('http://%s:8082/healthz', timeout=5).status)"
+                                       % pair.addr_a],
+                capture_output=True, text=True, timeout=30, check=False,
+            )
+            assert health.stdout.strip() == "200", health.stderr
+        finally:
+            kms.terminate()
+            try:
+                kms.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kms.kill()
+                kms.wait()

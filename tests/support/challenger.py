@@ -30,9 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class ChallengerThread:
-    def __init__(self, challenger, ssl_context=None):
+    def __init__(self, challenger, ssl_context=None, loop_factory=None):
         self.challenger = challenger
         self.ssl_context = ssl_context
+        self.loop_factory = loop_factory or asyncio.new_event_loop
         self.port = None
         self._loop = None
         self._stop = None
@@ -51,7 +52,7 @@ class ChallengerThread:
         started = threading.Event()
 
         def run():
-            self._loop = asyncio.new_event_loop()
+            self._loop = self.loop_factory()
             asyncio.set_event_loop(self._loop)
             self._stop = asyncio.Event()
 

@@ -47,7 +47,7 @@ def test_defaults_without_any_config(roots):
 
 
 def test_file_with_header_is_read_and_file_without_is_skipped(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "90_kcrypt.yaml", "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://kms:8082\n")
     write(dirs[0] / "91_noheader.yaml", "kcrypt:\n  challenger:\n    challenger_server: http://ignored\n    mdns: true\n")
     s = settings(roots)
@@ -58,7 +58,7 @@ def test_file_with_header_is_read_and_file_without_is_skipped(roots):
 
 
 def test_header_rules(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     nine_comments = "# comment\n" * 9
     write(dirs[0] / "a.yaml", nine_comments + "#kairos-config  \nkcrypt: {challenger: {certificate: tenth-line}}\n")
     write(dirs[0] / "b.yml", "#node-config\nkcrypt: {tpm_device: /dev/tpm0}\n")
@@ -73,7 +73,7 @@ def test_header_rules(roots):
 
 
 def test_later_directories_and_files_win_and_maps_merge(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "10.yaml", "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://first\n    certificate: CERT\n")
     write(dirs[0] / "sub" / "20.yaml", "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://second\n")
     write(dirs[2] / "00.yaml", "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://third\n")
@@ -84,7 +84,7 @@ def test_later_directories_and_files_win_and_maps_merge(roots):
 
 
 def test_cmdline_overrides_files_and_converts_booleans(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[1] / "kcrypt.yaml", "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://file\n    mdns: false\n")
     s = settings(roots, 'quiet kcrypt.challenger.challenger_server="http://kms.local:8082" kcrypt.challenger.mdns=true\n')
     assert s.challenger_server == "http://kms.local:8082"
@@ -99,7 +99,7 @@ def test_mdns_alone_selects_remote_mode(roots):
 
 
 def test_both_key_locations_top_level_wins(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "legacy.yaml", (
         "#cloud-config\nkcrypt:\n  challenger:\n    nv_index: '0x1500001'\n    c_index: '0x81000009'\n"
         "    tpm_device: /dev/tpm0\n"
@@ -119,7 +119,7 @@ def test_both_key_locations_top_level_wins(roots):
 
 
 def test_malformed_file_is_a_clear_error_naming_it(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "good.yaml", "#cloud-config\nkcrypt: {challenger: {challenger_server: http://kms}}\n")
     bad = dirs[1] / "broken.yaml"
     write(bad, "#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: [unclosed\n")
@@ -130,14 +130,14 @@ def test_malformed_file_is_a_clear_error_naming_it(roots):
 
 
 def test_file_that_is_not_a_mapping_is_an_error(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "list.yaml", "#cloud-config\n- a\n- b\n")
     with pytest.raises(ConfigError, match=r"list.yaml must hold a mapping \(key: value\), not a list"):
         settings(roots)
 
 
 def test_type_clash_under_kcrypt_is_an_error_elsewhere_the_later_value_wins(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "a.yaml", "#cloud-config\nkcrypt:\n  challenger: {challenger_server: http://kms}\nrd: plain\n")
     s = settings(roots)  # the cmdline's rd.neednet=1 replaces the unrelated scalar "rd"
     assert s.challenger_server == "http://kms"
@@ -147,7 +147,7 @@ def test_type_clash_under_kcrypt_is_an_error_elsewhere_the_later_value_wins(root
 
 
 def test_bad_values_name_their_key(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "a.yaml", "#cloud-config\nkcrypt:\n  nv_index: banana\n")
     with pytest.raises(KcryptError, match=r"kcrypt.nv_index='banana' is not a valid TPM handle"):
         settings(roots)
@@ -160,7 +160,7 @@ def test_bad_values_name_their_key(roots):
 
 
 def test_extensions_mdns_interfaces_and_protocol(roots):
-    dirs, _ = roots
+    dirs = roots[0]
     write(dirs[0] / "a.yaml", "#cloud-config\nkcrypt:\n  challenger:\n    mdns_interfaces: [eth0, 10.0.0.5]\n    protocol: Legacy\n")
     s = settings(roots)
     assert (s.mdns_interfaces, s.protocol) == (("eth0", "10.0.0.5"), "legacy")
@@ -182,3 +182,31 @@ def test_certificate_pem_accepts_text_or_a_file(tmp_path):
     assert client_config.certificate_pem(str(path)) == pem
     with pytest.raises(ConfigError, match="cannot read /nonexistent/ca.pem"):
         client_config.certificate_pem("/nonexistent/ca.pem")
+
+
+@pytest.mark.parametrize("cmdline, livecd", [
+    ("BOOT_IMAGE=/boot/vmlinuz root=live:CDLABEL=KAIROS rd.live.dir=/ rd.live.squashimg=rootfs.squashfs", True),
+    ("root=live:LABEL=KAIROS", True),
+    ("netboot rd.neednet=1", True),
+    ("root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img", False),
+    ("root=LABEL=COS_PASSIVE", False),
+    ("root=LABEL=COS_SYSTEM recovery-mode", False),
+    ("kairos.reset root=live:CDLABEL=KAIROS", False),  # reset is checked first
+    ("kairos.ram root=live:CDLABEL=KAIROS", False),  # in-RAM boot is forced active
+    ("console=tty1", False),
+])
+def test_livecd_detection_non_uki(cmdline, livecd, tmp_path):
+    assert client_config.is_livecd_boot(cmdline, str(tmp_path)) is livecd
+
+
+def test_livecd_detection_uki(tmp_path):
+    efivar = tmp_path / client_config.LOADER_DEVICE_PART_UUID
+    assert client_config.is_livecd_boot("rd.immucore.uki console=ttyS0", str(tmp_path)) is True  # no variable
+    efivar.write_bytes(b"")
+    assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is True  # empty
+    efivar.write_bytes(b"\x06\x00\x00\x00" + "1234-abcd".encode("utf-16-le"))
+    assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is False  # booted from a disk
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=live:CDLABEL=KAIROS\n")
+    assert client_config.read_livecd_boot(str(cmdline), str(tmp_path)) is True
+    assert client_config.read_livecd_boot(str(tmp_path / "absent"), str(tmp_path)) is False

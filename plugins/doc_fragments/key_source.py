@@ -1,0 +1,99 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Options of the node modules that say where a partition's LUKS key comes from."""
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    DOCUMENTATION = r"""
+options:
+  key_source:
+    description:
+      - Where the LUKS key of each partition comes from.
+      - V(tpm) is Kairos' offline mode. One random passphrase for all partitions is stored in the TPM NV
+        index O(nv_index), encrypted with the RSA key at O(c_index). It is created on first use.
+        The NV blob is byte-compatible with the blobs Kairos nodes write.
+      - V(kms) is Kairos' online mode. The node proves its TPM to the kcrypt challenger at
+        O(challenger_server) and gets one passphrase per partition. A new TPM may be enrolled on first use.
+      - V(passphrase) uses O(passphrase).
+      - V(auto) decides as a Kairos node does, from its configuration (C(#cloud-config) files in C(/oem),
+        C(/sysroot/oem) and C(/run/cos/oem), and the kernel command line). If C(kcrypt.challenger.challenger_server)
+        is set or C(kcrypt.challenger.mdns) is true, it uses V(kms), otherwise V(tpm). The configured
+        C(challenger_server), C(mdns), C(certificate), C(nv_index), C(c_index) and C(tpm_device) are used
+        unless the task sets these options itself.
+    type: str
+    choices: [tpm, kms, passphrase, auto]
+    default: tpm
+  passphrase:
+    description:
+      - The LUKS passphrase when O(key_source=passphrase). It is used as is, with no trailing newline added or removed.
+    type: str
+  tpm_device:
+    description:
+      - The TPM to use. Give a device path such as V(/dev/tpmrm0), a swtpm socket path, or a TCTI string
+        such as V(swtpm:host=127.0.0.1,port=2321).
+      - Empty means the E(KCRYPT_TPM_DEVICE) environment variable, then V(/dev/tpmrm0), then V(/dev/tpm0).
+      - Used by O(key_source=tpm), and by O(key_source=kms) for the attestation.
+    type: str
+  nv_index:
+    description:
+      - TPM NV index of the offline passphrase blob (Kairos C(kcrypt.nv_index)).
+      - Hex, octal or decimal, as in the Kairos configuration. The default is V(0x1500000).
+    type: str
+  c_index:
+    description:
+      - Persistent handle of the TPM RSA key that encrypts the offline passphrase (Kairos C(kcrypt.c_index)).
+        The key is created there if it is absent.
+      - Unlike upstream Kairos, a non-default handle is honoured when encrypting as well as when decrypting.
+      - The default is V(0x81000008).
+    type: str
+  challenger_server:
+    description:
+      - URL of the kcrypt challenger (KMS), for example V(https://kms.example.com:8082).
+      - Required with O(key_source=kms). With O(mdns), the host must end in C(.local).
+    type: str
+  certificate:
+    description:
+      - CA certificate the KMS certificate must chain to, added to the system trust store.
+      - Give PEM text, as Kairos' C(kcrypt.challenger.certificate) holds it, or the path of a PEM file on the node.
+    type: str
+  mdns:
+    description:
+      - Resolve the C(.local) host of O(challenger_server) with mDNS (service C(_kcrypt._tcp)).
+      - The default is V(false).
+    type: bool
+  mdns_interfaces:
+    description:
+      - Network interfaces (names such as V(eth0), or IPv4 addresses) to send the mDNS query on.
+      - Empty means the E(KCRYPT_MDNS_INTERFACES) environment variable, then every interface, as upstream
+        Kairos does.
+    type: list
+    elements: str
+  kms_protocol:
+    description:
+      - The KMS protocol to use.
+      - V(attestation) is the protocol of kcrypt-challenger v0.12 and later (WebSocket C(/tpm-attestation)).
+      - V(legacy) is the protocol of v0.2 to v0.11 (C(/getPass) and C(/postPass)). The Kairos Helm chart still deploys a legacy server.
+      - The two protocols do not interoperate, so pick the one your KMS speaks.
+      - The default is V(attestation).
+    type: str
+    choices: [attestation, legacy]
+  kms_attempts:
+    description:
+      - How many times to try the KMS before giving up.
+      - The task does not retry when the KMS refuses the TPM, for example when it is quarantined.
+    type: int
+    default: 30
+  kms_retry_delay:
+    description:
+      - Seconds to wait between KMS attempts.
+    type: float
+    default: 1.0
+requirements:
+  - tpm2-pytss >= 2.1 and the tpm2-tss libraries (key sources V(tpm) and V(kms))
+  - cryptography >= 41
+notes:
+  - Keys are passed to C(cryptsetup) on stdin, never on its command line, and never appear in results.
+"""

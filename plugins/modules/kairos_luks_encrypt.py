@@ -1,0 +1,367 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: kairos_luks_encrypt
+short_description: Encrypt data partitions with LUKS2 and a key from the TPM, a Kairos KMS or a passphrase
+version_added: 0.1.0
+description:
+  - Encrypts the selected partitions the way Kairos does. The LUKS2 header carries the partition label,
+    and the LUKS UUID is derived from that label.
+  - The key comes from the node's TPM (offline mode), from a kcrypt challenger KMS after TPM attestation
+    (online mode), or from a given passphrase. See O(key_source).
+  - O(mode) chooses how to encrypt, and you must always set it.
+  - O(mode=format) creates a new LUKS2 container with an empty ext4 filesystem inside. It runs the same
+    commands as Kairos. It needs device-mapper, and it refuses a partition that holds anything unless
+    O(wipe=true).
+  - O(mode=in_place) keeps the ext2/3/4 filesystem and its data. It shrinks the filesystem by 32 MiB to make
+    room for the LUKS header, then encrypts with C(cryptsetup reencrypt). This needs no device-mapper.
+    An interrupted run is finished by the next run.
+  - A partition that is already encrypted and opens with the key is left alone. If the key does not open
+    it, the task fails and the partition is never reformatted.
+  - Every check (lookup, key, in use, size, device-mapper) runs for all partitions before anything changes.
+    When a check fails, nothing is changed.
+options:
+  partitions:
+    description:
+      - The partitions to encrypt. The list can mix selectors, as Kairos' C(install.encrypted_partitions) does.
+    type: list
+    elements: dict
+    required: true
+    suboptions:
+      label:
+        description:
+          - The partition label.
+          - When used alone, it selects the partition by its filesystem or LUKS label, as Kairos does with
+            C(blkid). For C(COS_OEM) and C(COS_PERSISTENT), the GPT partition names C(oem) and C(persistent)
+            also match. A label found on more than one device is an error.
+          - With O(partitions[].device) or O(partitions[].uuid), it is the label the LUKS header gets.
+            Without it, the partition keeps its current label.
+        type: str
+      device:
+        description:
+          - The partition's device path, for example V(/dev/vdb1).
+        type: path
+      uuid:
+        description:
+          - Selects the partition by the UUID of its filesystem or LUKS header, or else by its GPT partition UUID.
+        type: str
+  mode:
+    description:
+      - V(format) creates a new LUKS2 container and ext4 filesystem, and destroys the content.
+      - V(in_place) encrypts the existing ext2/3/4 filesystem and keeps its data.
+    type: str
+    required: true
+    choices: [format, in_place]
+  wipe:
+    description:
+      - With O(mode=format), allow formatting partitions that hold a filesystem or any other recognised
+        content. That content is destroyed.
+      - Partitions that are already LUKS-encrypted are never formatted, even with this option.
+    type: bool
+    default: false
+  type:
+    description:
+      - LUKS version. Only LUKS2 is offered, because the label that finds a partition again lives in the
+        LUKS2 header, and Kairos reads LUKS2.
+    type: str
+    choices: [luks2]
+    default: luks2
+  cipher:
+    description:
+      - Encryption cipher, for example V(aes-xts-plain64). The default is cryptsetup's compiled-in default.
+    type: str
+  hash:
+    description:
+      - Hash for the key slot (C(cryptsetup --hash)). The default is cryptsetup's.
+    type: str
+  keysize:
+    description:
+      - Volume key size in bits (C(cryptsetup --key-size)). The default is cryptsetup's, which is 512 for aes-xts.
+    type: int
+  sector_size:
+    description:
+      - Encryption sector size in bytes (C(cryptsetup --sector-size)).
+    type: int
+  pbkdf:
+    description:
+      - How the key slot derives its key from the passphrase.
+      - If you set neither O(pbkdf.iteration_time) nor O(pbkdf.iteration_count), generated keys
+        (O(key_source=tpm) and O(key_source=kms)) use Kairos' 5 ms iteration time. These keys have 165 to
+        256 random bits, so a slower PBKDF adds no security and only slows every boot.
+        O(key_source=passphrase) gets cryptsetup's default of 2 seconds.
+    type: dict
+    suboptions:
+      algorithm:
+        description:
+          - The PBKDF algorithm. The default is cryptsetup's, which is argon2id.
+        type: str
+        choices: [argon2id, argon2i, pbkdf2]
+      iteration_time:
+        description:
+          - Seconds the PBKDF should take on this machine (C(cryptsetup --iter-time), in seconds here).
+        type: float
+      iteration_count:
+        description:
+          - A fixed iteration count, with no benchmark (C(--pbkdf-force-iterations)).
+          - For argon2, this is the time cost.
+        type: int
+      memory:
+        description:
+          - Memory cost in KiB (argon2 only).
+        type: int
+      parallel:
+        description:
+          - Parallel threads (argon2 only).
+        type: int
+  recovery_key:
+    description:
+      - Also add a recovery key in a second key slot. It is a random 256-bit key in the format that
+        systemd-cryptenroll uses for recovery keys.
+      - The new key is returned once, in RV(partitions[].recovery_key), and never again. Store it somewhere
+        safe, such as a vault.
+      - "The task must set C(no_log: true) so the key stays out of logs. The module refuses to run otherwise."
+      - A partition that already has a recovery key is left as it is.
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - kairos.kcrypt.key_source
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details:
+      - Check mode makes all the checks of a real run. It creates no NV blob, no TPM key and no KMS enrolment.
+      - With O(key_source=kms), it asks the KMS only for partitions that are already encrypted, to test their
+        key. A booting node makes the same request.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: full
+  idempotent:
+    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+    support: full
+requirements:
+  - cryptsetup >= 2.4, blkid, e2fsprogs (e2fsck, resize2fs, dumpe2fs, mkfs.ext4)
+  - device-mapper (dm_mod and dm_crypt) for O(mode=format)
+seealso:
+  - module: kairos.kcrypt.kairos_luks_unlock
+  - module: kairos.kcrypt.kairos_tpm_nv
+author:
+  - kairos.kcrypt contributors (@kairos-io)
+"""
+
+EXAMPLES = r"""
+- name: Encrypt COS_PERSISTENT in place with the offline TPM key, keeping its data
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - label: COS_PERSISTENT
+    mode: in_place
+
+- name: Format two new data partitions with keys from the KMS
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - device: /dev/vdb1
+        label: DATA
+      - device: /dev/vdb2
+        label: LOGS
+    mode: format
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+    certificate: /etc/kcrypt/kms-ca.pem
+
+- name: Encrypt with a recovery key and keep the key in a vault
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - label: COS_PERSISTENT
+    mode: in_place
+    recovery_key: true
+  no_log: true
+  register: encrypted
+
+- name: Preview what would change
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - label: COS_OEM
+      - label: COS_PERSISTENT
+    mode: in_place
+  check_mode: true
+  diff: true
+"""
+
+RETURN = r"""
+partitions:
+  description: One entry per selected partition, in the order given. It never holds the partition key.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    device:
+      description: Device path.
+      type: str
+      sample: /dev/vda5
+    name:
+      description: Kernel name. Kairos names the mapping after it, as in C(/dev/mapper/vda5).
+      type: str
+      sample: vda5
+    label:
+      description: LUKS label.
+      type: str
+      sample: COS_PERSISTENT
+    luks_uuid:
+      description:
+        - LUKS UUID, which Kairos derives from the label as uuid5(NAMESPACE_URL, label).
+        - Empty when cryptsetup will pick it (a partition without label), in check mode.
+      type: str
+      sample: 85c39d0f-4867-5227-8334-f5eec606d9eb
+    partuuid:
+      description: GPT partition UUID (sent to the KMS as C(uuid)).
+      type: str
+    key_source:
+      description: Where the key came from (V(tpm), V(kms) or V(passphrase)).
+      type: str
+    action:
+      description:
+        - What was done, or would be done in check mode.
+        - V(none) means it was already encrypted with this key.
+        - V(format) or V(in_place) means it was encrypted now.
+        - V(resume) means an interrupted in-place encryption was finished.
+      type: str
+      sample: in_place
+    changed:
+      description: Whether this partition changed.
+      type: bool
+    recovery_key_added:
+      description: Whether a recovery key was added now.
+      type: bool
+    recovery_key:
+      description: The new recovery key. Only present when it was added by this run. Store it now.
+      type: str
+      returned: when a recovery key was added
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
+    KEY_SOURCE_ARGS,
+    KEY_SOURCE_REQUIRED_IF,
+    PARTITION_SELECTOR_ARGS,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
+
+
+def argument_spec():
+    spec = dict(
+        partitions=dict(
+            type="list",
+            elements="dict",
+            required=True,
+            options=PARTITION_SELECTOR_ARGS,
+            mutually_exclusive=[("device", "uuid")],
+            required_one_of=[("label", "device", "uuid")],
+        ),
+        mode=dict(type="str", required=True, choices=["format", "in_place"]),
+        wipe=dict(type="bool", default=False),
+        type=dict(type="str", default="luks2", choices=["luks2"]),
+        cipher=dict(type="str"),
+        hash=dict(type="str"),
+        keysize=dict(type="int", no_log=False),
+        sector_size=dict(type="int"),
+        pbkdf=dict(
+            type="dict",
+            options=dict(
+                algorithm=dict(type="str", choices=["argon2id", "argon2i", "pbkdf2"]),
+                iteration_time=dict(type="float"),
+                iteration_count=dict(type="int"),
+                memory=dict(type="int"),
+                parallel=dict(type="int"),
+            ),
+            mutually_exclusive=[("iteration_time", "iteration_count")],
+        ),
+        recovery_key=dict(type="bool", default=False, no_log=False),
+    )
+    spec.update(KEY_SOURCE_ARGS)
+    return spec
+
+
+def luks_options(params):
+    pbkdf = params["pbkdf"] or {}
+    iteration_time = pbkdf.get("iteration_time")
+    return luks.LuksOptions(
+        type=params["type"],
+        cipher=params["cipher"],
+        key_size=params["keysize"],
+        hash=params["hash"],
+        sector_size=params["sector_size"],
+        pbkdf=pbkdf.get("algorithm"),
+        iter_time_ms=int(round(iteration_time * 1000)) if iteration_time is not None else None,
+        iterations=pbkdf.get("iteration_count"),
+        memory_kib=pbkdf.get("memory"),
+        parallel=pbkdf.get("parallel"),
+    )
+
+
+def state_text(plans, when):
+    """The partition states as YAML-like text, for --diff."""
+    lines = []
+    for item in plans:
+        lines.append("%s:" % item.device.path)
+        for key, value in (item.before() if when == "before" else item.after()).items():
+            lines.append("  %s: %s" % (key, value))
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=argument_spec(),
+        required_if=KEY_SOURCE_REQUIRED_IF,
+        supports_check_mode=True,
+    )
+    params = module.params
+    results = []
+    source = None
+    try:
+        request = encryption.EncryptRequest(
+            partitions=tuple(
+                encryption.Selector(label=p["label"] or "", device=p["device"] or "", uuid=p["uuid"] or "")
+                for p in params["partitions"]
+            ),
+            mode=params["mode"],
+            wipe=params["wipe"],
+            options=luks_options(params),
+            recovery_key=params["recovery_key"],
+        )
+        source = key_source.build(params)
+        plans = encryption.plan(request, source)
+        _redact(module, source)
+        if any(p.add_recovery_key for p in plans) and not module.no_log:
+            module.fail_json(
+                msg="recovery_key=true returns the new recovery key in the result: set 'no_log: true' on the task "
+                "so it stays out of logs. Nothing was changed."
+            )
+        diff = {"before": state_text(plans, "before"), "after": state_text(plans, "after")}
+        if module.check_mode:
+            results = [encryption.result(item, source) for item in plans]
+        else:
+            encryption.apply(plans, request, source, results=results)
+        _redact(module, source)
+    except MissingDependencyError as error:
+        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
+    except KcryptError as error:
+        if source is not None:
+            _redact(module, source)
+        module.fail_json(msg=str(error), changed=any(r["changed"] for r in results), partitions=results)
+    module.exit_json(changed=any(p.changes for p in plans), partitions=results, diff=diff)
+
+
+def _redact(module, source):
+    for secret in source.secrets:
+        module.no_log_values.add(secret.decode("utf-8", "replace"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Unit tests of the node side's pure parts: UUIDs, LUKS options, recovery keys, selectors, CLI parsing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.blockdev import BlockDevice
+from ansible_collections.kairos.kcrypt.plugins.module_utils.command import CommandError, run, secret_pipe
+from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kcrypt_cli import build_parser
+
+
+def test_uuid_for_label_matches_upstream_vectors():
+    # checklist 44, and the blkid output quoted in kairos#2580
+    assert luks.uuid_for_label("COS_PERSISTENT") == "85c39d0f-4867-5227-8334-f5eec606d9eb"
+    assert luks.uuid_for_label("COS_OEM") == "8bfa06f9-ca4f-56dc-90c9-49cf20f4f45e"
+
+
+def test_luks_options_arguments():
+    options = luks.LuksOptions(cipher="aes-xts-plain64", key_size=512, hash="sha512", sector_size=4096,
+                               pbkdf="argon2id", iter_time_ms=250, memory_kib=65536, parallel=2)
+    assert options.validate().format_args() == [
+        "--type", "luks2", "--cipher", "aes-xts-plain64", "--key-size", "512", "--hash", "sha512",
+        "--sector-size", "4096", "--pbkdf", "argon2id", "--iter-time", "250", "--pbkdf-memory", "65536",
+        "--pbkdf-parallel", "2",
+    ]
+    assert luks.LuksOptions().format_args() == ["--type", "luks2"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (luks.LuksOptions(type="luks1"), "only LUKS2"),
+    (luks.LuksOptions(iter_time_ms=5, iterations=1000), "not both"),
+    (luks.LuksOptions(pbkdf="pbkdf2", memory_kib=1024), "argon2"),
+    (luks.LuksOptions(pbkdf="scrypt"), "must be one of"),
+    (luks.LuksOptions(key_size=0), "positive"),
+])
+def test_luks_options_rejects_bad_combinations(options, message):
+    with pytest.raises(KcryptError, match=message):
+        options.validate()
+
+
+def test_generated_keys_get_upstream_iter_time_unless_set():
+    tpm = key_source.TpmKeySource("swtpm:host=127.0.0.1,port=1")
+    given = key_source.PassphraseKeySource("correct horse battery staple")
+    assert encryption.effective_options(luks.LuksOptions(), tpm).iter_time_ms == 5
+    assert encryption.effective_options(luks.LuksOptions(), given).iter_time_ms is None
+    chosen = luks.LuksOptions(pbkdf="pbkdf2", iterations=1000)
+    assert encryption.effective_options(chosen, tpm) == chosen
+
+
+def test_recovery_key_shape_and_uniqueness():
+    keys = set(key_source.generate_recovery_key() for count in range(20))
+    assert len(keys) == 20
+    for key in keys:
+        assert re.fullmatch(rb"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key)
+
+
+def test_selector_validation():
+    with pytest.raises(KcryptError, match="not both"):
+        encryption.Selector(device="/dev/vdb1", uuid="x").validate()
+    with pytest.raises(KcryptError, match="needs a label"):
+        encryption.Selector().validate()
+    assert encryption.Selector(device="/dev/vdb1", label="DATA").validate().describe() == "device=/dev/vdb1, label=DATA"
+
+
+def test_kairos_label_falls_back_to_gpt_name():
+    assert BlockDevice("/dev/vda5", "vda5", 1, label="", partlabel="persistent").kairos_label == "COS_PERSISTENT"
+    assert BlockDevice("/dev/vda2", "vda2", 1, label="unknown", partlabel="oem").kairos_label == "COS_OEM"
+    assert BlockDevice("/dev/vda3", "vda3", 1, label="DATA", partlabel="persistent").kairos_label == "DATA"
+    assert BlockDevice("/dev/vda4", "vda4", 1, partlabel="other").kairos_label == ""
+
+
+def test_key_source_build_validates():
+    with pytest.raises(KcryptError, match="non-empty passphrase"):
+        key_source.build({"key_source": "passphrase", "passphrase": ""})
+    with pytest.raises(KcryptError, match="only used with key_source=passphrase"):
+        key_source.build({"key_source": "tpm", "passphrase": "x"})
+    with pytest.raises(KcryptError, match="nv_index"):
+        key_source.build({"key_source": "tpm", "nv_index": "0x81000000"})
+    source = key_source.build({"key_source": "passphrase", "passphrase": "s3cret-value"})
+    assert source.existing_key(None) == b"s3cret-value"
+    assert b"s3cret-value" in source.secrets
+    assert "s3cret" not in source.describe()
+
+
+def test_auto_key_source_follows_the_kairos_config(tmp_path):
+    oem = tmp_path / "oem"
+    oem.mkdir()
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz console=ttyS0\n")
+    (oem / "90_kcrypt.yaml").write_text("#cloud-config\nkcrypt:\n  nv_index: '0x1500002'\n  c_index: '0x8100000a'\n")
+    offline = key_source.build({"key_source": "auto"}, config_dirs=[str(oem)], cmdline_path=str(cmdline))
+    assert isinstance(offline, key_source.TpmKeySource)
+    assert (offline.nv_index, offline.c_index) == (0x1500002, 0x8100000A)
+    explicit = key_source.build({"key_source": "auto", "nv_index": "0x1500003"}, config_dirs=[str(oem)], cmdline_path=str(cmdline))
+    assert explicit.nv_index == 0x1500003  # an explicit option wins over the config
+
+    cmdline.write_text("quiet kcrypt.challenger.challenger_server=http://10.0.2.2:8082 kcrypt.challenger.protocol=legacy\n")
+    online = key_source.build({"key_source": "auto", "kms_attempts": 3}, config_dirs=[str(oem)], cmdline_path=str(cmdline))
+    assert isinstance(online, key_source.KmsKeySource)
+    assert (online.config.challenger_server, online.config.protocol, online.config.attempts) == ("http://10.0.2.2:8082", "legacy", 3)
+    assert online.config.c_index == 0x8100000A
+
+
+def test_kms_key_source_reads_the_certificate_file(tmp_path):
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    path = tmp_path / "ca.pem"
+    path.write_text(pem)
+    source = key_source.build({"key_source": "kms", "challenger_server": "https://kms:8082", "certificate": str(path)})
+    assert source.config.certificate == pem
+    with pytest.raises(KcryptError, match="certificate"):
+        key_source.build({"key_source": "kms", "challenger_server": "https://kms:8082", "certificate": str(tmp_path / "no.pem")})
+    with pytest.raises(KcryptError, match="needs challenger_server"):
+        key_source.build({"key_source": "kms"})
+
+
+def test_run_feeds_stdin_and_reports_stderr_not_input():
+    assert run(["cat"], "echoing", stdin=b"abc").stdout == b"abc"
+    with pytest.raises(CommandError) as caught:
+        run(["sh", "-c", "cat >/dev/null; echo broken >&2; exit 3"], "a failing step", stdin=b"TOPSECRET")
+    assert "a failing step failed: sh exited with 3: broken" in str(caught.value)
+    assert "TOPSECRET" not in str(caught.value)
+    with pytest.raises(KcryptError, match="not installed"):
+        run(["no-such-program-kcrypt"], "testing")
+
+
+def test_secret_pipe_passes_data_without_files():
+    with secret_pipe(b"second secret") as (path, fd):
+        assert run(["cat", path], "reading a pipe", pass_fds=(fd,)).stdout == b"second secret"
+
+
+def test_cli_partition_spec_and_required_mode():
+    parser = build_parser()
+    args = parser.parse_args(["encrypt", "--mode", "in_place", "--partition", "device=/dev/vdb1,label=DATA", "--label", "COS_OEM"])
+    assert args.partition == [{"device": "/dev/vdb1", "label": "DATA"}]
+    assert args.label == ["COS_OEM"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["encrypt", "--label", "X"])  # --mode is required: no implicit destructive default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["encrypt", "--mode", "format", "--partition", "size=3"])
