@@ -1,0 +1,73 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Bundle the challenger's code into one reproducible Python zip application.
+
+    kcrypt_bundle.py --collection ROOT --output kcrypt-challenger.pyz
+
+The archive holds the collection's ``plugins/module_utils/*.py`` under their import name
+``ansible_collections/kairos/kcrypt/plugins/module_utils/`` (with ``__init__.py`` files,
+so no other ``ansible_collections`` is needed) and a ``__main__.py`` running the
+``kcrypt-challenger`` CLI. Entries are sorted and carry a fixed timestamp, so the same code
+always gives the same bytes: the role copies the bundle and changes nothing when the code
+did not change. Used by the ``challenger`` role (on the controller) and by
+deploy/container/Containerfile. Prints the archive's SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import sys
+import zipfile
+
+PACKAGE = "ansible_collections/kairos/kcrypt/plugins/module_utils"
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+MAIN = (
+    "# kcrypt-challenger: the kairos.kcrypt KMS and its store administration (bundled by kcrypt_bundle.py)\n"
+    "import sys\n\n"
+    "from ansible_collections.kairos.kcrypt.plugins.module_utils.challenger_cli import main\n\n"
+    "sys.exit(main())\n"
+)
+
+
+def entries(collection):
+    sources = sorted(glob.glob(os.path.join(collection, "plugins", "module_utils", "*.py")))
+    if not any(os.path.basename(path) == "challenger_cli.py" for path in sources):
+        raise SystemExit("%s does not look like the kairos.kcrypt collection (no challenger_cli.py)" % collection)
+    parts = PACKAGE.split("/")
+    for depth in range(1, len(parts) + 1):  # regular packages all the way down
+        yield "/".join(parts[:depth]) + "/__init__.py", b""
+    for path in sources:
+        if os.path.basename(path) != "__init__.py":
+            with open(path, "rb") as handle:
+                yield "%s/%s" % (PACKAGE, os.path.basename(path)), handle.read()
+    yield "__main__.py", MAIN.encode()
+
+
+def build(collection, output):
+    tmp = output + ".tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in sorted(entries(collection)):
+            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    os.replace(tmp, output)
+    with open(output, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="bundle the kcrypt challenger into a zip application")
+    parser.add_argument("--collection", required=True, help="root of the kairos.kcrypt collection")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    sys.stdout.write(build(os.path.abspath(args.collection), args.output) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The challenger role on Kubernetes, against the kmock API emulator (tests/support/kube_cluster.py).
+
+No real API server runs here and kmock runs no controllers, so this checks what can be
+checked: the objects the role applies (and re-applies without change, updates, moves to
+another namespace, deletes), that the store works on the CRD it applied, and that the
+server started with the exact settings of the ConfigMap serves against the API. Pods,
+rollouts and the image are out of reach.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from support import playbook
+from support.kube_cluster import KubeCluster
+
+ROOT = playbook.ROOT
+pytest.importorskip("kubernetes")
+pytest.importorskip("kmock")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    api = KubeCluster(str(tmp_path_factory.mktemp("kube"))).start()
+    yield api
+    api.stop()
+
+
+@pytest.fixture(scope="module")
+def dynamic(cluster):
+    from kubernetes import config, dynamic as kube_dynamic
+
+    return kube_dynamic.DynamicClient(config.new_client_from_config(config_file=cluster.kubeconfig))
+
+
+def fetch(dynamic, api_version, kind, name, namespace=None):
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    try:
+        return dynamic.resources.get(api_version=api_version, kind=kind).get(name=name, namespace=namespace).to_dict()
+    except NotFoundError:
+        return None
+
+
+def deploy(cluster, check=False, **overrides):
+    variables = {"challenger_platform": "kubernetes", "challenger_kubernetes_kubeconfig": cluster.kubeconfig,
+                 "challenger_kubernetes_image": "registry.example/kcrypt-challenger:test"}
+    variables.update(overrides)
+    run = playbook.playbook("playbooks/challenger.yml", variables, check=check)
+    assert run.rc == 0, run
+    return run
+
+
+def applied(run):
+    results = run.task_results("Apply (or delete) the challenger's Kubernetes objects")
+    assert results, run
+    import json
+
+    return json.loads(results[-1]["stdout"])
+
+
+# the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)
+@pytest.mark.slow
+class TestChallengerOnKubernetes:
+    def test_deploy(self, cluster, dynamic):
+        run = deploy(cluster)
+        assert run.changed > 0
+        created = applied(run)["created"]
+        assert "Deployment kcrypt/kcrypt-challenger" in created
+        assert fetch(dynamic, "v1", "Namespace", "kcrypt") is not None
+        assert fetch(dynamic, "apiextensions.k8s.io/v1", "CustomResourceDefinition",
+                     "sealedvolumes.keyserver.kairos.io") is not None
+        assert fetch(dynamic, "v1", "ServiceAccount", "kcrypt-challenger", "kcrypt") is not None
+        role = fetch(dynamic, "rbac.authorization.k8s.io/v1", "Role", "kcrypt-challenger", "kcrypt")
+        verbs = {rule["resources"][0]: set(rule["verbs"]) for rule in role["rules"]}
+        assert verbs == {"sealedvolumes": {"get", "list", "create", "update"}, "secrets": {"get", "create"}}
+        binding = fetch(dynamic, "rbac.authorization.k8s.io/v1", "RoleBinding", "kcrypt-challenger", "kcrypt")
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kcrypt-challenger", "namespace": "kcrypt"}]
+        settings = yaml.safe_load(fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt")["data"]["config.yaml"])
+        assert settings["store"] == "kubernetes://?namespace=kcrypt"  # the pod's own account, no kubeconfig
+        assert settings["listen"] == "0.0.0.0:8082" and settings["tls_cert"] == ""
+        deployment = fetch(dynamic, "apps/v1", "Deployment", "kcrypt-challenger", "kcrypt")
+        spec = deployment["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        assert deployment["spec"]["replicas"] == 2
+        assert spec["serviceAccountName"] == "kcrypt-challenger"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert container["image"] == "registry.example/kcrypt-challenger:test"
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        service = fetch(dynamic, "v1", "Service", "kcrypt-challenger", "kcrypt")
+        assert service["spec"]["ports"][0]["port"] == 8082
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert fetch(dynamic, "policy/v1", "PodDisruptionBudget", "kcrypt-challenger", "kcrypt") is not None
+        result = run.task_results("Publish how to reach the challenger")[-1]["ansible_facts"]["challenger_result"]
+        assert result["url"] == "http://kcrypt-challenger.kcrypt.svc:8082"
+
+    def test_second_run_changes_nothing(self, cluster):
+        run = deploy(cluster)
+        assert run.changed == 0, applied(run)
+
+    def test_check_mode_predicts_without_applying(self, cluster, dynamic):
+        run = deploy(cluster, check=True, challenger_kubernetes_replicas=3)
+        assert run.changed > 0
+        assert applied(run)["updated"] == ["Deployment kcrypt/kcrypt-challenger"]
+        assert fetch(dynamic, "apps/v1", "Deployment", "kcrypt-challenger", "kcrypt")["spec"]["replicas"] == 2
+
+    def test_changes_are_applied(self, cluster, dynamic):
+        before = fetch(dynamic, "apps/v1", "Deployment", "kcrypt-challenger", "kcrypt")
+        run = deploy(cluster, challenger_kubernetes_replicas=3, challenger_log_level="debug")
+        assert sorted(applied(run)["updated"]) == [
+            "ConfigMap kcrypt/kcrypt-challenger", "Deployment kcrypt/kcrypt-challenger"]
+        after = fetch(dynamic, "apps/v1", "Deployment", "kcrypt-challenger", "kcrypt")
+        assert after["spec"]["replicas"] == 3
+        key = "kcrypt.kairos.io/config-sha256"  # a settings change rolls the pods
+        assert after["spec"]["template"]["metadata"]["annotations"][key] != \
+            before["spec"]["template"]["metadata"]["annotations"][key]
+        assert deploy(cluster, challenger_kubernetes_replicas=3, challenger_log_level="debug").changed == 0
+
+    def test_another_namespace(self, cluster, dynamic):
+        deploy(cluster, challenger_kubernetes_namespace="kcrypt-other", challenger_kubernetes_replicas=1)
+        binding = fetch(dynamic, "rbac.authorization.k8s.io/v1", "RoleBinding", "kcrypt-challenger", "kcrypt-other")
+        assert binding["subjects"][0]["namespace"] == "kcrypt-other"
+        assert fetch(dynamic, "v1", "ServiceAccount", "kcrypt-challenger", "kcrypt-other") is not None
+        settings = yaml.safe_load(fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt-other")["data"]["config.yaml"])
+        assert settings["store"] == "kubernetes://?namespace=kcrypt-other"
+        assert fetch(dynamic, "policy/v1", "PodDisruptionBudget", "kcrypt-challenger", "kcrypt-other") is None
+
+    def test_the_store_works_on_the_applied_crd(self, cluster):
+        store = "kubernetes://?namespace=kcrypt&kubeconfig=%s" % cluster.kubeconfig
+        cli = [sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger")]
+        added = subprocess.run(cli + ["add", "--store", store, "--tpm-hash", "a" * 64, "--partition", "COS_PERSISTENT"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert added.returncode == 0, added.stderr
+        listed = subprocess.run(cli + ["list", "--store", store, "-o", "yaml"], capture_output=True, text=True, timeout=60, check=False)
+        assert listed.returncode == 0, listed.stderr
+        assert "a" * 64 in listed.stdout
+
+    def test_server_with_the_configmap_settings_serves(self, cluster, dynamic, tmp_path):
+        """What a pod would run: the ConfigMap's config.yaml, the API reached as the pod would (here: KUBECONFIG)."""
+        config = tmp_path / "config.yaml"
+        config.write_text(fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt")["data"]["config.yaml"])
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(os.environ, KUBECONFIG=cluster.kubeconfig)
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger"), "serve",
+                                   "--config", str(config), "--listen", "127.0.0.1:%d" % port],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            status = None
+            while status is None:
+                try:
+                    with urllib.request.urlopen("http://127.0.0.1:%d/readyz" % port, timeout=5) as response:
+                        status = response.status
+                except OSError:
+                    assert server.poll() is None, server.stderr.read().decode()
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            assert status == 200  # /readyz: the store (SealedVolumes in namespace kcrypt) is reachable
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    def test_absent_removes_the_workload_and_keeps_the_data(self, cluster, dynamic):
+        run = deploy(cluster, challenger_state="absent")
+        deleted = applied(run)["deleted"]
+        assert "Deployment kcrypt/kcrypt-challenger" in deleted and "RoleBinding kcrypt/kcrypt-challenger" in deleted
+        assert fetch(dynamic, "apps/v1", "Deployment", "kcrypt-challenger", "kcrypt") is None
+        assert fetch(dynamic, "v1", "ServiceAccount", "kcrypt-challenger", "kcrypt") is None
+        assert fetch(dynamic, "v1", "Namespace", "kcrypt") is not None
+        assert fetch(dynamic, "apiextensions.k8s.io/v1", "CustomResourceDefinition",
+                     "sealedvolumes.keyserver.kairos.io") is not None
+        store = "kubernetes://?namespace=kcrypt&kubeconfig=%s" % cluster.kubeconfig
+        listed = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger"), "list", "--store",
+                                 store, "-o", "yaml"], capture_output=True, text=True, timeout=60, check=False)
+        assert "a" * 64 in listed.stdout
+        assert deploy(cluster, challenger_state="absent").changed == 0
