@@ -6,7 +6,7 @@
 Loop devices are shared with other test runs on the machine: a LoopDisk detaches
 only the device it attached (recorded from ``losetup --show``), after ``partx -d``.
 Here ``losetup -P`` creates no partition nodes, so partitions are added with
-``partx -a``. Labels in tests carry a random suffix: blkid searches every device
+``partx --update``. Labels in tests carry a random suffix: blkid searches every device
 on the machine, including other runs' loop devices.
 """
 
@@ -55,7 +55,8 @@ class LoopDisk:
         sh(*(args + [self.image]))
         self.loop = sh("losetup", "-f", "--show", self.image).stdout.decode().strip()
         try:
-            sh("partx", "-a", self.loop)
+            # --update, not -a: a loop number reused after a crashed run may still carry stale partition nodes
+            sh("partx", "--update", self.loop)
             deadline = time.monotonic() + 5
             while not all(os.path.exists(p) for p in self.partitions):
                 if time.monotonic() > deadline:
