@@ -520,15 +520,17 @@ class TPM:
     def nv_write(self, index, data):
         """Define NV ``index`` with upstream's attributes and size = len(data), then write ``data``.
 
-        Attributes ownerwrite|ownerread|authread|ppread, empty auth (spec §6.4).
-        Fails if the index already exists: callers decide whether to replace it.
+        Attributes ownerwrite|ownerread|authread|ppread, empty auth (spec §6.4), and name
+        algorithm SHA-1: go-tpm's legacy NVDefineSpace (tpmk.NVWrite, used by tpm-helpers
+        StoreBlob) hard-codes it, so ``tpm2_nvreadpublic`` shows an index we wrote exactly as
+        one a Kairos node wrote. Fails if the index already exists: callers decide whether to replace it.
         """
         attrs = (
             tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD | tss.TPMA_NV.PPREAD
         )
         public = tss.TPM2B_NV_PUBLIC(
             nvPublic=tss.TPMS_NV_PUBLIC(
-                nvIndex=index, nameAlg=tss.TPM2_ALG.SHA256, attributes=attrs, dataSize=len(data)
+                nvIndex=index, nameAlg=tss.TPM2_ALG.SHA1, attributes=attrs, dataSize=len(data)
             )
         )
         nv = None

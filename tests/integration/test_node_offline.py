@@ -92,7 +92,8 @@ def test_blob_written_the_upstream_way_is_read_by_us(swtpm, loop_disks, tmp_path
     sh("openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", os.path.join(work, "pub.pem"),
        "-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt", "rsa_mgf1_md:sha256",
        "-in", os.path.join(work, "pass"), "-out", os.path.join(work, "blob"))
-    tpm2_tools(swtpm.tcti, "tpm2_nvdefine", "-C", "o", "-s", "256", "-a", "ownerwrite|ownerread|authread|ppread", "0x1500000")
+    tpm2_tools(swtpm.tcti, "tpm2_nvdefine", "-C", "o", "-s", "256", "-g", "sha1",  # go-tpm legacy NVDefineSpace
+               "-a", "ownerwrite|ownerread|authread|ppread", "0x1500000")
     tpm2_tools(swtpm.tcti, "tpm2_nvwrite", "-C", "o", "-i", os.path.join(work, "blob"), "0x1500000")
 
     source = key_source.TpmKeySource(swtpm.tcti)

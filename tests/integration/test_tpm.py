@@ -110,6 +110,39 @@ def test_nv_readable_by_tpm2_tools(swtpm, tmp_path):
     assert out == b"kairos"
 
 
+def _nvreadpublic(swtpm, index):
+    """tpm2_nvreadpublic's report of one index, without the index line and the name (they differ per index)."""
+    out = subprocess.run(["tpm2_nvreadpublic", index], env=tools_env(swtpm), check=True, capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines()[1:] if line.strip() and not line.strip().startswith("name:")]
+
+
+def test_offline_nv_index_and_key_look_like_upstreams(swtpm, tmp_path):
+    """Checklist 46, compared with what tpm2-tools prints: an index we wrote reads exactly like one
+    written the upstream way (go-tpm legacy NVDefineSpace: name algorithm SHA-1), and the key at
+    c_index has tpm-helpers' template."""
+    with TPM(swtpm.tcti) as tpm:
+        tpm_blob.nv_passphrase(tpm)
+    ours = _nvreadpublic(swtpm, "0x1500000")
+    assert ours == [
+        "hash algorithm:", "friendly: sha1", "value: 0x4",
+        "attributes:", "friendly: ownerwrite|ppread|ownerread|authread|written", "value: 0x20070002",
+        "size: 256",
+    ]
+    env = tools_env(swtpm)
+    (tmp_path / "blob").write_bytes(os.urandom(256))
+    subprocess.run(["tpm2_nvdefine", "0x1500007", "-C", "o", "-s", "256", "-g", "sha1", "-a", "ownerwrite|ownerread|authread|ppread"],
+                   env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x1500007", "-C", "o", "-i", str(tmp_path / "blob")], env=env, check=True, capture_output=True)
+    assert _nvreadpublic(swtpm, "0x1500007") == ours
+    key = subprocess.run(["tpm2_readpublic", "-c", "0x81000008"], env=env, check=True, capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in key.splitlines() if line and not line.startswith(" ") and ":" in line)
+    assert {k: v.strip() for k, v in fields.items() if k in ("exponent", "bits", "sym-keybits")} == {
+        "exponent": "65537", "bits": "2048", "sym-keybits": "0"}
+    assert "name-alg:\n  value: sha256" in key
+    assert "attributes:\n  value: sensitivedataorigin|userwithauth|decrypt|sign\n" in key
+    assert "type:\n  value: rsa" in key and "scheme:\n  value: null" in key and "sym-alg:\n  value: null" in key
+
+
 @pytest.mark.parametrize("c_index", [0x81000008, 0x81000042], ids=["default", "custom"])
 def test_owner_key_encrypt_in_software_decrypt_in_tpm(swtpm, c_index):
     with TPM(swtpm.tcti) as tpm:
