@@ -354,9 +354,11 @@ def is_livecd_boot(cmdline, efivars_dir=EFIVARS_DIR):
     if "rd.immucore.uki" in cmdline:
         try:
             with open(os.path.join(efivars_dir, LOADER_DEVICE_PART_UUID), "rb") as handle:
-                return not handle.read()
+                data = handle.read()
         except OSError:
             return True
+        # efivarfs: 4 attribute bytes, then the value (a NUL-terminated UTF-16LE string)
+        return not data[4:].decode("utf-16-le", "replace").strip("\x00").strip()
     for markers, livecd in (
         (("kairos.reset",), False),
         (("COS_ACTIVE",), False),

@@ -204,6 +204,10 @@ def test_livecd_detection_uki(tmp_path):
     assert client_config.is_livecd_boot("rd.immucore.uki console=ttyS0", str(tmp_path)) is True  # no variable
     efivar.write_bytes(b"")
     assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is True  # empty
+    efivar.write_bytes(b"\x06\x00\x00\x00")
+    assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is True  # attributes, empty value
+    efivar.write_bytes(b"\x06\x00\x00\x00\x00\x00")
+    assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is True  # an empty string
     efivar.write_bytes(b"\x06\x00\x00\x00" + "1234-abcd".encode("utf-16-le"))
     assert client_config.is_livecd_boot("rd.immucore.uki", str(tmp_path)) is False  # booted from a disk
     cmdline = tmp_path / "cmdline"
