@@ -344,3 +344,36 @@ def test_ek_nonce_in_nv_is_honoured(swtpm_plain, tmp_path):
         ek = tpm.endorsement_key()
     assert ek.public_key.public_numbers().n == expected
     assert ek.tpm_hash != tpm2_tools_hash(swtpm_plain, tmp_path)  # without the nonce the key differs
+
+
+def test_ek_certificate_in_nv_decides_the_identity(swtpm_plain, tmp_path):
+    """Checklist 2: with an RSA certificate at NV 0x01c00002 the EK is the certificate's key, even when
+    the TCG template would yield another key (go-attestation's EKs() takes the certificate first)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    with TPM(swtpm_plain.tcti) as tpm:
+        template_ek = tpm.endorsement_key()
+    assert template_ek.certificate is None
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kcrypt test EK")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    der = cert.public_bytes(serialization.Encoding.DER) + b"\x00" * 16  # vendors zero-pad the NV area
+    (tmp_path / "cert.der").write_bytes(der)
+    env = tools_env(swtpm_plain)
+    subprocess.run(["tpm2_nvdefine", "0x01c00002", "-C", "o", "-s", str(len(der)), "-a", "ownerread|ownerwrite|authread|ppread"],
+                   env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x01c00002", "-C", "o", "-i", str(tmp_path / "cert.der")], env=env, check=True, capture_output=True)
+    with TPM(swtpm_plain.tcti) as tpm:
+        ek = tpm.endorsement_key()
+    assert ek.certificate is not None and ek.certificate_pem == cert.public_bytes(serialization.Encoding.PEM).decode()
+    assert ek.public_key.public_numbers() == key.public_key().public_numbers()
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert ek.tpm_hash == hashlib.sha256(spki).hexdigest() != template_ek.tpm_hash
