@@ -168,8 +168,11 @@ class _Exchange:
             raise _Fatal(self._certificate_error(url, error)) from None
         except websocket.WebSocketBadStatusException as error:
             ws.close()
-            raise KcryptError("bad handshake with %s: HTTP %s (is challenger_server the KMS origin, without a path?)"
-                              % (url, error.status_code)) from None
+            hint = "is challenger_server the KMS origin, without a path?"
+            if error.status_code == 404:  # the two protocol generations do not negotiate (checklist 50)
+                hint += (" A KMS of the other protocol generation answers 404 too: set protocol to %s"
+                         % ("legacy for Kairos <= v0.11 KMS" if path == protocol.ATTESTATION_PATH else "attestation for a v0.12+ KMS"))
+            raise KcryptError("bad handshake with %s: HTTP %s (%s)" % (url, error.status_code, hint)) from None
         except (websocket.WebSocketException, OSError) as error:
             ws.close()
             raise KcryptError("cannot connect to %s: %s" % (url, error or type(error).__name__)) from None
