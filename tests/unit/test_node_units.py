@@ -144,3 +144,82 @@ def test_cli_partition_spec_and_required_mode():
         parser.parse_args(["encrypt", "--label", "X"])  # --mode is required: no implicit destructive default
     with pytest.raises(SystemExit):
         parser.parse_args(["encrypt", "--mode", "format", "--partition", "size=3"])
+
+
+class _Recorder:
+    """Stands in for command.run at the cryptsetup/mkfs boundary: records (argv, stdin), succeeds."""
+
+    def __init__(self, fail=()):
+        self.calls = []
+        self.fail = list(fail)
+
+    def __call__(self, argv, what, stdin=b"", ok_codes=(0,), pass_fds=(), timeout=None):
+        self.calls.append((list(argv), stdin))
+        if self.fail:
+            raise self.fail.pop(0)
+        import subprocess
+
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+
+
+def test_format_runs_upstreams_command_sequence(monkeypatch):
+    """Checklist 43, argument by argument (the VM suite runs the same sequence on a real kernel)."""
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, filesystem
+
+    recorder = _Recorder()
+    monkeypatch.setattr(luks, "run", recorder)
+    monkeypatch.setattr(filesystem, "run", recorder)
+    monkeypatch.setattr(blockdev, "wait_for", lambda path: None)
+    device = BlockDevice(path="/dev/vda5", name="vda5", size=1 << 30)
+    item = encryption.PartitionPlan(encryption.Selector(label="COS_PERSISTENT"), device, "COS_PERSISTENT", "format",
+                                    luks_uuid=luks.uuid_for_label("COS_PERSISTENT"))
+    options = encryption.effective_options(luks.LuksOptions(), key_source.TpmKeySource("swtpm:host=127.0.0.1,port=1"))
+    key = b"0123456789abcdefghijklmnopqrstuv"
+    encryption._format(item, key, options)
+    assert recorder.calls == [
+        (["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--iter-time", "5", "--key-file", "-",
+          "--uuid", "85c39d0f-4867-5227-8334-f5eec606d9eb", "--label", "COS_PERSISTENT", "/dev/vda5"], key),
+        (["cryptsetup", "open", "--type", "luks", "--key-file", "-", "/dev/vda5", "vda5"], key),
+        (["mkfs.ext4", "-q", "-F", "-L", "COS_PERSISTENT", "/dev/mapper/vda5"], b""),
+        (["cryptsetup", "refresh", "--persistent", "--allow-discards", "--key-file", "-", "vda5"], key),
+        (["cryptsetup", "close", "vda5"], b""),
+    ]
+    assert all(key not in b" ".join(arg.encode() for arg in argv) for argv, stdin in recorder.calls)
+
+
+class _Source:
+    def __init__(self, key=b"k"):
+        self.key = key
+
+    def existing_key(self, device, label):
+        return self.key
+
+    def describe(self):
+        return "test key"
+
+
+def test_unlock_retries_with_linearly_growing_pauses(monkeypatch):
+    """Checklist 45: up to 10 attempts, sleeping attempt x 1 s, mapping named after the kernel name."""
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import unlock
+
+    device = BlockDevice(path="/dev/vda5", name="vda5", size=1 << 30, fstype="crypto_LUKS", label="COS_PERSISTENT")
+    sleeps = []
+    failures = [CommandError("opening /dev/vda5", ["cryptsetup"], 5, "device busy")] * 3
+    recorder = _Recorder(fail=failures)
+    monkeypatch.setattr(luks, "run", recorder)
+    plans = [unlock.UnlockPlan(device, "COS_PERSISTENT", device.name, "open")]
+    results = unlock.apply_open(plans, _Source(), sleep=sleeps.append)
+    assert sleeps == [1.0, 2.0, 3.0] and results[0]["mapper"] == "/dev/mapper/vda5" and results[0]["changed"]
+    assert [argv[-2:] for argv, stdin in recorder.calls] == [["/dev/vda5", "vda5"]] * 4
+
+    sleeps[:] = []
+    monkeypatch.setattr(luks, "run", _Recorder(fail=[CommandError("opening /dev/vda5", ["cryptsetup"], 5, "busy")] * 10))
+    with pytest.raises(KcryptError, match="could not open /dev/vda5 after 10 attempts"):
+        unlock.apply_open([unlock.UnlockPlan(device, "COS_PERSISTENT", "vda5", "open")], _Source(), sleep=sleeps.append)
+    assert sleeps == [float(n) for n in range(1, 10)]
+
+    sleeps[:] = []  # a wrong key is final (our deviation: upstream retries it too)
+    monkeypatch.setattr(luks, "run", _Recorder(fail=[CommandError("opening /dev/vda5", ["cryptsetup"], luks.EXIT_WRONG_KEY, "No key available")]))
+    with pytest.raises(luks.WrongKey):
+        unlock.apply_open([unlock.UnlockPlan(device, "COS_PERSISTENT", "vda5", "open")], _Source(), sleep=sleeps.append)
+    assert sleeps == []

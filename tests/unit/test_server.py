@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
 import urllib.error
@@ -109,6 +110,31 @@ def test_round_trip_passes_partition_pcrs_and_deferral(kms, policy, node):
     assert call[2] == {"0": "00" * 32, "7": "00" * 32, "11": node.pcrs[11].hex()}
     assert (call[3].label, call[3].device_name, call[3].uuid) == ("COS_OEM", "vda2", "unknown")
     assert call[4] is True
+
+
+def test_newest_protocol_frames_are_text_with_a_newline(kms, policy, node):
+    """gorilla's WriteJSON: every server message is a text frame holding compact JSON and one newline (checklist 7)."""
+    ws = connect(kms.ws_url)
+    try:
+        ws.send(protocol.write_json(node.init_message()))
+        opcode, challenge = ws.recv_data()
+        assert opcode == websocket.ABNF.OPCODE_TEXT and re.match(
+            rb'^\{"challenge":\{"Credential":"[A-Za-z0-9+/]+=*","Secret":"[A-Za-z0-9+/]+=*"\}\}\n$', challenge)
+        ws.send(protocol.write_json(node.proof_message(json.loads(challenge))))
+        opcode, response = ws.recv_data()
+    finally:
+        ws.close()
+    assert opcode == websocket.ABNF.OPCODE_TEXT and response == b'{"passphrase":"%s"}\n' % protocol.b64encode(PASSPHRASE).encode()
+    policy.fail = PolicyRejection("TPM is quarantined")
+    ws = connect(kms.ws_url)
+    try:
+        ws.send(protocol.write_json(node.init_message()))
+        ws.send(protocol.write_json(node.proof_message(json.loads(ws.recv()))))
+        opcode, error = ws.recv_data()
+        assert (opcode, error) == (websocket.ABNF.OPCODE_TEXT, b'{"error":"Attestation verification failed: TPM is quarantined"}\n')
+        assert _closed(ws)  # checklist 15: the error, then the connection ends
+    finally:
+        ws.close()
 
 
 def test_policy_rejection_uses_upstream_wording(kms, policy, node):

@@ -41,9 +41,13 @@ result mapped_after_close "$(ls /dev/mapper | grep -v control || true)"
     # lives only in the TPM's NV index (read through the same TPM state on the host).
     with open(persistent_disk, "rb") as disk:
         disk.seek(2048 * 512)
-        header = disk.read(72)
+        header = disk.read(4096)
+        json_area = disk.read(int.from_bytes(header[8:16], "big") - 4096)
     assert header[:6] == b"LUKS\xba\xbe" and header[6:8] == b"\x00\x02"
     assert header[24:72].rstrip(b"\x00") == b"COS_PERSISTENT"
+    # checklist 43/44: uuid5(NAMESPACE_URL, label), and allow-discards stored by `refresh --persistent`
+    assert header[168:208].rstrip(b"\x00") == b"85c39d0f-4867-5227-8334-f5eec606d9eb"
+    assert "allow-discards" in json.loads(json_area.split(b"\x00", 1)[0])["config"].get("flags", [])
     with SwTPM(node.tpm_state) as tpm:
         nv = json.loads(host_cli("kcrypt", "--json", "checknv", "--tpm-device", tpm.tcti).stdout)
     assert nv["exists"] is True and nv["size"] > 0
