@@ -41,6 +41,14 @@ def test_root_error_goes_to_stderr_with_exit_1(node):
     assert result.stderr.startswith(b"Error: no TPM at /nonexistent/tpm")
 
 
+def test_there_is_no_cleanup_command(node):
+    """Checklist 42: like every released upstream binary (cobra: unknown command); NV maintenance is `kcrypt cleanupnv`."""
+    result = node.run("cleanup")
+    assert (result.returncode, result.stdout) == (1, b"")
+    error = result.stderr.decode()
+    assert error.startswith("Error: argument command: invalid choice: 'cleanup'") and error.count("\n") == 1
+
+
 def test_info_layout(node, swtpm_plain):
     with TPM(swtpm_plain.tcti) as tpm:
         ek = tpm.endorsement_key()
