@@ -13,7 +13,6 @@ token's EK PEM type, one transient AK across retries, the mDNS ``Host`` header, 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -23,11 +22,12 @@ import uuid
 import pytest
 import tpm2_pytss as tss
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import client, mdns, protocol, tpm_blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils import client, mdns, protocol, server, tpm_blob
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.challenger import ChallengerThread
+from support.tls import make_pki
 
 from aiohttp import WSMsgType, web
 
@@ -294,3 +294,24 @@ def test_a_bad_challenge_is_retried_not_a_rejection(node, frame):
             client.get_passphrase(_config(kms.url, node), PartitionRef(label="COS_OEM"))
     assert not isinstance(info.value, client.AttestationRejected)
     assert len(peer.connections) == 2
+
+
+def test_certificate_is_added_to_the_system_roots(node, tmp_path, monkeypatch):
+    """Checklist 38: ``certificate`` joins the system trust store instead of replacing it.
+
+    The "system" store is pointed at a bundle with the KMS's CA (SSL_CERT_FILE, which OpenSSL's
+    default paths honour); the node's ``certificate`` names an unrelated CA: the KMS stays trusted.
+    """
+    (tmp_path / "kms").mkdir()
+    (tmp_path / "other").mkdir()
+    pki = make_pki(str(tmp_path / "kms"))
+    other_ca = open(make_pki(str(tmp_path / "other"))["ca.pem"]).read()
+    context = server.tls_context(pki["server.pem"], pki["server.key"])
+    peer = RecordingPeer()
+    with ChallengerThread(peer, ssl_context=context) as kms:
+        monkeypatch.setenv("SSL_CERT_FILE", pki["ca.pem"])
+        assert client.get_passphrase(_config(kms.url, node, certificate=other_ca), PartitionRef(label="COS_OEM")) == PASSPHRASE
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "other" / "ca.pem"))
+        with pytest.raises(KcryptError, match="x509: certificate signed by unknown authority"):
+            client.get_passphrase(_config(kms.url, node, certificate=other_ca, attempts=1), PartitionRef(label="COS_OEM"))
+    assert len(peer.connections) == 1
