@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Upstream's e2e scenarios 7-11 (spec §8.2), step by step, with real parts and without VMs.
+"""Upstream's e2e scenarios 2, 3 and 7-11 (spec §8.2), step by step, with real parts and without VMs.
 
 Upstream runs them on VMs against a k3d cluster; here the node is our client on a swtpm,
 the KMS our challenger on 127.0.0.1 with the real policy, and the store every backend of
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import client, policy, server, store
+from ansible_collections.kairos.kcrypt.plugins.module_utils import client, policy, server
+from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.challenger import ChallengerThread
@@ -63,7 +64,25 @@ def edit(kms_store, node, change):
 
 def registered(name, node, partitions, **kwargs):
     """A SealedVolume as an administrator writes it for this node."""
-    return store.new_volume(name, node.ek.tpm_hash, partitions, **kwargs)
+    return st.new_volume(name, node.ek.tpm_hash, partitions, **kwargs)
+
+
+def test_remote_auto(kms, store, node):
+    """Scenario 2: a pre-created SealedVolume (TPM hash + label, no Secret) gets a generated Secret <volume>-<label>."""
+    store.create_volume(registered("auto-node", node, [{"label": "COS_PERSISTENT"}]))
+    passphrase = unlock(kms, node, PERSISTENT)
+    secret = store.get_secret("auto-node-cos-persistent")
+    assert secret["data"]["passphrase"] == passphrase and len(passphrase) == 44
+    assert secret["metadata"]["labels"]["kcrypt.kairos.io/managed-by"] == "kcrypt-challenger"
+    assert unlock(kms, node, PERSISTENT) == passphrase  # after the reboot
+
+
+def test_remote_static(kms, store, node):
+    """Scenario 3: the administrator's Secret <volume>-cos-persistent (key passphrase) is what the node gets."""
+    store.create_secret(st.new_secret("static-node-cos-persistent", {"passphrase": b"an administrator's passphrase"}))
+    store.create_volume(registered("static-node", node, [{"label": "COS_PERSISTENT"}]))
+    assert unlock(kms, node, PERSISTENT) == b"an administrator's passphrase"
+    assert unlock(kms, node, PERSISTENT) == b"an administrator's passphrase"
 
 
 def test_remote_complete_workflow(kms, store, node):
@@ -123,7 +142,7 @@ def test_remote_complete_workflow(kms, store, node):
 
 
 def static(kms_store, name, value):
-    kms_store.create_secret(store.new_secret(name, {"passphrase": value}))
+    kms_store.create_secret(st.new_secret(name, {"passphrase": value}))
     return [{"label": "COS_PERSISTENT", "secret": {"name": name, "path": "passphrase"}}]
 
 
