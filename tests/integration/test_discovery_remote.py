@@ -119,6 +119,22 @@ def test_get_over_both_protocols(tmp_path, node, tpm):
         assert (again.returncode, again.stdout) == (0, generated.stdout)
 
 
+def test_livecd_cmdline_defers_pcr_enrollment(tmp_path, tpm, subprocess_env):
+    """Checklist 17: booted from the install medium (live:CDLABEL), the node asks the KMS to defer the PCRs."""
+    livecd = DiscoveryNode(tmp_path / "livecd", subprocess_env, cmdline="BOOT_IMAGE=/boot/kernel root=live:CDLABEL=KAIROS rd.neednet=1\n")
+    with KMS(tmp_path) as kms:
+        result = get(livecd, tpm, kms.url)
+        assert result.returncode == 0, result.stderr
+        with kms.store() as opened:
+            pcrs = opened.volumes_for(tpm.tpm_hash)[0]["spec"]["attestation"]["pcrValues"]["pcrs"]
+        assert pcrs == {"0": "", "7": "", "11": ""}
+        installed = DiscoveryNode(tmp_path / "installed", subprocess_env)  # first boot from disk: COS_ACTIVE
+        assert get(installed, tpm, kms.url).stdout == result.stdout
+        with kms.store() as opened:
+            pcrs = opened.volumes_for(tpm.tpm_hash)[0]["spec"]["attestation"]["pcrValues"]["pcrs"]
+        assert sorted(pcrs) == ["0", "11", "7"] and all(len(value) == 64 for value in pcrs.values())
+
+
 def test_get_with_pinned_ca_and_bad_certificate(tmp_path, node, tpm):
     pki = make_pki(str(tmp_path))
     (tmp_path / "other").mkdir()
