@@ -76,7 +76,7 @@ class ClientConfig:
     protocol: str = PROTOCOL_ATTESTATION
     defer_pcr_enrollment: bool = False
     timeout: float = 30.0  # seconds to wait for each KMS message
-    mdns_interfaces: object = None  # None: mdns module default (loopback); names or IPv4 addresses
+    mdns_interfaces: object = None  # None: mdns module default ($KCRYPT_MDNS_INTERFACES, else every interface); names or IPv4 addresses
     mdns_timeout: float = 15.0
 
     def validate(self):
