@@ -157,8 +157,8 @@ def test_remote_ek_only(kms, store, node):
 
 def test_remote_selective_pcr(kms, store, node):
     """Scenario 9: EK "" and PCRs 0 and 7 "": both PCRs and the EK are learned, PCR 11 stays unchecked."""
-    store.create_volume(registered("selective", node, static(store, "selective-static", b"selective"),
-                                            attestation={"ekPublicKey": "", "pcrValues": {"pcrs": {"0": "", "7": ""}}}))
+    attestation = {"ekPublicKey": "", "pcrValues": {"pcrs": {"0": "", "7": ""}}}
+    store.create_volume(registered("selective", node, static(store, "selective-static", b"selective"), attestation=attestation))
     assert unlock(kms, node, PERSISTENT) == b"selective"
     attestation = volume_of(store, node)["spec"]["attestation"]
     assert attestation["ekPublicKey"] == node.ek.public_pem
@@ -178,8 +178,8 @@ def test_remote_ek_reenroll(kms, store, node):
 def test_remote_mixed_modes(kms, store, node):
     """Scenario 11: EK enforced, PCR0 "", PCR7 enforced, PCR11 omitted: works, PCR0 learned, the rest unchanged."""
     pcrs = {"0": "", "7": node.pcrs["7"]}
-    store.create_volume(registered("mixed", node, static(store, "mixed-static", b"mixed"),
-                                            attestation={"ekPublicKey": node.ek.public_pem, "pcrValues": {"pcrs": pcrs}}))
+    attestation = {"ekPublicKey": node.ek.public_pem, "pcrValues": {"pcrs": pcrs}}
+    store.create_volume(registered("mixed", node, static(store, "mixed-static", b"mixed"), attestation=attestation))
     assert unlock(kms, node, PERSISTENT) == b"mixed"
     attestation = volume_of(store, node)["spec"]["attestation"]
     assert attestation["pcrValues"]["pcrs"] == {"0": node.pcrs["0"], "7": node.pcrs["7"]}
