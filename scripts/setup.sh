@@ -20,16 +20,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# pip, without the machine's notes about unreachable extra indexes; fails when pip fails.
+pip() {
+  .venv/bin/python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip wheel 2>&1 | grep -v "is ignored" || true
+pip install -q --upgrade pip wheel
 mkdir -p "$CACHE/wheels"
 if ! ls "$CACHE"/wheels/tpm2_pytss-3.0.0-*.whl >/dev/null 2>&1; then
   echo "setup: building the tpm2-pytss wheel (~30 s, cached in $CACHE/wheels)"
-  .venv/bin/python -m pip wheel -q --no-deps -w "$CACHE/wheels" tpm2-pytss==3.0.0 2>&1 | grep -v "is ignored" || true
+  pip wheel -q --no-deps -w "$CACHE/wheels" tpm2-pytss==3.0.0
 fi
-.venv/bin/python -m pip install -q --find-links "$CACHE/wheels" -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+pip install -q --find-links "$CACHE/wheels" -r requirements-dev.txt
 
 mkdir -p .collections/ansible_collections/kairos
 ln -sfn ../../.. .collections/ansible_collections/kairos/kcrypt
