@@ -9,7 +9,7 @@ CACHE=${KCRYPT_CACHE:-$HOME/.cache/kcrypt}
 PYTHON=${PYTHON:-python3}
 
 DEBS=(swtpm swtpm-tools tpm2-tools libtss2-dev cryptsetup-bin cryptsetup e2fsprogs util-linux fdisk gdisk
-      iproute2 openssl gcc python3-dev tang curl rsync
+      iproute2 openssl gcc pkg-config python3-dev tang curl rsync
       qemu-system-x86 cpio kmod)  # the VM tests (tests/vm, docs/vm.md): QEMU, initramfs packing, depmod
 missing=()
 for p in "${DEBS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
