@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 
@@ -59,15 +60,19 @@ def run(argv, what, stdin=b"", ok_codes=(0,), pass_fds=(), timeout=None):
     env = dict(os.environ)
     env.update(C_LOCALE)
     try:
-        result = subprocess.run(
-            [program] + list(argv[1:]),
-            input=stdin,
-            capture_output=True,
-            env=env,
-            pass_fds=pass_fds,
-            timeout=timeout,
-            check=False,
-        )
+        # A private (0700) working directory, removed afterwards: `cryptsetup reencrypt --encrypt` writes a
+        # temporary LUKS header, key slots included, into its working directory.
+        with tempfile.TemporaryDirectory(prefix="kcrypt-") as workdir:
+            result = subprocess.run(
+                [program] + list(argv[1:]),
+                input=stdin,
+                capture_output=True,
+                env=env,
+                cwd=workdir,
+                pass_fds=pass_fds,
+                timeout=timeout,
+                check=False,
+            )
     except subprocess.TimeoutExpired:
         raise CommandError("%s: %s did not finish within %s s" % (what, argv[0], timeout), argv) from None
     except OSError as error:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -223,3 +224,14 @@ def test_unlock_retries_with_linearly_growing_pauses(monkeypatch):
     with pytest.raises(luks.WrongKey):
         unlock.apply_open([unlock.UnlockPlan(device, "COS_PERSISTENT", "vda5", "open")], _Source(), sleep=sleeps.append)
     assert sleeps == []
+
+
+def test_commands_run_in_a_private_working_directory_that_is_removed(tmp_path, monkeypatch):
+    """cryptsetup reencrypt writes a temporary LUKS header into its working directory: never the caller's."""
+    monkeypatch.chdir(tmp_path)
+    script = 'stat -c %a .; pwd; echo header > LUKS2-temp-test.new'
+    out = run(["sh", "-c", script], "writing a temporary file").stdout.decode().split()
+    mode, workdir = out[0], out[1]
+    assert mode == "700"
+    assert workdir != str(tmp_path) and not os.path.exists(workdir)
+    assert list(tmp_path.iterdir()) == []
