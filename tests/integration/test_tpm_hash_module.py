@@ -19,7 +19,7 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 def ansible(repo_root, env, *args, cwd=None):
     env = dict(env)
-    env["ANSIBLE_STDOUT_CALLBACK"] = "kcrypt_json"
+    env["ANSIBLE_STDOUT_CALLBACK"] = "kcrypt_test_json"
     env["ANSIBLE_CALLBACK_PLUGINS"] = os.path.join(repo_root, "tests", "support", "callback_plugins")
     env["ANSIBLE_LOAD_CALLBACK_PLUGINS"] = "1"
     return subprocess.run(
