@@ -98,6 +98,43 @@ class _Abort(Exception):
         self.close_code = close_code
 
 
+class _Exchange:
+    """One WebSocket exchange of any protocol: counted in flight while it runs; its end (done,
+    aborted, connection lost, server stopping) becomes an outcome, the socket is closed with what the
+    node must be told, and one audit line is written."""
+
+    def __init__(self, server, request, protocol_name, session=None):
+        self.server, self.request, self.protocol_name, self.session = server, request, protocol_name, session
+        self.started = time.monotonic()
+        self.ws = None
+        self.peer = request.remote
+        self.partition = PartitionRef.from_headers(request.headers)
+        self.tpm_hash = ""  # set by the handler once known (legacy), or read from the session
+        self.outcome, self.detail, self.extra = OUTCOME_SUCCESS, "", ""
+
+    async def __aenter__(self):
+        self.ws = await self.server._upgrade(self.request)
+        self.server.metrics.in_flight += 1
+        return self
+
+    async def __aexit__(self, exc_type, error, traceback):
+        abort, handled = None, True
+        if isinstance(error, _Abort):
+            abort, self.outcome, self.detail = error, error.outcome, error.detail
+        elif isinstance(error, ConnectionError):
+            self.outcome, self.detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
+        elif isinstance(error, asyncio.CancelledError):  # server shutdown: account for it, let it through
+            self.outcome, self.detail, handled = OUTCOME_DISCONNECTED, "cancelled (server stopping)", False
+        elif error is not None:  # a bug: account for it, let it through (aiohttp logs the traceback)
+            self.outcome, self.detail, handled = OUTCOME_ERROR, "internal error: %s" % type(error).__name__, False
+        self.server.metrics.in_flight -= 1
+        await self.server._finish(self.ws, abort)
+        tpm_hash = self.session.tpm_hash if self.session is not None else self.tpm_hash
+        self.server._audit(self.protocol_name, self.started, self.outcome, tpm_hash, self.partition,
+                           self.detail, self.peer, self.extra)
+        return handled
+
+
 def _json_error(text):
     return protocol.write_json({"error": text})
 
@@ -273,14 +310,9 @@ class Challenger:
     # -- newest protocol (spec §2.A) -------------------------------------------
 
     async def handle_attestation(self, request):
-        started = time.monotonic()
-        ws = await self._upgrade(request)
-        partition = PartitionRef.from_headers(request.headers)
         session = protocol.AttestationSession(self.nonce_mode)
-        abort = None
-        outcome, detail, extra = OUTCOME_SUCCESS, "", ""
-        self.metrics.in_flight += 1
-        try:
+        async with _Exchange(self, request, PROTOCOL_ATTESTATION, session=session) as exchange:
+            ws = exchange.ws
             init = await self._read(ws, "attestation init", "WebSocket read: reading attestation init: ", _json_error)
             try:
                 challenge = session.challenge(init)
@@ -293,10 +325,10 @@ class Challenger:
             except protocol.StageError as error:
                 kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
                 raise _Abort(kind, str(error), message=_json_error(str(error))) from None
-            extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
+            exchange.extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
             try:
                 passphrase = await self._store(
-                    self.policy.issue_passphrase, verified.tpm_hash, verified.ek_pem, verified.pcrs, partition,
+                    self.policy.issue_passphrase, verified.tpm_hash, verified.ek_pem, verified.pcrs, exchange.partition,
                     defer_pcr_enrollment=verified.defer_pcr_enrollment,
                 )
             except PolicyRejection as error:
@@ -307,18 +339,7 @@ class Challenger:
             if not passphrase:
                 raise self._internal_error("issuing a passphrase", KcryptError("the store returned an empty passphrase"))
             await ws.send_str(protocol.write_json(protocol.response_message(passphrase=passphrase)))
-        except _Abort as error:
-            abort, outcome, detail = error, error.outcome, error.detail
-        except ConnectionError as error:
-            outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
-        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
-            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
-            raise
-        finally:
-            self.metrics.in_flight -= 1
-            await self._finish(ws, abort)
-            self._audit(PROTOCOL_ATTESTATION, started, outcome, session.tpm_hash, partition, detail, request.remote, extra)
-        return ws
+        return exchange.ws
 
     # -- legacy protocol (spec §2.B) ---------------------------------------------
 
@@ -338,70 +359,38 @@ class Challenger:
         return auth.tpm_hash
 
     async def handle_get_pass(self, request):
-        started = time.monotonic()
-        ws = await self._upgrade(request)
-        partition = PartitionRef.from_headers(request.headers)
-        abort, tpm_hash = None, ""
-        outcome, detail = OUTCOME_SUCCESS, ""
-        self.metrics.in_flight += 1
-        try:
-            tpm_hash = await self._legacy_auth(request, ws)
+        async with _Exchange(self, request, PROTOCOL_LEGACY_GET) as exchange:
+            ws = exchange.ws
+            exchange.tpm_hash = tpm_hash = await self._legacy_auth(request, ws)
             try:
-                payload = await self._store(self.policy.legacy_get_pass, tpm_hash, partition)
+                payload = await self._store(self.policy.legacy_get_pass, tpm_hash, exchange.partition)
             except Exception as error:
                 raise self._internal_error("looking up TPM %s" % tpm_hash, error) from None
             if payload.get("error"):
-                outcome, detail = OUTCOME_REJECTED, payload["error"]
+                exchange.outcome, exchange.detail = OUTCOME_REJECTED, payload["error"]
             await ws.send_bytes(protocol.legacy_payload(
                 passphrase=payload.get("passphrase", ""), error=payload.get("error", ""),
                 generated_by=payload.get("generated_by", ""),
             ))
-        except _Abort as error:
-            abort, outcome, detail = error, error.outcome, error.detail
-        except ConnectionError as error:
-            outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
-        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
-            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
-            raise
-        finally:
-            self.metrics.in_flight -= 1
-            await self._finish(ws, abort)
-            self._audit(PROTOCOL_LEGACY_GET, started, outcome, tpm_hash, partition, detail, request.remote)
-        return ws
+        return exchange.ws
 
     async def handle_post_pass(self, request):
-        started = time.monotonic()
-        ws = await self._upgrade(request)
-        partition = PartitionRef.from_headers(request.headers)
-        abort, tpm_hash = None, ""
-        outcome, detail, extra = OUTCOME_SUCCESS, "", ""
-        self.metrics.in_flight += 1
-        try:
-            tpm_hash = await self._legacy_auth(request, ws)
+        async with _Exchange(self, request, PROTOCOL_LEGACY_POST) as exchange:
+            ws = exchange.ws
+            exchange.tpm_hash = tpm_hash = await self._legacy_auth(request, ws)
             frame = await self._read(ws, "passphrase payload", "", _legacy_error)
             try:
                 payload = protocol.parse_legacy_payload(frame)
             except protocol.ProtocolError as error:
                 raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_legacy_error(str(error))) from None
             try:
-                created = await self._store(self.policy.legacy_post_pass, tpm_hash, partition, payload)
+                created = await self._store(self.policy.legacy_post_pass, tpm_hash, exchange.partition, payload)
             except PolicyRejection as error:
                 raise _Abort(OUTCOME_REJECTED, str(error), message=_legacy_error(str(error))) from None
             except Exception as error:
                 raise self._internal_error("storing the passphrase of TPM %s" % tpm_hash, error) from None
-            extra = " stored=%s" % ("new" if created else "kept-existing")
-        except _Abort as error:
-            abort, outcome, detail = error, error.outcome, error.detail
-        except ConnectionError as error:
-            outcome, detail = OUTCOME_DISCONNECTED, "connection lost: %s" % (error or type(error).__name__)
-        except asyncio.CancelledError:  # server shutdown: account for it, then let the cancellation through
-            outcome, detail = OUTCOME_DISCONNECTED, "cancelled (server stopping)"
-            raise
-        finally:
-            self.metrics.in_flight -= 1
-            await self._finish(ws, abort)
-            self._audit(PROTOCOL_LEGACY_POST, started, outcome, tpm_hash, partition, detail, request.remote, extra)
-        return ws
+            exchange.extra = " stored=%s" % ("new" if created else "kept-existing")
+        return exchange.ws
 
     # -- operations ------------------------------------------------------------
 
