@@ -60,6 +60,7 @@ _checkout.setup()
 from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol  # noqa: E402
 from support import soft_tpm  # noqa: E402
 from support.tls import make_pki  # noqa: E402
+from support.process import stop as stop_process  # noqa: E402
 
 TANGD = "/usr/libexec/tangd"
 TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
@@ -111,13 +112,7 @@ class Process:
         return self.popen.pid
 
     def stop(self):
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen)
 
 
 def start_challenger(workdir, tls=None, extra=()):

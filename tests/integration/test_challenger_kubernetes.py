@@ -13,7 +13,6 @@ rollouts and the image are out of reach.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import yaml
 
 from support import playbook
 from support.kube_cluster import KubeCluster
+from support.process import stop as stop_process
 
 ROOT = playbook.ROOT
 pytest.importorskip("kubernetes")
@@ -175,12 +175,7 @@ class TestChallengerOnKubernetes:
                     time.sleep(0.2)
             assert status == 200  # /readyz: the store (SealedVolumes in namespace kcrypt) is reachable
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server, timeout=15)
 
     def test_absent_removes_the_workload_and_keeps_the_data(self, cluster, dynamic):
         run = deploy(cluster, challenger_state="absent")

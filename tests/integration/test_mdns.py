@@ -17,6 +17,7 @@ import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
 from support.netns import veth_namespaces
+from support.process import stop as stop_process
 
 PEER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support", "mdns_peer.py")
 
@@ -172,9 +173,4 @@ def test_challenger_announced_in_one_namespace_is_found_and_reached_from_another
             )
             assert health.stdout.strip() == "200", health.stderr
         finally:
-            kms.terminate()
-            try:
-                kms.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                kms.kill()
-                kms.wait()
+            stop_process(kms)

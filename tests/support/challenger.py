@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import urllib.request
 import websocket
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol, server
+from support.process import stop as stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -129,15 +129,7 @@ class ChallengerProcess:
         raise RuntimeError("kcrypt-challenger did not answer /healthz within %ss" % timeout)
 
     def stop(self):
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def __enter__(self):

@@ -92,13 +92,9 @@ class KubeAPI:
         return path
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        from support.process import stop as stop_process  # here: this file also runs as a script
+
+        stop_process(self.process)
         self.process = None
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
+
+from support.process import stop as stop_process
 
 
 def free_port_pair(host="127.0.0.1"):
@@ -99,15 +100,7 @@ class SwTPM:
 
     def stop(self):
         """Stop the process this object started; waits for it so the state is flushed to disk."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=5)
         self.process = None
 
     def restart(self):

@@ -29,6 +29,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from support.process import stop as stop_process
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 RELAY = os.path.join(HERE, "relay.py")
@@ -116,18 +118,6 @@ def _die_with_parent():
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _stop(process, timeout=5):
-    """Stop a process this module started: SIGTERM, then SIGKILL."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 class Machine:
     """One test node: its TPM state, disks and checkout; boots any number of times.
 
@@ -181,7 +171,7 @@ class Machine:
         deadline = time.monotonic() + 5
         while not os.path.exists(socket_path):
             if process.poll() is not None or time.monotonic() > deadline:
-                _stop(process)
+                stop_process(process)
                 raise VMError("swtpm did not start; see %s" % log_path)
             time.sleep(0.01)
         return process
@@ -221,7 +211,7 @@ class Machine:
             try:
                 qemu.wait(timeout=timeout or self.timeout)
             except subprocess.TimeoutExpired:
-                _stop(qemu)
+                stop_process(qemu)
                 raise VMError("VM %s did not power off within %d s; console log: %s"
                               % (name, timeout or self.timeout, console_log)) from None
             finally:
@@ -232,8 +222,8 @@ class Machine:
             except subprocess.TimeoutExpired:
                 pass
         finally:
-            _stop(qemu)
-            _stop(swtpm)
+            stop_process(qemu)
+            stop_process(swtpm)
             shutil.rmtree(sockdir, ignore_errors=True)
         seconds = time.monotonic() - started
         with open(console_log, "a") as handle:  # for whoever reads the log later
