@@ -5,9 +5,9 @@
 
 Loop devices are shared with other test runs on the machine: a LoopDisk detaches
 only the device it attached (recorded from ``losetup --show``), after ``partx -d``.
-Here ``losetup -P`` creates no partition nodes, so partitions are added with
-``partx --update``. Labels in tests carry a random suffix: blkid searches every device
-on the machine, including other runs' loop devices.
+Here ``losetup -P`` creates no partition nodes: they are made the lab's way
+(roles/lab/files/kcrypt_lab.py ``show_partitions``). Labels in tests carry a random
+suffix: blkid searches every device on the machine, including other runs' loop devices.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import stat
 import subprocess
-import time
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "roles", "lab", "files"))
+from kcrypt_lab import show_partitions  # noqa: E402  (the lab's way; one implementation)
 
 
 def sh(*args, stdin=b"", check=True, env=None):
@@ -46,7 +48,6 @@ class LoopDisk:
         self.layout = layout
         self.size_mib = size_mib or (sum(size for name, size in layout) + 4)
         self.loop = None
-        self._made_nodes = []  # partition nodes made by hand, removed on detach
 
     def attach(self):
         with open(self.image, "wb") as handle:
@@ -57,42 +58,11 @@ class LoopDisk:
         sh(*(args + [self.image]))
         self.loop = sh("losetup", "-f", "--show", self.image).stdout.decode().strip()
         try:
-            self._show_partitions()
+            show_partitions(self.loop, len(self.layout))
         except BaseException:
             self.detach()
             raise
         return self
-
-    def _show_partitions(self):
-        """Make /dev/loopNpM appear: partx tells the kernel, devtmpfs makes the node.
-
-        Seen in CI under parallel load: the kernel had not taken the table yet, or devtmpfs lagged.
-        So partx is repeated, and a node the kernel knows (sysfs) but /dev lacks is made by hand.
-        """
-        name = os.path.basename(self.loop)
-        deadline = time.monotonic() + 15
-        while True:
-            # --update, not -a: a loop number reused after a crashed run may still carry stale partitions
-            update = sh("partx", "--update", self.loop, check=False)
-            for number, path in enumerate(self.partitions, start=1):
-                sysfs = "/sys/class/block/%sp%d/dev" % (name, number)
-                if not os.path.exists(path) and os.path.exists(sysfs):
-                    with open(sysfs) as handle:
-                        major, minor = (int(x) for x in handle.read().split(":"))
-                    try:
-                        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
-                        self._made_nodes.append(path)
-                    except FileExistsError:
-                        pass
-            if all(os.path.exists(p) for p in self.partitions):
-                return
-            if time.monotonic() > deadline:
-                known = sorted(e for e in os.listdir("/sys/class/block") if e.startswith(name + "p"))
-                raise RuntimeError(
-                    "partitions of %s did not appear (partx: rc %d %s; kernel knows %s)"
-                    % (self.loop, update.returncode, update.stderr.decode(errors="replace").strip(), known or "none")
-                )
-            time.sleep(0.2)
 
     @property
     def partitions(self):
@@ -103,10 +73,6 @@ class LoopDisk:
             return
         sh("partx", "-d", self.loop, check=False)
         sh("losetup", "-d", self.loop, check=False)
-        for path in self._made_nodes:
-            if os.path.exists(path):
-                os.unlink(path)
-        self._made_nodes = []
         self.loop = None
         if os.path.exists(self.image):
             os.unlink(self.image)

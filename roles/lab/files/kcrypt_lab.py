@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -567,12 +568,56 @@ def attach_disk(record):
     if not loops:
         loops = [run(["losetup", "--find", "--show", record["image"]]).stdout.strip()]
         changed = True
-    expected = ["%sp%d" % (loops[0], number) for number, _name in image_partitions(record["image"])]
-    if not all(os.path.exists(device) for device in expected):
-        # no udev here, and losetup -P does not create partition nodes on every kernel
-        run(["partx", "--update", loops[0]])
-        changed = True
-    return changed
+    count = len(image_partitions(record["image"]))
+    return show_partitions(loops[0], count) or changed
+
+
+def show_partitions(loop, count, timeout=15.0):
+    """Make the partition nodes /dev/<loop>p1..p<count> appear; True if something had to be done.
+
+    No udev here, and losetup -P does not create partition nodes on every kernel: partx tells the
+    kernel about the partitions and devtmpfs makes the nodes. Under load the kernel or devtmpfs can
+    lag (seen in CI), so partx is repeated; a node the kernel knows (sysfs) that /dev lacks, or a
+    stale node with other device numbers, is (re)made by hand. Shared with the tests' loop disks.
+    """
+    name = os.path.basename(loop)
+    devices = ["%sp%d" % (loop, number) for number in range(1, count + 1)]
+
+    def kernel_dev(number):
+        try:
+            with open("/sys/class/block/%sp%d/dev" % (name, number)) as handle:
+                major, minor = (int(x) for x in handle.read().split(":"))
+            return os.makedev(major, minor)
+        except FileNotFoundError:
+            return None
+
+    def ready(number, device):
+        wanted = kernel_dev(number)
+        try:
+            return wanted is not None and os.stat(device).st_rdev == wanted
+        except FileNotFoundError:
+            return False
+
+    if all(ready(number, device) for number, device in enumerate(devices, start=1)):
+        return False
+    deadline = time.monotonic() + timeout
+    while True:
+        # --update, not --add: a loop number reused after a crashed run may still carry stale partitions
+        update = run(["partx", "--update", loop], check=False)
+        for number, device in enumerate(devices, start=1):
+            wanted = kernel_dev(number)
+            if wanted is not None and not ready(number, device):
+                if os.path.lexists(device):
+                    os.unlink(device)
+                try:
+                    os.mknod(device, 0o600 | stat.S_IFBLK, wanted)
+                except FileExistsError:
+                    pass  # devtmpfs made it meanwhile
+        if all(ready(number, device) for number, device in enumerate(devices, start=1)):
+            return True
+        if time.monotonic() > deadline:
+            raise LabError("the partitions of %s did not appear (partx: rc=%d %s)" % (loop, update.returncode, update.stderr.strip()))
+        time.sleep(0.2)
 
 
 def detach_disk(record):
