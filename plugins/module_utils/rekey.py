@@ -29,7 +29,9 @@ States a crash can leave, and what a re-run with the same ``rekey_id`` does:
 
 from __future__ import annotations
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, luks, tpm_blob
+import os
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, encryption, luks, tpm_blob
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 
@@ -75,11 +77,12 @@ def resolve(selectors, scope=None):
     return devices
 
 
-def add(device, current_key, new_key, source_name, rekey_id, options, check_mode=False):
+def add(device, current_key, new_key, source_name, rekey_id, options, check_mode=False, force=False):
     """Step 1 on one partition. Returns {"added": bool, "removed_slots": [stale slot]}.
 
     ``current_key`` is the key the source serves now; ``rekey_id`` None means no round is
     recorded (an explicit new passphrase identifies itself: when it opens, it is in).
+    ``force`` adds ``new_key`` even when the round looks done on this partition.
     """
     path = device.path
     outcome = {"added": False, "removed_slots": []}
@@ -87,8 +90,10 @@ def add(device, current_key, new_key, source_name, rekey_id, options, check_mode
         return outcome  # already added (or already the only key)
     header = luks.read_header(path)
     slot = round_slot(header, rekey_id) if rekey_id is not None else None
-    if slot is not None and luks.test_passphrase(path, current_key, keyslot=slot):
+    if slot is not None and not force and luks.test_passphrase(path, current_key, keyslot=slot):
         return outcome  # the source already serves this round's key: step 2 is done
+    if force:
+        slot = None  # the round's slot holds the current key: keep it
     luks.require_key(path, current_key, source_name)
     if new_key is None:
         raise KcryptError("%s: no new key to add" % path)
@@ -146,6 +151,28 @@ def old_slots(device):
     return [slot for slot in header.key_slots if slot not in header.recovery_slots]
 
 
+def _refuse_unlisted(devices, current):
+    """The NV key is shared: refuse when it also opens a LUKS device that is not being re-keyed.
+
+    Rewriting the blob would leave that device without a key the TPM can give.
+    """
+    listed = {device.name for device in devices}
+    others = []
+    for path in blockdev.find_luks_paths():
+        try:
+            if blockdev.kernel_name(path) not in listed and luks.test_passphrase(path, current):
+                others.append(path)
+        except KcryptError:
+            if os.path.exists(path):
+                raise
+            # gone since the scan (a detached loop device): it holds nothing to strand
+    if others:
+        raise KcryptError(
+            "the offline TPM key also opens %s, which is not listed: the new NV blob would not open it. List every "
+            "partition encrypted with this key. Nothing was changed." % ", ".join(others)
+        )
+
+
 def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
     """The offline (``tpm``) source end to end: new random key, add, verify, rewrite the NV blob, verify, remove.
 
@@ -155,12 +182,20 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
     current = source.existing_key()
     if current is None:
         raise KcryptError("%s holds no key: there is nothing to re-key from" % source.describe())
+    _refuse_unlisted(devices, current)
     outcomes = {}
     new_key = tpm_blob.generate_passphrase()
+    source.secrets.append(new_key)
     for device in devices:
         log("adding the new key to %s" % device.path)
         outcomes[device.path] = add(device, current, new_key, source.describe(), rekey_id, options, check_mode)
     nv_rewritten = any(o["added"] for o in outcomes.values())
+    if nv_rewritten:
+        # one NV key for all partitions: one that looked done (e.g. newly listed with a finished
+        # round id) gets the new key too, or the new blob would not open it
+        for device in devices:
+            if not outcomes[device.path]["added"]:
+                outcomes[device.path] = add(device, current, new_key, source.describe(), rekey_id, options, check_mode, force=True)
     if nv_rewritten and not check_mode:
         for device in devices:  # every partition must open with the new key before the blob changes
             luks.require_key(device.path, new_key, "the new key")
@@ -170,7 +205,6 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
             if tpm_blob.read_nv_passphrase(tpm, source.nv_index, source.c_index) != new_key:
                 raise KcryptError("the NV blob read back does not hold the new key; the old key slots were kept")
         current = new_key
-    source.secrets.append(new_key)
     for device in devices:
         if check_mode and outcomes[device.path]["added"]:
             outcomes[device.path]["removed_slots"] = old_slots(device)

@@ -81,12 +81,12 @@ def test_tpm_rekey_new_blob_opens_old_does_not(swtpm, loop_disks, tmp_path):
     slots_before = [key_slots(d) for d in devices]
 
     result, output = run_module(tmp_path, check_mode=True, **args)
-    assert result["changed"] and result["nv_rewritten"], result
+    assert result.get("changed") and result["nv_rewritten"], result
     assert [p["added"] for p in result["partitions"]] == [True, True]
     assert nv_key(swtpm) == old and [key_slots(d) for d in devices] == slots_before
 
     result, output = run_module(tmp_path, **args)
-    assert result["changed"] and result["nv_rewritten"], result
+    assert result.get("changed") and result["nv_rewritten"], result
     new = nv_key(swtpm)
     assert new != old and len(new) == 32
     for device in devices:
@@ -97,10 +97,10 @@ def test_tpm_rekey_new_blob_opens_old_does_not(swtpm, loop_disks, tmp_path):
     assert_no_secret(output, old, new, *recovery)
 
     again, output = run_module(tmp_path, **args)
-    assert not again["changed"] and not again["nv_rewritten"], again
+    assert again.get("changed") is False and not again["nv_rewritten"], again
     assert nv_key(swtpm) == new
     again, output = run_module(tmp_path, check_mode=True, **args)
-    assert not again["changed"], again
+    assert again.get("changed") is False, again
 
 
 def test_tpm_rekey_interrupted_after_add_completes(swtpm, loop_disks, tmp_path):
@@ -116,7 +116,7 @@ def test_tpm_rekey_interrupted_after_add_completes(swtpm, loop_disks, tmp_path):
 
     result, output = run_module(tmp_path, partitions=[{"label": label} for label in labels], key_source="tpm",
                                 tpm_device=swtpm.tcti, rekey_id="r1")
-    assert result["changed"] and result["nv_rewritten"], result
+    assert result.get("changed") and result["nv_rewritten"], result
     new = nv_key(swtpm)
     assert new not in (old, lost)
     for path in devices:
@@ -136,9 +136,35 @@ def test_tpm_rekey_interrupted_after_nv_rewrite_completes(swtpm, loop_disks, tmp
     assert opens_with(devices[0], old) and opens_with(devices[0], new)
 
     result, output = run_module(tmp_path, partitions=[{"label": label}], key_source="tpm", tpm_device=swtpm.tcti, rekey_id="r1")
-    assert result["changed"] and not result["nv_rewritten"], result  # the blob already held the round's key
+    assert result.get("changed") and not result["nv_rewritten"], result  # the blob already held the round's key
     assert result["partitions"][0]["removed_slots"] and not result["partitions"][0]["added"]
     assert nv_key(swtpm) == new and opens_with(devices[0], new) and not opens_with(devices[0], old)
+
+
+def test_tpm_rekey_refuses_to_strand_an_unlisted_partition(swtpm, loop_disks, tmp_path):
+    """One NV key for all partitions: re-keying some of them would lock the others out."""
+    source = key_source.TpmKeySource(swtpm.tcti)
+    devices, labels, dummy = encrypted_partitions(loop_disks, source, count=2)
+    old = nv_key(swtpm)
+    refused, output = run_module(tmp_path, partitions=[{"label": labels[0]}], key_source="tpm", tpm_device=swtpm.tcti, rekey_id="r1")
+    assert refused.get("failed") and devices[1] in refused["msg"] and "Nothing was changed" in refused["msg"], refused
+    assert nv_key(swtpm) == old and key_slots(devices[0]) == [0]
+
+
+def test_tpm_rekey_partition_encrypted_after_a_finished_round(swtpm, loop_disks, tmp_path):
+    """A partition encrypted after round r1 and listed under r1: both partitions get a new key together."""
+    source = key_source.TpmKeySource(swtpm.tcti)
+    devices, labels, dummy = encrypted_partitions(loop_disks, source)
+    first, output = run_module(tmp_path, partitions=[{"label": labels[0]}], key_source="tpm", tpm_device=swtpm.tcti, rekey_id="r1")
+    assert first.get("changed"), first
+    later, more_labels, dummy = encrypted_partitions(loop_disks, key_source.TpmKeySource(swtpm.tcti))  # with the r1 key
+    both, output = run_module(tmp_path, partitions=[{"label": labels[0]}, {"label": more_labels[0]}], key_source="tpm",
+                              tpm_device=swtpm.tcti, rekey_id="r1")
+    assert both.get("changed") and both["nv_rewritten"], both
+    assert [p["added"] for p in both["partitions"]] == [True, True]
+    new = nv_key(swtpm)
+    for path in devices + later:
+        assert opens_with(path, new) and len(key_slots(path)) == 1
 
 
 # -- explicit passphrases -------------------------------------------------------
@@ -154,11 +180,11 @@ def test_passphrase_rekey_old_to_new(loop_disks, tmp_path):
     assert key_slots(devices[0]) == [0] and not opens_with(devices[0], new)
 
     result, output = run_module(tmp_path, **args)
-    assert result["changed"] and result["partitions"][0]["added"] and result["partitions"][0]["removed_slots"] == [0]
+    assert result.get("changed") and result["partitions"][0]["added"] and result["partitions"][0]["removed_slots"] == [0]
     assert opens_with(devices[0], new) and not opens_with(devices[0], old)
     assert_no_secret(output, old, new)
     again, output = run_module(tmp_path, **args)
-    assert not again["changed"], again
+    assert again.get("changed") is False, again
 
 
 # -- KMS --------------------------------------------------------------------------
@@ -211,10 +237,10 @@ def test_kms_rekey_add_update_finish(node, kms, loop_disks, tmp_path):
     new = secrets.token_urlsafe(32).encode()
 
     result, output = run_module(tmp_path, check_mode=True, step="add", new_passphrase=new.decode(), **common)
-    assert result["changed"] and not opens_with(devices[0], new)
+    assert result.get("changed") and not opens_with(devices[0], new)
 
     result, output = run_module(tmp_path, step="add", new_passphrase=new.decode(), **common)
-    assert result["changed"] and result["partitions"][0]["added"], result
+    assert result.get("changed") and result["partitions"][0]["added"], result
     assert opens_with(devices[0], new) and opens_with(devices[0], old)
     assert_no_secret(output, old, new)
 
@@ -227,15 +253,15 @@ def test_kms_rekey_add_update_finish(node, kms, loop_disks, tmp_path):
     assert served_key(kms, node, devices[0], label) == new
 
     result, output = run_module(tmp_path, step="finish", **common)
-    assert result["changed"] and result["partitions"][0]["removed_slots"], result
+    assert result.get("changed") and result["partitions"][0]["removed_slots"], result
     assert opens_with(devices[0], new) and not opens_with(devices[0], old) and opens_with(devices[0], recovery)
     assert_no_secret(output, old, new, recovery)
 
     # a re-run of the whole round (the playbook draws a fresh key) changes nothing
     again, output = run_module(tmp_path, step="add", new_passphrase=secrets.token_urlsafe(32), **common)
-    assert not again["changed"] and not again["partitions"][0]["added"], again
+    assert again.get("changed") is False and not again["partitions"][0]["added"], again
     again, output = run_module(tmp_path, step="finish", **common)
-    assert not again["changed"], again
+    assert again.get("changed") is False, again
     assert served_key(kms, node, devices[0], label) == new
 
 
@@ -256,7 +282,7 @@ def test_kms_rekey_crash_before_kms_update_reruns(node, kms, loop_disks, tmp_pat
     assert not opens_with(devices[0], lost) and opens_with(devices[0], new) and opens_with(devices[0], old)
     kms_update(kms, node.tpm_hash, label, new)
     result, output = run_module(tmp_path, step="finish", **common)
-    assert result["changed"], result
+    assert result.get("changed"), result
     assert opens_with(devices[0], new) and not opens_with(devices[0], old) and len(key_slots(devices[0])) == 1
 
 
