@@ -53,7 +53,7 @@ if [ "$rc" -eq 0 ] && [ "${KCRYPT_PROVISION_AGAIN:-1}" = 1 ]; then
   ansible-playbook playbooks/provision.yml -i "$inventory" -e "challenger_port=$port" "$@" > "$lab/again.log"
   rc=$?
   set -e
-  sed -n '/^PLAY RECAP/,$p' "$lab/again.log"
+  sed -n -e '/^TASK \[Summary/,/^PLAY \[Fail/{/^PLAY \[Fail/!p}' -e '/^PLAY RECAP/,$p' "$lab/again.log"
   echo "provision.sh: second run took ${SECONDS} s (exit $rc)"
 fi
 exit $rc
