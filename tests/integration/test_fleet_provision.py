@@ -297,13 +297,25 @@ class TestProvisionMixed:
         assert run.stats("node3").get("failures") == 1 and not run.stats("node1").get("failures")
         assert " encrypted " in lines["node1"] and " encrypted " in lines["node2"]
 
-    def test_second_run_changes_nothing_on_the_good_nodes(self, mixed_lab):
-        run = mixed_lab.provision()
-        assert run.rc != 0, run  # node3 is still quarantined
+    def test_second_run_changes_nothing_on_the_good_nodes_and_reports_an_unreachable_one(self, mixed_lab):
+        # one more node nobody answers for (ssh to a closed port on this machine)
+        ghost = mixed_lab.overlay + "/ghost.yml"
+        with open(ghost, "w") as handle:
+            yaml.safe_dump({"all": {"children": {"kcrypt_nodes": {"hosts": {"ghost": {
+                "ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": free_port(),
+                "ansible_ssh_common_args": "-o ConnectTimeout=5 -o BatchMode=yes"}}}}}}, handle)
+        try:
+            run = mixed_lab.provision()
+        finally:
+            os.unlink(ghost)
+        assert run.rc != 0, run  # node3 is still quarantined, ghost unreachable
         assert run.stats("node1").get("changed") == 0 and run.stats("node2").get("changed") == 0, run
         lines = summary(run)
+        assert set(lines) == {"node1", "node2", "node3", "ghost"}, lines
         assert " unchanged " in lines["node1"] and " unchanged " in lines["node2"], lines
         assert " failed " in lines["node3"]
+        assert " failed " in lines["ghost"] and "unreachable" in lines["ghost"], lines["ghost"]
+        assert run.stats("ghost").get("failures") == 1, run
 
     def test_kairos_config_mode(self, mixed_lab):
         oem = mixed_lab.dir + "/oem"
