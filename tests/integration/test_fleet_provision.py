@@ -357,3 +357,31 @@ class TestProvisionMixed:
         again = mixed_lab.provision(extra)
         assert again.rc == 0 and again.changed == 0, again
         assert all(" unchanged " in line for line in summary(again).values())
+
+    def test_recovery_keys_are_kept_on_the_controller(self, mixed_lab):
+        # node1 (offline) and node2 (static key in the KMS) are encrypted: each gets a recovery key slot
+        keys_dir = mixed_lab.work + "/recovery"
+        os.makedirs(keys_dir, mode=0o700)
+        extra = {"node_recovery_key": True, "node_recovery_key_dir": keys_dir}
+        run = mixed_lab.provision(extra)
+        assert run.stats("node1").get("changed") and run.stats("node2").get("changed"), run
+        files = {}
+        for host in ("node1", "node2"):
+            path = "%s/%s.recovery" % (keys_dir, host)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            with open(path) as handle:
+                lines = handle.read().splitlines()
+            assert len(lines) == 1, lines
+            device, label, key = lines[0].split(" ", 2)
+            assert (device, label) == (mixed_lab.partition(host), "COS_PERSISTENT")
+            assert opens_with(device, key.encode()) and not opens_with(device, key.encode() + b"x")
+            assert key not in str(run.data) + run.stderr, "a recovery key is in the playbook output"
+            files[path] = lines
+        assert STATIC.encode() != files["%s/node2.recovery" % keys_dir][0].split(" ", 2)[2].encode()
+        assert opens_with(mixed_lab.partition("node2"), STATIC.encode())  # the partition key still works
+
+        again = mixed_lab.provision(extra)
+        assert again.stats("node1").get("changed") == 0 and again.stats("node2").get("changed") == 0, again
+        for path, lines in files.items():
+            with open(path) as handle:
+                assert handle.read().splitlines() == lines
