@@ -43,3 +43,13 @@ PARTITION_SELECTOR_ARGS = {
     "device": {"type": "path"},
     "uuid": {"type": "str"},
 }
+
+# The ``partitions`` option of kairos_luks_encrypt and kairos_luks_rekey: one selector per item.
+PARTITIONS_ARG = {
+    "type": "list",
+    "elements": "dict",
+    "required": True,
+    "options": PARTITION_SELECTOR_ARGS,
+    "mutually_exclusive": [("device", "uuid")],
+    "required_one_of": [("label", "device", "uuid")],
+}

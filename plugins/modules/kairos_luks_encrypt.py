@@ -249,21 +249,14 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, k
 from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
     KEY_SOURCE_ARGS,
     KEY_SOURCE_REQUIRED_IF,
-    PARTITION_SELECTOR_ARGS,
+    PARTITIONS_ARG,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():
     spec = dict(
-        partitions=dict(
-            type="list",
-            elements="dict",
-            required=True,
-            options=PARTITION_SELECTOR_ARGS,
-            mutually_exclusive=[("device", "uuid")],
-            required_one_of=[("label", "device", "uuid")],
-        ),
+        partitions=dict(PARTITIONS_ARG),
         mode=dict(type="str", required=True, choices=["format", "in_place"]),
         wipe=dict(type="bool", default=False),
         type=dict(type="str", default="luks2", choices=["luks2"]),

@@ -175,21 +175,14 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, k
 from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
     KEY_SOURCE_ARGS,
     KEY_SOURCE_REQUIRED_IF,
-    PARTITION_SELECTOR_ARGS,
+    PARTITIONS_ARG,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():
     spec = dict(
-        partitions=dict(
-            type="list",
-            elements="dict",
-            required=True,
-            options=PARTITION_SELECTOR_ARGS,
-            mutually_exclusive=[("device", "uuid")],
-            required_one_of=[("label", "device", "uuid")],
-        ),
+        partitions=dict(PARTITIONS_ARG),
         new_passphrase=dict(type="str", no_log=True),
         rekey_id=dict(type="str"),
         step=dict(type="str", default="all", choices=list(rekey.STEPS)),
