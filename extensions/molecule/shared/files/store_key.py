@@ -17,8 +17,11 @@ def main(tpm_hash, label):
     docs = [doc for doc in yaml.safe_load_all(sys.stdin) if doc]
     volume = next(doc for doc in docs if doc["kind"] == "SealedVolume" and doc["spec"]["TPMHash"] == tpm_hash)
     partition = next(part for part in volume["spec"]["partitions"] if part.get("label") == label)
-    secret = next(doc for doc in docs if doc["kind"] == "Secret" and doc["metadata"]["name"] == partition["secret"]["name"])
-    sys.stdout.write(base64.b64decode(secret["data"][partition["secret"].get("path") or "passphrase"]).decode())
+    # the legacy protocol records no reference: the Secret then has upstream's name <volume>-<label>
+    ref = partition.get("secret") or {}
+    name = ref.get("name") or ("%s-%s" % (volume["metadata"]["name"], label)).lower().replace("_", "-")
+    secret = next(doc for doc in docs if doc["kind"] == "Secret" and doc["metadata"]["name"] == name)
+    sys.stdout.write(base64.b64decode(secret["data"][ref.get("path") or "passphrase"]).decode())
     return 0
 
 
