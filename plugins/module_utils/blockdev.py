@@ -213,7 +213,12 @@ def find_by_uuid(uuid, scope=None):
 
 def find_luks(scope=None):
     """Every LUKS device on the system (or in ``scope``), probed."""
-    return [probe(path) for path in _search("TYPE=crypto_LUKS", scope)]
+    return [probe(path) for path in find_luks_paths(scope)]
+
+
+def find_luks_paths(scope=None):
+    """The paths of every LUKS device on the system (or in ``scope``), not probed."""
+    return _search("TYPE=crypto_LUKS", scope)
 
 
 def mount_points(path):

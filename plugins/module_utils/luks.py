@@ -268,6 +268,11 @@ def import_token(device, token):
     )
 
 
+def remove_token(device, token_id):
+    """Remove LUKS2 token ``token_id`` (JSON metadata only; key slots are untouched)."""
+    run(["cryptsetup", "token", "remove", "--token-id", str(token_id), device], "removing token %s of %s" % (token_id, device))
+
+
 def open_device(device, name, passphrase, keyslot=None):
     """Map ``device`` to /dev/mapper/``name`` (needs device-mapper)."""
     args = ["cryptsetup", "open", "--type", "luks"] + _key_file_args()

@@ -547,6 +547,30 @@ class TPM:
             if nv is not None:
                 self.esys.tr_close(nv)
 
+    def nv_rewrite(self, index, data):
+        """Replace the content of the defined NV ``index`` in place, in one TPM2_NV_Write.
+
+        One command is atomic on a TPM: the index holds either the old or the new data, never
+        neither (re-keying relies on it). Refuses when the size differs or does not fit in one
+        write, rather than undefining the index and leaving a window without it.
+        """
+        try:
+            nv = self.esys.tr_from_tpmpublic(index)
+        except tss.TSS2_Exception as error:
+            raise self._fail("looking up NV index 0x%x" % index, error) from None
+        try:
+            size = self.esys.nv_read_public(nv)[0].nvPublic.dataSize
+            if size != len(data) or len(data) > self._nv_buffer_max():
+                raise TPMError(
+                    "NV index 0x%x holds %d bytes; cannot replace them with %d bytes in one atomic write"
+                    % (index, size, len(data))
+                )
+            self.esys.nv_write(nv, data, 0, auth_handle=tss.ESYS_TR.OWNER)
+        except tss.TSS2_Exception as error:
+            raise self._fail("rewriting NV index 0x%x" % index, error) from None
+        finally:
+            self.esys.tr_close(nv)
+
     def nv_undefine(self, index):
         """Remove NV ``index``; returns False when it was not defined."""
         try:

@@ -1,0 +1,283 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import (absolute_import, division, print_function)
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: kairos_luks_rekey
+short_description: Change the LUKS key of encrypted partitions without a moment without a working key
+version_added: 0.1.0
+description:
+  - Re-keys LUKS2 partitions that M(kairos.kcrypt.kairos_luks_encrypt) encrypted. It adds the new key in a new
+    key slot, checks that the new key opens it, and only then removes the old key slots.
+  - Key slots marked as recovery keys (added with O(kairos.kcrypt.kairos_luks_encrypt#module:recovery_key)) are kept.
+  - A LUKS2 token of type C(kcrypt-rekey) records the key slot of the re-key round O(rekey_id). It holds no secret.
+    With it, a second run with the same O(rekey_id) changes nothing, and a run that was interrupted completes.
+  - With O(key_source=tpm) (offline mode) the module does everything in one run. It draws a new random passphrase,
+    adds it to every partition, checks it, replaces the NV blob in one atomic TPM write, reads the blob back,
+    and removes the old key slots.
+  - With O(key_source=passphrase) the old key is O(passphrase) and the new one O(new_passphrase).
+  - With O(key_source=kms) the KMS must be switched to the new key between two runs of this module, so there
+    are two steps. O(step=add) adds O(new_passphrase) with the key the KMS serves now. Then the KMS Secret is
+    updated, for example with C(kcrypt-challenger add --update-passphrase). O(step=finish) checks that the KMS
+    now serves the new key and that it opens the partition, then removes the old key slots.
+    The C(kairos.kcrypt.rekey) playbook runs these steps.
+options:
+  partitions:
+    description:
+      - The encrypted partitions to re-key. Select each by label, device or UUID, as in M(kairos.kcrypt.kairos_luks_encrypt).
+    type: list
+    elements: dict
+    required: true
+    suboptions:
+      label:
+        description: The LUKS label (for example V(COS_PERSISTENT)). Alone, it selects the partition.
+        type: str
+      device:
+        description: The partition's device path.
+        type: path
+      uuid:
+        description: The LUKS UUID or the GPT partition UUID.
+        type: str
+  new_passphrase:
+    description:
+      - The new key. Required with O(key_source=kms) and O(key_source=passphrase). Not used with O(key_source=tpm),
+        which draws a random one.
+      - It is used as is, with no trailing newline added or removed.
+    type: str
+  rekey_id:
+    description:
+      - A name for this re-key round, for example V(2026-12).
+      - Running again with the same name changes nothing once the round is complete, and completes an interrupted
+        one. A new name starts a new round.
+      - Required with O(key_source=tpm) and O(key_source=kms), whose new key is random on each run. With
+        O(key_source=passphrase) the new passphrase identifies the round.
+    type: str
+  step:
+    description:
+      - V(all) does the whole re-key. It is for O(key_source=tpm) and O(key_source=passphrase).
+      - V(add) only adds the new key. V(finish) only removes the old key slots, once the source serves the new key.
+        O(key_source=kms) needs V(add), then the KMS update, then V(finish).
+    type: str
+    choices: [all, add, finish]
+    default: all
+extends_documentation_fragment:
+  - kairos.kcrypt.key_source
+attributes:
+  check_mode:
+    description: Can run in check_mode and return changed status prediction without modifying target.
+    support: full
+    details:
+      - Check mode reads the current key and tests it, and changes no key slot, token or NV blob.
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
+    support: none
+  idempotent:
+    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
+    support: full
+    details:
+      - With the same O(rekey_id) (or O(new_passphrase) for O(key_source=passphrase)).
+requirements:
+  - cryptsetup >= 2.4
+seealso:
+  - module: kairos.kcrypt.kairos_luks_encrypt
+  - module: kairos.kcrypt.kairos_sealedvolume
+author:
+  - kairos.kcrypt contributors (@kairos-io)
+"""
+
+EXAMPLES = r"""
+- name: Re-key COS_PERSISTENT in offline mode (new NV blob)
+  kairos.kcrypt.kairos_luks_rekey:
+    partitions:
+      - label: COS_PERSISTENT
+    key_source: tpm
+    rekey_id: "2026-12"
+
+- name: Change a passphrase
+  kairos.kcrypt.kairos_luks_rekey:
+    partitions:
+      - device: /dev/vdb1
+    key_source: passphrase
+    passphrase: "{{ vault_old_passphrase }}"
+    new_passphrase: "{{ vault_new_passphrase }}"
+
+- name: KMS, step 1 of 3 - add the new key with the key the KMS serves now
+  kairos.kcrypt.kairos_luks_rekey:
+    partitions:
+      - label: COS_PERSISTENT
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+    new_passphrase: "{{ new_key }}"
+    rekey_id: "2026-12"
+    step: add
+  register: added
+
+# step 2: store new_key in the partition's Secret on the KMS (the kairos.kcrypt.rekey playbook does it)
+
+- name: KMS, step 3 of 3 - the KMS serves the new key; remove the old key slots
+  kairos.kcrypt.kairos_luks_rekey:
+    partitions:
+      - label: COS_PERSISTENT
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+    rekey_id: "2026-12"
+    step: finish
+"""
+
+RETURN = r"""
+partitions:
+  description: One entry per partition, in the order given. It never holds a key.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    device:
+      description: Device path.
+      type: str
+      sample: /dev/vda5
+    name:
+      description: Kernel name.
+      type: str
+      sample: vda5
+    label:
+      description: LUKS label.
+      type: str
+      sample: COS_PERSISTENT
+    luks_uuid:
+      description: LUKS UUID.
+      type: str
+    partuuid:
+      description: GPT partition UUID.
+      type: str
+    added:
+      description: Whether the new key was added now (or would be, in check mode).
+      type: bool
+    removed_slots:
+      description: Key slots removed now (or that would be, in check mode).
+      type: list
+      elements: int
+    changed:
+      description: Whether this partition changed.
+      type: bool
+nv_rewritten:
+  description: With O(key_source=tpm), whether the NV blob was replaced (or would be, in check mode).
+  returned: always
+  type: bool
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, rekey
+from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
+    KEY_SOURCE_ARGS,
+    KEY_SOURCE_REQUIRED_IF,
+    PARTITION_SELECTOR_ARGS,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
+
+
+def argument_spec():
+    spec = dict(
+        partitions=dict(
+            type="list",
+            elements="dict",
+            required=True,
+            options=PARTITION_SELECTOR_ARGS,
+            mutually_exclusive=[("device", "uuid")],
+            required_one_of=[("label", "device", "uuid")],
+        ),
+        new_passphrase=dict(type="str", no_log=True),
+        rekey_id=dict(type="str"),
+        step=dict(type="str", default="all", choices=list(rekey.STEPS)),
+    )
+    spec.update(KEY_SOURCE_ARGS)
+    return spec
+
+
+def check_request(params, source):
+    """KcryptError when the options do not fit the key source (before anything is read or changed)."""
+    name, step = source.name, params["step"]
+    if name in ("tpm", "kms") and not params["rekey_id"]:
+        raise KcryptError("key_source=%s draws a new random key on each run: give rekey_id to name the round" % name)
+    if name == "tpm" and params["new_passphrase"]:
+        raise KcryptError("key_source=tpm draws the new key itself; new_passphrase is not used")
+    if name == "tpm" and step != "all":
+        raise KcryptError("key_source=tpm re-keys in one run: use step=all")
+    if name == "kms" and step == "all":
+        raise KcryptError(
+            "key_source=kms needs the KMS updated between adding and removing keys: run step=add, update the "
+            "KMS Secret, then step=finish (the kairos.kcrypt.rekey playbook does this)"
+        )
+    if name in ("kms", "passphrase") and step in ("all", "add") and not params["new_passphrase"]:
+        raise KcryptError("key_source=%s step=%s needs new_passphrase" % (name, step))
+
+
+def entry(device, outcome):
+    return {
+        "device": device.path,
+        "name": device.name,
+        "label": device.label,
+        "luks_uuid": device.uuid,
+        "partuuid": device.partuuid,
+        "added": outcome["added"],
+        "removed_slots": outcome["removed_slots"],
+        "changed": bool(outcome["added"] or outcome["removed_slots"]),
+    }
+
+
+def run(params, source, check_mode, log):
+    """Returns (per-partition entries, nv_rewritten)."""
+    selectors = [encryption.Selector(label=p["label"] or "", device=p["device"] or "", uuid=p["uuid"] or "")
+                 for p in params["partitions"]]
+    devices = rekey.resolve(selectors)
+    options = rekey.effective_options(source)
+    rekey_id = params["rekey_id"] or None
+    new_key = params["new_passphrase"].encode("utf-8") if params["new_passphrase"] else None
+    if source.name == "tpm":
+        outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, check_mode, log)
+        return [entry(d, outcomes[d.path]) for d in devices], rewritten
+    entries = []
+    for device in devices:
+        outcome = {"added": False, "removed_slots": []}
+        if params["step"] in ("all", "add"):
+            current = source.existing_key(device, device.label)
+            outcome = rekey.add(device, current, new_key, source.describe(), rekey_id, options, check_mode)
+        if params["step"] in ("all", "finish"):
+            # passphrase: the new passphrase is now the source; kms: whatever the KMS serves now
+            current = new_key if source.name == "passphrase" else source.existing_key(device, device.label)
+            if check_mode and outcome["added"]:
+                outcome["removed_slots"] = rekey.old_slots(device)
+            else:
+                outcome["removed_slots"] += rekey.finish(device, current, source.describe(), rekey_id, check_mode)
+        entries.append(entry(device, outcome))
+    return entries, False
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), required_if=KEY_SOURCE_REQUIRED_IF, supports_check_mode=True)
+    params = module.params
+    source = None
+    try:
+        source = key_source.build(params)
+        check_request(params, source)
+        entries, rewritten = run(params, source, module.check_mode, module.debug)
+    except MissingDependencyError as error:
+        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
+    except KcryptError as error:
+        _redact(module, source)
+        module.fail_json(msg=str(error))
+    _redact(module, source)
+    module.exit_json(changed=any(e["changed"] for e in entries) or rewritten, partitions=entries, nv_rewritten=rewritten)
+
+
+def _redact(module, source):
+    for secret in source.secrets if source is not None else ():
+        module.no_log_values.add(secret.decode("utf-8", "replace"))
+
+
+if __name__ == "__main__":
+    main()
