@@ -216,4 +216,3 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
 def effective_options(source):
     """Key slot PBKDF for the new key: upstream's cheap one for generated keys, cryptsetup's default otherwise."""
     return encryption.effective_options(luks.LuksOptions(), source)
-

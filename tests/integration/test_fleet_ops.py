@@ -18,7 +18,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -45,18 +44,18 @@ def load_lab_test_helpers():
 
 def run(path, fleet, extra=None, check=False, limit=None, store_dir=None):
     """ansible-playbook ``path`` on the lab inventory with the fleet's KMS settings (JSON callback)."""
-    playbook.ensure_collection_link()
-    variables = {
-        "kcrypt_kms_store_dir": store_dir or fleet["store_dir"],
-        "kcrypt_kms_admin_command": [sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger")],
-        "kcrypt_challenger_server": fleet["kms"].url,
-    }
+    variables = {"kcrypt_kms_store_dir": store_dir or fleet["store_dir"], "kcrypt_challenger_server": fleet["kms"].url}
     variables.update(extra or {})
-    vars_file = os.path.join(fleet["base"], "vars.json")
+    return run_playbook(path, fleet["base"], fleet["inventory"], variables, check, limit)
+
+
+def run_playbook(path, workdir, inventory, variables, check=False, limit=None):
+    playbook.ensure_collection_link()
+    # the admin command is the playbooks' default for a KMS on localhost: the collection's bin/kcrypt-challenger
+    vars_file = os.path.join(workdir, "vars.json")
     with open(vars_file, "w") as handle:
         json.dump(variables, handle)
-    args = [os.path.join(playbook.BIN, "ansible-playbook"), os.path.join(ROOT, path), "-i", fleet["inventory"],
-            "-e", "@" + vars_file]
+    args = [os.path.join(playbook.BIN, "ansible-playbook"), os.path.join(ROOT, path), "-i", inventory, "-e", "@" + vars_file]
     if limit:
         args += ["-l", limit]
     if check:
@@ -243,6 +242,67 @@ class TestFleetOperations:
             assert not handle.nv_exists(0x1500000)
         again = run("playbooks/nv_cleanup.yml", fleet, {"confirm": True}, limit="node1")
         assert again.rc == 0 and again.changed == 0, again
+
+    def test_rekey_passphrase_then_offline(self, fleet):
+        """Last (it takes node1 off its KMS key): passphrase old -> the TPM's NV key, then an offline re-key."""
+        device, old = device_of(fleet, "node1"), fleet["keys"]["node1"]
+        with TPM(fleet["nodes"]["node1"]["kcrypt_tpm_device"]) as handle:
+            nv_first = tpm_blob.create_nv_passphrase(handle)
+        moved = {"rekey_key_source": "passphrase", "rekey_passphrase": old.decode(), "rekey_new_passphrase": nv_first.decode()}
+        done = run("playbooks/rekey.yml", fleet, moved, limit="node1")
+        assert done.rc == 0 and done.changed == 1, done
+        assert opens_with(device, nv_first) and not opens_with(device, old)
+        assert old.decode() not in done.stderr + json.dumps(done.data) and nv_first.decode() not in json.dumps(done.data)
+        again = run("playbooks/rekey.yml", fleet, moved, limit="node1")
+        assert again.rc == 0 and again.changed == 0, again
+
+        offline = {"rekey_key_source": "tpm", "rekey_id": "r1"}
+        check = run("playbooks/rekey.yml", fleet, offline, limit="node1", check=True)
+        assert check.rc == 0 and check.changed == 1 and opens_with(device, nv_first), check
+        done = run("playbooks/rekey.yml", fleet, offline, limit="node1")
+        assert done.rc == 0 and done.changed == 1, done
+        with TPM(fleet["nodes"]["node1"]["kcrypt_tpm_device"]) as handle:
+            nv_new = tpm_blob.read_nv_passphrase(handle)
+        assert nv_new != nv_first and opens_with(device, nv_new) and not opens_with(device, nv_first)
+        again = run("playbooks/rekey.yml", fleet, offline, limit="node1")
+        assert again.rc == 0 and again.changed == 0, again
+        missing = run("playbooks/rekey.yml", fleet, {"rekey_key_source": "tpm"}, limit="node1")
+        assert missing.rc != 0 and any("rekey_id" in m for m in missing.failure_messages()), missing
+
+
+def test_kubernetes_backend_quarantine_and_export_to_an_embedded_store(kube_api, tmp_path):
+    """The same playbooks against SealedVolumes and Secrets in Kubernetes (API emulator), by TPM hash."""
+    namespace = "kcrypt-ops-%s" % os.urandom(4).hex()
+    tpm = "cd" * 32
+    kube = store.open_store("kubernetes://", kubeconfig=kube_api.kubeconfig, namespace=namespace)
+    try:
+        kube.create_secret(store.new_secret("node-x-persistent", {"passphrase": b"kubernetes held key"}))
+        kube.create_volume(store.new_volume("node-x", tpm, partitions=[
+            {"label": "COS_PERSISTENT", "secret": {"name": "node-x-persistent", "path": "passphrase"}}]))
+        kubernetes = {"kcrypt_kms_backend": "kubernetes", "kcrypt_kms_kubeconfig": kube_api.kubeconfig,
+                      "kcrypt_kms_namespace": namespace, "tpm_hash": tpm}
+        inventory = os.path.join(ROOT, "inventory", "localhost.yml")
+        done = run_playbook("playbooks/quarantine.yml", str(tmp_path), inventory, kubernetes)
+        assert done.rc == 0 and done.changed == 1, done
+        assert kube.get_volume("node-x")["spec"]["quarantined"] is True
+        again = run_playbook("playbooks/quarantine.yml", str(tmp_path), inventory, kubernetes)
+        assert again.rc == 0 and again.changed == 0, again
+        done = run_playbook("playbooks/release.yml", str(tmp_path), inventory, kubernetes)
+        assert done.rc == 0 and done.changed == 1 and not kube.get_volume("node-x")["spec"].get("quarantined"), done
+
+        target = str(tmp_path / "export.yaml")
+        done = run_playbook("playbooks/export.yml", str(tmp_path), inventory, dict(kubernetes, export_file=target))
+        assert done.rc == 0 and done.changed == 1, done
+        embedded = str(tmp_path / "embedded")
+        os.makedirs(embedded)
+        done = run_playbook("playbooks/import.yml", str(tmp_path), inventory, {"import_file": target, "kcrypt_kms_store_dir": embedded})
+        assert done.rc == 0 and done.changed == 1, done
+    finally:
+        kube.close()
+    with store.open_store("sqlite://%s/kms.db" % embedded) as imported:
+        (volume,) = imported.volumes_for(tpm)
+        assert volume["spec"]["partitions"][0]["label"] == "COS_PERSISTENT"
+        assert imported.get_secret("node-x-persistent")["data"]["passphrase"] == b"kubernetes held key"
 
 
 def luks_slots(device):

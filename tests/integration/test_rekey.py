@@ -175,7 +175,9 @@ def test_passphrase_rekey_old_to_new(loop_disks, tmp_path):
     devices, (label,), dummy = encrypted_partitions(loop_disks, key_source.PassphraseKeySource(old))
     args = dict(partitions=[{"device": devices[0]}], key_source="passphrase", passphrase=old.decode(), new_passphrase=new.decode())
     # a wrong old passphrase: clear error, nothing changed
-    bad, output = run_module(tmp_path, **dict(args, passphrase="wrong"))
+    wrong = dict(args)
+    wrong["passphrase"] = "wrong"
+    bad, output = run_module(tmp_path, **wrong)
     assert bad.get("failed") and "does not open" in bad["msg"], bad
     assert key_slots(devices[0]) == [0] and not opens_with(devices[0], new)
 
