@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's whole test run: unit + integration tests (real swtpm, cryptsetup, SQLite, zeroconf, kmock),
-# the VM tests (a real kernel with dm-crypt under QEMU),
+# the VM tests (a real kernel with dm-crypt under QEMU), the molecule scenarios,
 # ansible-test sanity, ansible-lint (production profile) and the changelog lint.
 # Run ./scripts/setup.sh once first. Extra arguments go to pytest.
 set -euo pipefail
@@ -19,6 +19,14 @@ python -m pytest -n "${KCRYPT_TEST_WORKERS:-3}" --dist loadscope -q "$@" || stat
 if [ "${KCRYPT_VM_TESTS:-1}" = 1 ]; then  # KCRYPT_VM_TESTS=0 skips them (~5 min on 2 cores)
   step "VM tests (QEMU TCG + swtpm: real dm-crypt, docs/vm.md)"
   python -m pytest -n "${KCRYPT_VM_WORKERS:-2}" -q tests/vm || status=1  # one TCG VM per core
+fi
+
+if [ "${KCRYPT_MOLECULE:-1}" = 1 ]; then  # KCRYPT_MOLECULE=0 skips them (~8 min on 2 cores)
+  step "molecule test --all (extensions/molecule: lab + challenger + node role, docs/molecule.md)"
+  # molecule finds the scenarios from the collection root (galaxy.yml). One scenario at a time: every lab
+  # partition is labelled COS_PERSISTENT, so all share one LUKS UUID, and cryptsetup allows one in-place
+  # encryption per UUID at a time.
+  molecule test --all --continue-on-failure --report || status=1
 fi
 
 step "ansible-test sanity"

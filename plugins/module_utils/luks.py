@@ -12,7 +12,11 @@ echoes a key.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import tempfile
 import uuid as uuid_lib
 from dataclasses import dataclass, field
 
@@ -208,6 +212,31 @@ def format_device(device, passphrase, options, uuid=None, label=None):
     run(args + [device], "formatting %s as LUKS" % device, stdin=passphrase)
 
 
+REENCRYPT_LOCK_DIR = "/run/lock"
+
+
+@contextlib.contextmanager
+def reencryption_lock(luks_uuid):
+    """Take turns with other kcrypt processes on this machine re-encrypting a device with this LUKS UUID.
+
+    cryptsetup locks an in-place (re)encryption by LUKS UUID and refuses a second one at the same time
+    ("Reencryption process is already running"). Our UUIDs derive from the label, as upstream's, so
+    simulated nodes sharing a machine (the lab, tests) share them: waiting here turns that refusal
+    into taking turns.
+    """
+    if not luks_uuid:
+        yield
+        return
+    directory = REENCRYPT_LOCK_DIR if os.path.isdir(REENCRYPT_LOCK_DIR) else tempfile.gettempdir()
+    descriptor = os.open(os.path.join(directory, "kcrypt-reencrypt-%s.lock" % luks_uuid),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def encrypt_in_place(device, passphrase, options, uuid=None, label=None, init_only=False, hotzone_size=None):
     """Encrypt ``device`` keeping its data (offline ``cryptsetup reencrypt --encrypt``, no device-mapper).
 
@@ -224,14 +253,16 @@ def encrypt_in_place(device, passphrase, options, uuid=None, label=None, init_on
         args.append("--init-only")
     if hotzone_size:
         args += ["--hotzone-size", str(hotzone_size)]
-    run(args + [device], "encrypting %s in place" % device, stdin=passphrase)
+    with reencryption_lock(uuid):
+        run(args + [device], "encrypting %s in place" % device, stdin=passphrase)
 
 
 def resume(device, passphrase):
     """Finish an interrupted reencryption: repair the hotzone if a crash left it dirty, then resume."""
     run(["cryptsetup", "repair", "-q"] + _key_file_args() + [device], "recovering the interrupted encryption of %s" % device, stdin=passphrase)
     try:
-        run(["cryptsetup", "reencrypt", "--resume-only", "-q"] + _key_file_args() + [device], "resuming the encryption of %s" % device, stdin=passphrase)
+        with reencryption_lock(read_header(device).uuid):
+            run(["cryptsetup", "reencrypt", "--resume-only", "-q"] + _key_file_args() + [device], "resuming the encryption of %s" % device, stdin=passphrase)
     except CommandError as error:
         raise KcryptError(
             "%s; the partition is in a half-encrypted state that cryptsetup cannot finish here. "
