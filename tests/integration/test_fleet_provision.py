@@ -185,8 +185,8 @@ def prepare(lab):
         write_file(lab.partition(host), "kept.txt", DATA, lab.work)
 
 
-@pytest.fixture(scope="class")
-def tofu_lab():
+def three_prepared_nodes():
+    """A class's own lab of 3 nodes, each with a file on its persistent partition; always removed."""
     lab = Lab(3)
     try:
         lab.up()
@@ -194,6 +194,10 @@ def tofu_lab():
         yield lab
     finally:
         lab.down()
+
+
+tofu_lab = pytest.fixture(scope="class", name="tofu_lab")(three_prepared_nodes)
+mixed_lab = pytest.fixture(scope="class", name="mixed_lab")(three_prepared_nodes)
 
 
 @pytest.mark.usefixtures("tofu_lab")
@@ -247,15 +251,6 @@ class TestProvisionTofu:
             assert " unchanged " in line and "the key opens every partition" in line, line
 
 
-@pytest.fixture(scope="class")
-def mixed_lab():
-    lab = Lab(3)
-    try:
-        lab.up()
-        prepare(lab)
-        yield lab
-    finally:
-        lab.down()
 
 
 STATIC = "static passphrase of node2 " + secrets.token_hex(8)

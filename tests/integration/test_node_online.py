@@ -16,21 +16,10 @@ import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, encryption, key_source, policy, server, store
 from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.challenger import ChallengerProcess, ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
-from support.node_fixtures import fast_options, loop_disks  # noqa: F401  # pylint: disable=unused-import
+from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
 from support.tls import make_pki
-
-
-@pytest.fixture(scope="module")
-def node(swtpm_factory):
-    """A swtpm with an EK certificate and its TPM hash; one identity for the module (AKs are per call)."""
-    tpm = swtpm_factory(ek_cert=True, fresh=True)
-    with TPM(tpm.tcti) as handle:
-        tpm.tpm_hash = handle.endorsement_key().tpm_hash
-    yield tpm
-    tpm.stop()
 
 
 @pytest.fixture

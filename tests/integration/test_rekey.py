@@ -25,7 +25,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import (
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.challenger import ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
-from support.node_fixtures import fast_options, loop_disks  # noqa: F401  # pylint: disable=unused-import
+from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE = os.path.join(ROOT, "plugins", "modules", "kairos_luks_rekey.py")
@@ -190,15 +190,6 @@ def test_passphrase_rekey_old_to_new(loop_disks, tmp_path):
 
 
 # -- KMS --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def node(swtpm_factory):
-    tpm = swtpm_factory(ek_cert=True, fresh=True)
-    with TPM(tpm.tcti) as handle:
-        tpm.tpm_hash = handle.endorsement_key().tpm_hash
-    yield tpm
-    tpm.stop()
 
 
 @pytest.fixture

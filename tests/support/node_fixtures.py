@@ -66,3 +66,15 @@ def mounter(tmp_path):
 def tpm2_tools(tcti, *args, **kwargs):
     """Run a tpm2-tools command against the swtpm at ``tcti``."""
     return sh(*args, env={"TPM2TOOLS_TCTI": tcti}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def node(swtpm_factory):
+    """A swtpm with an EK certificate and its TPM hash; one identity for the module (AKs are per call)."""
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+
+    tpm = swtpm_factory(ek_cert=True, fresh=True)
+    with TPM(tpm.tcti) as handle:
+        tpm.tpm_hash = handle.endorsement_key().tpm_hash
+    yield tpm
+    tpm.stop()
