@@ -563,58 +563,63 @@ def tail(path, lines=3):
 
 def attach_disk(record):
     """Attach the image to a loop device (unless it is) and make sure its partition nodes exist."""
-    changed = False
     loops = loop_devices_of(record["image"])
+    count = len(image_partitions(record["image"]))
+    if loops and partitions_ready(loops[0], count):
+        return False
     if not loops:
         loops = [run(["losetup", "--find", "--show", record["image"]]).stdout.strip()]
-        changed = True
-    count = len(image_partitions(record["image"]))
-    return show_partitions(loops[0], count) or changed
+    show_partitions(loops[0], count)
+    return True
+
+
+def _kernel_dev(loop, number):
+    """The device number the kernel gave partition ``number`` of ``loop`` (sysfs), or None."""
+    try:
+        with open("/sys/class/block/%sp%d/dev" % (os.path.basename(loop), number)) as handle:
+            major, minor = (int(x) for x in handle.read().split(":"))
+        return os.makedev(major, minor)
+    except FileNotFoundError:
+        return None
+
+
+def _node_ready(loop, number):
+    wanted = _kernel_dev(loop, number)
+    try:
+        return wanted is not None and os.stat("%sp%d" % (loop, number)).st_rdev == wanted
+    except FileNotFoundError:
+        return False
+
+
+def partitions_ready(loop, count):
+    """Whether /dev/<loop>p1..p<count> exist as the kernel's partition devices."""
+    return all(_node_ready(loop, number) for number in range(1, count + 1))
 
 
 def show_partitions(loop, count, timeout=15.0):
-    """Make the partition nodes /dev/<loop>p1..p<count> appear; True if something had to be done.
+    """Give the kernel the partition table of a just attached ``loop`` and make /dev/<loop>p1..p<count>.
 
     No udev here, and losetup -P does not create partition nodes on every kernel: partx tells the
-    kernel about the partitions and devtmpfs makes the nodes. Under load the kernel or devtmpfs can
-    lag (seen in CI), so partx is repeated; a node the kernel knows (sysfs) that /dev lacks, or a
-    stale node with other device numbers, is (re)made by hand. Shared with the tests' loop disks.
+    kernel about the partitions and devtmpfs makes the nodes. ``partx --update`` always runs once:
+    a loop number reused after an earlier user could not remove its partitions still carries them,
+    with the old sizes. Under load the kernel or devtmpfs can lag (seen in CI), so partx is repeated;
+    a node the kernel knows (sysfs) that /dev lacks, or a stale node with other device numbers, is
+    (re)made by hand. Shared with the tests' loop disks.
     """
-    name = os.path.basename(loop)
-    devices = ["%sp%d" % (loop, number) for number in range(1, count + 1)]
-
-    def kernel_dev(number):
-        try:
-            with open("/sys/class/block/%sp%d/dev" % (name, number)) as handle:
-                major, minor = (int(x) for x in handle.read().split(":"))
-            return os.makedev(major, minor)
-        except FileNotFoundError:
-            return None
-
-    def ready(number, device):
-        wanted = kernel_dev(number)
-        try:
-            return wanted is not None and os.stat(device).st_rdev == wanted
-        except FileNotFoundError:
-            return False
-
-    if all(ready(number, device) for number, device in enumerate(devices, start=1)):
-        return False
     deadline = time.monotonic() + timeout
     while True:
-        # --update, not --add: a loop number reused after a crashed run may still carry stale partitions
         update = run(["partx", "--update", loop], check=False)
-        for number, device in enumerate(devices, start=1):
-            wanted = kernel_dev(number)
-            if wanted is not None and not ready(number, device):
+        for number in range(1, count + 1):
+            wanted, device = _kernel_dev(loop, number), "%sp%d" % (loop, number)
+            if wanted is not None and not _node_ready(loop, number):
                 if os.path.lexists(device):
                     os.unlink(device)
                 try:
                     os.mknod(device, 0o600 | stat.S_IFBLK, wanted)
                 except FileExistsError:
                     pass  # devtmpfs made it meanwhile
-        if all(ready(number, device) for number, device in enumerate(devices, start=1)):
-            return True
+        if partitions_ready(loop, count):
+            return
         if time.monotonic() > deadline:
             raise LabError("the partitions of %s did not appear (partx: rc=%d %s)" % (loop, update.returncode, update.stderr.strip()))
         time.sleep(0.2)
