@@ -380,3 +380,14 @@ class TestProvisionMixed:
         for path, lines in files.items():
             with open(path) as handle:
                 assert handle.read().splitlines() == lines
+
+    def test_invalid_settings_on_every_node_still_give_a_summary(self, mixed_lab):
+        before = {host: blkid(mixed_lab.partition(host)) for host in mixed_lab.hosts}
+        run = mixed_lab.provision({"node_encrypt_mode": "sideways"})  # refused by the role's argument spec
+        assert run.rc != 0, run
+        lines = summary(run)
+        assert set(lines) == set(mixed_lab.hosts), lines
+        for host in mixed_lab.hosts:
+            assert " failed " in lines[host] and "node_encrypt_mode" in lines[host], lines[host]
+            assert run.stats(host).get("failures") == 1, run
+            assert blkid(mixed_lab.partition(host)) == before[host]
