@@ -251,8 +251,6 @@ class TestProvisionTofu:
             assert " unchanged " in line and "the key opens every partition" in line, line
 
 
-
-
 STATIC = "static passphrase of node2 " + secrets.token_hex(8)
 
 
