@@ -76,6 +76,11 @@ class Selector:
         return blockdev.find_by_label(self.label, scope)
 
 
+def selectors(partitions):
+    """Selectors from a module's ``partitions`` option (dicts with label / device / uuid)."""
+    return tuple(Selector(label=p.get("label") or "", device=p.get("device") or "", uuid=p.get("uuid") or "") for p in partitions)
+
+
 @dataclass(frozen=True)
 class EncryptRequest:
     partitions: tuple

@@ -213,6 +213,29 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
     return outcomes, nv_rewritten
 
 
+def rekey_with_source(devices, source, step, new_key, rekey_id, options, check_mode=False):
+    """The ``passphrase`` and ``kms`` sources: ``add`` the new key, then (``finish``) retire the old slots.
+
+    ``all`` does both (passphrase); ``kms`` runs ``add``, then the caller updates the KMS, then
+    ``finish``. Returns {device path: outcome}.
+    """
+    outcomes = {}
+    for device in devices:
+        outcome = {"added": False, "removed_slots": []}
+        if step in ("all", "add"):
+            current = source.existing_key(device, device.label)
+            outcome = add(device, current, new_key, source.describe(), rekey_id, options, check_mode)
+        if step in ("all", "finish"):
+            # passphrase: the new passphrase is now the source; kms: whatever the KMS serves now
+            current = new_key if source.name == "passphrase" else source.existing_key(device, device.label)
+            if check_mode and outcome["added"]:
+                outcome["removed_slots"] = old_slots(device)
+            else:
+                outcome["removed_slots"] += finish(device, current, source.describe(), rekey_id, check_mode)
+        outcomes[device.path] = outcome
+    return outcomes
+
+
 def effective_options(source):
     """Key slot PBKDF for the new key: upstream's cheap one for generated keys, cryptsetup's default otherwise."""
     return encryption.effective_options(luks.LuksOptions(), source)

@@ -319,10 +319,7 @@ def main():
     source = None
     try:
         request = encryption.EncryptRequest(
-            partitions=tuple(
-                encryption.Selector(label=p["label"] or "", device=p["device"] or "", uuid=p["uuid"] or "")
-                for p in params["partitions"]
-            ),
+            partitions=encryption.selectors(params["partitions"]),
             mode=params["mode"],
             wipe=params["wipe"],
             options=luks_options(params),

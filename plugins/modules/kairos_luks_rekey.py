@@ -224,30 +224,16 @@ def entry(device, outcome):
 
 def run(params, source, check_mode, log):
     """Returns (per-partition entries, nv_rewritten)."""
-    selectors = [encryption.Selector(label=p["label"] or "", device=p["device"] or "", uuid=p["uuid"] or "")
-                 for p in params["partitions"]]
-    devices = rekey.resolve(selectors)
+    devices = rekey.resolve(encryption.selectors(params["partitions"]))
     options = rekey.effective_options(source)
     rekey_id = params["rekey_id"] or None
-    new_key = params["new_passphrase"].encode("utf-8") if params["new_passphrase"] else None
     if source.name == "tpm":
         outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, check_mode, log)
-        return [entry(d, outcomes[d.path]) for d in devices], rewritten
-    entries = []
-    for device in devices:
-        outcome = {"added": False, "removed_slots": []}
-        if params["step"] in ("all", "add"):
-            current = source.existing_key(device, device.label)
-            outcome = rekey.add(device, current, new_key, source.describe(), rekey_id, options, check_mode)
-        if params["step"] in ("all", "finish"):
-            # passphrase: the new passphrase is now the source; kms: whatever the KMS serves now
-            current = new_key if source.name == "passphrase" else source.existing_key(device, device.label)
-            if check_mode and outcome["added"]:
-                outcome["removed_slots"] = rekey.old_slots(device)
-            else:
-                outcome["removed_slots"] += rekey.finish(device, current, source.describe(), rekey_id, check_mode)
-        entries.append(entry(device, outcome))
-    return entries, False
+    else:
+        new_key = params["new_passphrase"].encode("utf-8") if params["new_passphrase"] else None
+        outcomes = rekey.rekey_with_source(devices, source, params["step"], new_key, rekey_id, options, check_mode)
+        rewritten = False
+    return [entry(d, outcomes[d.path]) for d in devices], rewritten
 
 
 def main():
