@@ -25,3 +25,9 @@ def run_or_fail(module, work, *args, **kwargs):
         module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
     except KcryptError as error:
         module.fail_json(msg=str(error))
+
+
+def redact_secrets(module, source):
+    """Keep every key ``source`` (a key_source) has handed out out of the module's output and logs."""
+    for secret in source.secrets if source is not None else ():
+        module.no_log_values.add(secret.decode("utf-8", "replace"))

@@ -246,6 +246,7 @@ partitions:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
 from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
     KEY_SOURCE_ARGS,
     KEY_SOURCE_REQUIRED_IF,
@@ -327,7 +328,7 @@ def main():
         )
         source = key_source.build(params)
         plans = encryption.plan(request, source)
-        _redact(module, source)
+        redact_secrets(module, source)
         if any(p.add_recovery_key for p in plans) and not module.no_log:
             module.fail_json(
                 msg="recovery_key=true returns the new recovery key in the result: set 'no_log: true' on the task "
@@ -338,19 +339,13 @@ def main():
             results = [encryption.result(item, source) for item in plans]
         else:
             encryption.apply(plans, request, source, results=results)
-        _redact(module, source)
+        redact_secrets(module, source)
     except MissingDependencyError as error:
         module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
     except KcryptError as error:
-        if source is not None:
-            _redact(module, source)
+        redact_secrets(module, source)
         module.fail_json(msg=str(error), changed=any(r["changed"] for r in results), partitions=results)
     module.exit_json(changed=any(p.changes for p in plans), partitions=results, diff=diff)
-
-
-def _redact(module, source):
-    for secret in source.secrets:
-        module.no_log_values.add(secret.decode("utf-8", "replace"))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ nv_rewritten:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, rekey
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
 from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
     KEY_SOURCE_ARGS,
     KEY_SOURCE_REQUIRED_IF,
@@ -247,15 +248,10 @@ def main():
     except MissingDependencyError as error:
         module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
     except KcryptError as error:
-        _redact(module, source)
+        redact_secrets(module, source)
         module.fail_json(msg=str(error))
-    _redact(module, source)
+    redact_secrets(module, source)
     module.exit_json(changed=any(e["changed"] for e in entries) or rewritten, partitions=entries, nv_rewritten=rewritten)
-
-
-def _redact(module, source):
-    for secret in source.secrets if source is not None else ():
-        module.no_log_values.add(secret.decode("utf-8", "replace"))
 
 
 if __name__ == "__main__":

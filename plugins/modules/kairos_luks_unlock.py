@@ -152,6 +152,7 @@ partitions:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import key_source, unlock
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
 from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
     KEY_SOURCE_ARGS,
     KEY_SOURCE_REQUIRED_IF,
@@ -220,20 +221,14 @@ def main():
                 results = unlock.apply_open(
                     plans, source, keyslot=params["keyslot"], attempts=params["attempts"], retry_delay=params["retry_delay"]
                 )
-            _redact(module, source)
+            redact_secrets(module, source)
     except MissingDependencyError as error:
         module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
     except KcryptError as error:
-        if source is not None:
-            _redact(module, source)
+        redact_secrets(module, source)
         module.fail_json(msg=str(error), changed=any(p.done for p in plans), partitions=[p.as_result() for p in plans])
     changed = any(p.changes for p in plans) if module.check_mode else any(p.done for p in plans)
     module.exit_json(changed=changed, partitions=results)
-
-
-def _redact(module, source):
-    for secret in source.secrets:
-        module.no_log_values.add(secret.decode("utf-8", "replace"))
 
 
 if __name__ == "__main__":
