@@ -7,13 +7,14 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
+        [--workers N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
 ``tls_key``, ``enrollment``, ``nonce``, ``read_timeout``, ``max_message_size``,
-``store_calls``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``,
+``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``,
 ``log_level``); it is looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
 then /etc/kcrypt-challenger/config.yaml (absent is fine unless named explicitly).
 
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -51,6 +54,7 @@ DEFAULTS = {
     "read_timeout": 10.0,
     "max_message_size": 64 * 1024,
     "store_calls": "auto",
+    "workers": 1,
     "mdns_host": "",
     "mdns_interfaces": [],
     "mdns_address": "",
@@ -58,6 +62,7 @@ DEFAULTS = {
 }
 SETTING_TYPES = {"read_timeout": float, "max_message_size": int}
 ENROLLMENT_MODES = ("tofu", "registered-only")
+MAX_WORKERS = 64
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("kcrypt.challenger")
@@ -84,6 +89,8 @@ def _add_serve_arguments(parser):
     parser.add_argument("--max-message-size", dest="max_message_size", type=int, help="largest WebSocket message in bytes (default 65536)")
     parser.add_argument("--store-calls", dest="store_calls", choices=("auto", "inline", "thread"),
                         help="run store calls on the event loop (inline) or a thread pool; auto: inline for SQLite")
+    parser.add_argument("--workers", help="server processes sharing the port (SO_REUSEPORT), or auto: one per CPU "
+                                          "(default 1; more serve a burst of nodes on every core)")
     parser.add_argument("--mdns-host", dest="mdns_host", help="announce the KMS on mDNS as this .local name (_kcrypt._tcp)")
     parser.add_argument("--mdns-interface", dest="mdns_interfaces", action="append",
                         help="interface name or IPv4 address to announce on (repeatable; required with --mdns-host)")
@@ -151,6 +158,7 @@ def settings(args):
             raise KcryptError("%s must be a number, not %r" % (key, result[key])) from None
     if isinstance(result["mdns_interfaces"], str):
         result["mdns_interfaces"] = [i for i in result["mdns_interfaces"].replace(",", " ").split() if i]
+    result["workers"] = parse_workers(result["workers"])
     if result["enrollment"] not in ENROLLMENT_MODES:
         raise KcryptError("enrollment must be one of %s, not %r" % (", ".join(ENROLLMENT_MODES), result["enrollment"]))
     if result["nonce"] not in protocol.NONCE_MODES:
@@ -161,6 +169,19 @@ def settings(args):
         raise KcryptError("mdns_host needs mdns_interfaces (e.g. --mdns-interface eth0): mDNS is never announced on every interface by default")
     result["host"], result["port"] = parse_listen(result["listen"])
     return result
+
+
+def parse_workers(value):
+    """``workers``: a count from 1 to MAX_WORKERS, or ``auto`` (one per CPU this process may use)."""
+    if str(value).strip().lower() == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise KcryptError("workers must be a number or auto, not %r" % (value,)) from None
+    if not 1 <= number <= MAX_WORKERS:
+        raise KcryptError("workers must be between 1 and %d, not %d" % (MAX_WORKERS, number))
+    return number
 
 
 def parse_listen(value):
@@ -191,56 +212,108 @@ def open_store_from_args(args, **options):
 
 
 def serve_command(args):
-    from ansible_collections.kairos.kcrypt.plugins.module_utils import policy, server
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import server
     from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
 
     config = settings(args)
+    workers = config["workers"]
     logging.basicConfig(level=getattr(logging, config["log_level"].upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s " + ("%(processName)s " if workers > 1 else "") + "%(name)s: %(message)s")
+    # Opened once here even with workers: it creates the database, the schema and the key file, and a
+    # store that cannot be opened fails the start with one clear error.
     store = open_store(config["store"])
-    store_calls = config["store_calls"]
-    if store_calls == "auto":
-        store_calls = "inline" if config["store"].startswith(("sqlite:", "/")) else "thread"
-    challenger = server.Challenger(
+    ssl_context = server.tls_context(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
+    if workers == 1:
+        try:
+            asyncio.run(_serve(_challenger(config, store), config, ssl_context, on_ready=functools.partial(_announce, config, ssl_context)))
+        finally:
+            store.close()
+        return 0
+    store.close()  # a connection must not cross fork(): every worker opens its own
+    return _serve_workers(config, ssl_context, workers)
+
+
+def _serve_workers(config, ssl_context, workers):
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import server, worker_pool
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
+
+    multiprocessing.current_process().name = "supervisor"
+    shared_metrics = server.Metrics.shared_array(workers)
+
+    def serve(index, port, ready):
+        store = open_store(config["store"])
+        try:
+            challenger = _challenger(config, store, server.Metrics(shared_metrics, index))
+            asyncio.run(_serve(challenger, dict(config, port=port), ssl_context, on_ready=lambda _port: ready(), reuse_port=True))
+        finally:
+            store.close()
+        return 0
+
+    announcer = []
+    try:
+        return worker_pool.run(workers, config["host"], config["port"], serve,
+                               on_ready=lambda port: announcer.append(_announce(config, ssl_context, port, workers)))
+    finally:
+        for item in announcer:
+            if item is not None:
+                item.stop()
+        log.info("stopped")
+
+
+def _challenger(config, store, metrics=None):
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import policy, server
+
+    return server.Challenger(
         policy.Policy(store, enrollment=config["enrollment"]),
         nonce_mode=config["nonce"], read_timeout=config["read_timeout"],
-        max_message_size=config["max_message_size"], store_calls=store_calls, ready_check=store.ping,
+        max_message_size=config["max_message_size"], store_calls=_store_calls(config), ready_check=store.ping, metrics=metrics,
     )
-    ssl_context = server.tls_context(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
-    try:
-        asyncio.run(_serve(challenger, config, ssl_context))
-    finally:
-        store.close()
-    return 0
 
 
-async def _serve(challenger, config, ssl_context):
+def _store_calls(config):
+    """``auto``: SQLite calls inline on the event loop (cheaper than a thread hand-off), others in a thread pool."""
+    if config["store_calls"] != "auto":
+        return config["store_calls"]
+    return "inline" if config["store"].startswith(("sqlite:", "/")) else "thread"
+
+
+def _announce(config, ssl_context, port, workers=1):
+    """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
+    scheme = "https" if ssl_context else "http"
+    log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme, config["host"],
+             port, config["store"], config["enrollment"], config["nonce"], _store_calls(config), workers)
+    if not config["mdns_host"]:
+        return None
+    from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+
+    announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,
+                               interfaces=config["mdns_interfaces"]).start()
+    log.info("announcing %s on mDNS (_kcrypt._tcp) on %s", config["mdns_host"], ", ".join(config["mdns_interfaces"]))
+    return announcer
+
+
+async def _serve(challenger, config, ssl_context, on_ready=None, reuse_port=False):
+    """Serve until SIGTERM/SIGINT; ``on_ready(port)`` runs once listening and may return an announcer to stop."""
     from ansible_collections.kairos.kcrypt.plugins.module_utils import server
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    announcer = None
+    started = []
 
     def on_started(port):
-        nonlocal announcer
-        scheme = "https" if ssl_context else "http"
-        log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s)", scheme, config["host"], port,
-                 config["store"], config["enrollment"], config["nonce"], "thread" if challenger._executor else "inline")
-        if config["mdns_host"]:
-            from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
-
-            announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,
-                                       interfaces=config["mdns_interfaces"]).start()
-            log.info("announcing %s on mDNS (_kcrypt._tcp) on %s", config["mdns_host"], ", ".join(config["mdns_interfaces"]))
+        if on_ready is not None:
+            started.append(on_ready(port))
 
     try:
-        await server.serve_forever(challenger, config["host"], config["port"], ssl_context, on_started, stop)
+        await server.serve_forever(challenger, config["host"], config["port"], ssl_context, on_started, stop, reuse_port)
     finally:
-        if announcer is not None:
-            announcer.stop()
-        log.info("stopped")
+        for announcer in started:
+            if announcer is not None:
+                announcer.stop()
+        if not reuse_port:
+            log.info("stopped")
 
 
 def main(argv=None):

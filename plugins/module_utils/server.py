@@ -144,45 +144,91 @@ def _legacy_error(text):
 
 
 class Metrics:
-    """Counters and a latency histogram in the Prometheus text format (no client library needed)."""
+    """Counters and a latency histogram in the Prometheus text format (no client library needed).
 
-    def __init__(self):
-        self.attestations = {(p, o): 0 for p in PROTOCOLS for o in OUTCOMES}
-        self.buckets = {p: [0] * len(LATENCY_BUCKETS) for p in PROTOCOLS}
-        self.sums = {p: 0.0 for p in PROTOCOLS}
-        self.counts = {p: 0 for p in PROTOCOLS}
-        self.in_flight = 0
+    The values live in one flat array of doubles. With ``--workers`` the worker processes share one
+    ``multiprocessing.RawArray`` of ``slots`` × SIZE: each worker writes only its own slot (so no lock is
+    needed) and ``/metrics``, on whichever worker answers, renders the sum of all slots.
+    """
+
+    _OUTCOMES = len(OUTCOMES)
+    _BUCKETS = len(LATENCY_BUCKETS) + 1  # per-bucket counts (not cumulative) and the +Inf bucket
+    _ATTESTATIONS = 0
+    _HISTOGRAM = _ATTESTATIONS + len(PROTOCOLS) * _OUTCOMES
+    _SUMS = _HISTOGRAM + len(PROTOCOLS) * _BUCKETS
+    _IN_FLIGHT = _SUMS + len(PROTOCOLS)
+    SIZE = _IN_FLIGHT + 1
+
+    def __init__(self, shared=None, slot=0):
+        if shared is None:
+            shared = [0.0] * self.SIZE
+        if len(shared) % self.SIZE or not 0 <= slot < len(shared) // self.SIZE:
+            raise ValueError("metrics slot %d does not fit a shared array of %d values" % (slot, len(shared)))
+        self._values = shared
+        self._base = slot * self.SIZE
+        self._protocol_index = {p: i for i, p in enumerate(PROTOCOLS)}
+        self._outcome_index = {o: i for i, o in enumerate(OUTCOMES)}
+
+    @classmethod
+    def shared_array(cls, slots):
+        """Zeroed shared memory for ``slots`` worker processes (create it before starting them)."""
+        import multiprocessing
+
+        return multiprocessing.RawArray("d", cls.SIZE * slots)
+
+    @property
+    def in_flight(self):
+        return int(self._values[self._base + self._IN_FLIGHT])
+
+    @in_flight.setter
+    def in_flight(self, value):
+        self._values[self._base + self._IN_FLIGHT] = value
 
     def observe(self, protocol_name, outcome, seconds):
-        self.attestations[(protocol_name, outcome)] += 1
-        self.sums[protocol_name] += seconds
-        self.counts[protocol_name] += 1
-        buckets = self.buckets[protocol_name]
+        p = self._protocol_index[protocol_name]
+        values, base = self._values, self._base
+        values[base + self._ATTESTATIONS + p * self._OUTCOMES + self._outcome_index[outcome]] += 1
+        values[base + self._SUMS + p] += seconds
+        bucket = len(LATENCY_BUCKETS)
         for i, bound in enumerate(LATENCY_BUCKETS):
             if seconds <= bound:
-                buckets[i] += 1
+                bucket = i
+                break
+        values[base + self._HISTOGRAM + p * self._BUCKETS + bucket] += 1
+
+    def totals(self):
+        """The values summed over every slot (every worker process)."""
+        values, size = self._values, self.SIZE
+        slots = len(values) // size
+        return [sum(values[s * size + i] for s in range(slots)) for i in range(size)]
 
     def render(self):
+        totals = self.totals()
         lines = [
             "# HELP kcrypt_attestations_total Attestation exchanges by protocol and outcome.",
             "# TYPE kcrypt_attestations_total counter",
         ]
-        for (p, o), value in sorted(self.attestations.items()):
-            lines.append('kcrypt_attestations_total{protocol="%s",outcome="%s"} %d' % (p, o, value))
+        for p, protocol_name in sorted(enumerate(PROTOCOLS), key=lambda item: item[1]):
+            for o, outcome in sorted(enumerate(OUTCOMES), key=lambda item: item[1]):
+                value = totals[self._ATTESTATIONS + p * self._OUTCOMES + o]
+                lines.append('kcrypt_attestations_total{protocol="%s",outcome="%s"} %d' % (protocol_name, outcome, value))
         lines += [
             "# HELP kcrypt_attestation_duration_seconds Time from the node's request to the end of the exchange.",
             "# TYPE kcrypt_attestation_duration_seconds histogram",
         ]
-        for p in PROTOCOLS:
-            for bound, value in zip(LATENCY_BUCKETS, self.buckets[p]):
-                lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="%s"} %d' % (p, bound, value))
-            lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="+Inf"} %d' % (p, self.counts[p]))
-            lines.append('kcrypt_attestation_duration_seconds_sum{protocol="%s"} %.6f' % (p, self.sums[p]))
-            lines.append('kcrypt_attestation_duration_seconds_count{protocol="%s"} %d' % (p, self.counts[p]))
+        for p, protocol_name in enumerate(PROTOCOLS):
+            counts = totals[self._HISTOGRAM + p * self._BUCKETS:self._HISTOGRAM + (p + 1) * self._BUCKETS]
+            cumulative = 0
+            for bound, value in zip(LATENCY_BUCKETS, counts):
+                cumulative += value
+                lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="%s"} %d' % (protocol_name, bound, cumulative))
+            lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="+Inf"} %d' % (protocol_name, sum(counts)))
+            lines.append('kcrypt_attestation_duration_seconds_sum{protocol="%s"} %.6f' % (protocol_name, totals[self._SUMS + p]))
+            lines.append('kcrypt_attestation_duration_seconds_count{protocol="%s"} %d' % (protocol_name, sum(counts)))
         lines += [
             "# HELP kcrypt_attestations_in_flight Exchanges in progress.",
             "# TYPE kcrypt_attestations_in_flight gauge",
-            "kcrypt_attestations_in_flight %d" % self.in_flight,
+            "kcrypt_attestations_in_flight %d" % totals[self._IN_FLIGHT],
         ]
         return "\n".join(lines) + "\n"
 
@@ -191,10 +237,12 @@ class Challenger:
     """The challenger's request handlers over a policy (policy.Policy or anything with its methods).
 
     ``ready_check``: a callable raising when the store cannot serve (``store.ping``).
+    ``metrics``: a Metrics (a worker's slot of shared ones); default: this process's own.
     """
 
     def __init__(self, policy, nonce_mode=protocol.NONCE_WHEN_SUPPORTED, read_timeout=DEFAULT_READ_TIMEOUT,
-                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, store_calls="inline", ready_check=None, store_threads=8):
+                 max_message_size=DEFAULT_MAX_MESSAGE_SIZE, store_calls="inline", ready_check=None, store_threads=8,
+                 metrics=None):
         require("aiohttp", "to run the challenger")
         if nonce_mode not in protocol.NONCE_MODES:
             raise KcryptError("nonce must be one of %s, not %r" % (", ".join(protocol.NONCE_MODES), nonce_mode))
@@ -209,7 +257,7 @@ class Challenger:
         self.read_timeout = float(read_timeout)
         self.max_message_size = int(max_message_size)
         self.ready_check = ready_check
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
         self._executor = None
         if store_calls == "thread":
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="kcrypt-store")
@@ -421,15 +469,19 @@ def tls_context(cert_file, key_file):
     return context
 
 
-async def start(challenger, host, port, ssl_context=None):
-    """Start serving; returns (runner, bound port). Stop with ``await runner.cleanup()``."""
+async def start(challenger, host, port, ssl_context=None, reuse_port=False):
+    """Start serving; returns (runner, bound port). Stop with ``await runner.cleanup()``.
+
+    ``reuse_port``: bind with SO_REUSEPORT, so several worker processes share the port and the kernel
+    spreads new connections over them.
+    """
     runner = web.AppRunner(
         challenger.application(), access_log=None, handle_signals=False,
         max_field_size=MAX_HEADER_SIZE, max_line_size=MAX_HEADER_SIZE,
         keepalive_timeout=challenger.read_timeout, shutdown_timeout=5.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as error:
@@ -439,9 +491,9 @@ async def start(challenger, host, port, ssl_context=None):
     return runner, (addresses[0][1] if addresses else port)
 
 
-async def serve_forever(challenger, host, port, ssl_context=None, on_started=None, stop=None):
+async def serve_forever(challenger, host, port, ssl_context=None, on_started=None, stop=None, reuse_port=False):
     """Serve until ``stop`` (an asyncio.Event) is set; ``on_started(port)`` runs once listening."""
-    runner, bound = await start(challenger, host, port, ssl_context)
+    runner, bound = await start(challenger, host, port, ssl_context, reuse_port)
     try:
         if on_started is not None:
             on_started(bound)

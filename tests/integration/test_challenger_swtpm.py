@@ -177,11 +177,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node, workers):
     pki = make_pki(str(tmp_path))
     port = _free_port()
     args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
-            "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"]]
+            "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--workers", str(workers)]
     with ChallengerProcess(args, port, log_path=str(tmp_path / "kms.log"), tls=True) as kms:
         ca_pem = open(pki["ca.pem"]).read()
         pinned = client.get_passphrase(_config(kms, node, certificate=ca_pem), PERSISTENT)
@@ -193,16 +194,18 @@ def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node):
         assert "wss://127.0.0.1:%d/tpm-attestation" % port in str(info.value)
 
 
-def test_mdns_announced_kms(tmp_path, node):
-    """kcrypt-challenger --mdns-host announces on 127.0.0.1; the client resolves the .local name and dials ip:port."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mdns_announced_kms(tmp_path, node, workers):
+    """kcrypt-challenger --mdns-host announces on 127.0.0.1; the client resolves the .local name and dials ip:port.
+    With workers, the supervisor announces once, after every worker listens."""
     import os
 
     port = _free_port()
-    host = "kcrypt-wire-%d.local" % os.getpid()
+    host = "kcrypt-wire-%d-%d.local" % (os.getpid(), workers)
     args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
-            "--mdns-host", host, "--mdns-interface", "127.0.0.1"]
+            "--mdns-host", host, "--mdns-interface", "127.0.0.1", "--workers", str(workers)]
     with ChallengerProcess(args, port, log_path=str(tmp_path / "kms.log")):
         config = client.ClientConfig("http://%s" % host, mdns=True, mdns_interfaces=["127.0.0.1"], mdns_timeout=10,
                                      tpm_device=node.tcti, attempts=2, retry_delay=0.1)
         assert len(client.get_passphrase(config, PERSISTENT)) == 44
-    assert "announcing %s on mDNS" % host in open(str(tmp_path / "kms.log")).read()
+    assert open(str(tmp_path / "kms.log")).read().count("announcing %s on mDNS" % host) == 1

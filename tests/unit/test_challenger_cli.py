@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils import challenger_cli, client
@@ -53,6 +55,9 @@ def test_flags_override_the_config_file(tmp_path):
         ("mdns_host: kms.local\n", "needs mdns_interfaces"),
         ("listen: localhost\n", "listen must be HOST:PORT"),
         ("read_timeout: soon\n", "read_timeout must be a number"),
+        ("workers: 0\n", "workers must be between 1 and 64, not 0"),
+        ("workers: 65\n", "workers must be between 1 and 64"),
+        ("workers: many\n", "workers must be a number or auto, not 'many'"),
     ],
 )
 def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
@@ -65,6 +70,12 @@ def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
 def test_named_config_must_exist(tmp_path):
     with pytest.raises(KcryptError, match="does not exist"):
         _settings(["serve", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_workers():
+    assert _settings(["serve"])["workers"] == 1
+    assert _settings(["serve", "--workers", "3"])["workers"] == 3
+    assert _settings(["serve", "--workers", "auto"])["workers"] == len(os.sched_getaffinity(0))
 
 
 def test_parse_listen():

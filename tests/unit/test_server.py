@@ -391,3 +391,26 @@ def test_thread_store_calls_give_the_same_answers(policy, node):
         assert protocol.parse_response(soft_attest(kms.ws_url, node))[0] == PASSPHRASE
         policy.fail = PolicyRejection("TPM is quarantined")
         assert soft_attest(kms.ws_url, node)["error"] == "Attestation verification failed: TPM is quarantined"
+
+
+def test_metrics_of_worker_slots_render_as_one_sum():
+    shared = server.Metrics.shared_array(2)
+    first, second = server.Metrics(shared, 0), server.Metrics(shared, 1)
+    first.observe(server.PROTOCOL_ATTESTATION, server.OUTCOME_SUCCESS, 0.004)
+    second.observe(server.PROTOCOL_ATTESTATION, server.OUTCOME_SUCCESS, 0.3)
+    second.observe(server.PROTOCOL_LEGACY_GET, server.OUTCOME_REJECTED, 20.0)  # beyond the last bucket: +Inf only
+    second.in_flight += 1
+    for text in (first.render(), second.render()):  # whichever worker answers /metrics
+        assert 'kcrypt_attestations_total{protocol="attestation",outcome="success"} 2' in text
+        assert 'kcrypt_attestations_total{protocol="legacy-get",outcome="rejected"} 1' in text
+        assert 'kcrypt_attestation_duration_seconds_bucket{protocol="attestation",le="0.0025"} 0' in text
+        assert 'kcrypt_attestation_duration_seconds_bucket{protocol="attestation",le="0.005"} 1' in text  # cumulative
+        assert 'kcrypt_attestation_duration_seconds_bucket{protocol="attestation",le="0.5"} 2' in text
+        assert 'kcrypt_attestation_duration_seconds_bucket{protocol="legacy-get",le="10.0"} 0' in text
+        assert 'kcrypt_attestation_duration_seconds_bucket{protocol="legacy-get",le="+Inf"} 1' in text
+        assert 'kcrypt_attestation_duration_seconds_sum{protocol="attestation"} 0.304000' in text
+        assert 'kcrypt_attestation_duration_seconds_count{protocol="attestation"} 2' in text
+        assert "kcrypt_attestations_in_flight 1" in text
+    assert first.in_flight == 0 and second.in_flight == 1
+    with pytest.raises(ValueError):
+        server.Metrics(shared, 2)
