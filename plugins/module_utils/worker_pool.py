@@ -77,7 +77,7 @@ def _die_with_parent():
 def _worker(index, serve, port, ready):
     _die_with_parent()
     if os.getppid() == 1:  # the supervisor died before prctl took effect
-        sys.exit(1)
+        raise SystemExit(1)
     try:
         code = serve(index, port, lambda: ready.send(index))
     except KcryptError as error:
@@ -86,7 +86,7 @@ def _worker(index, serve, port, ready):
     except KeyboardInterrupt:
         code = 130
     ready.close()
-    sys.exit(code or 0)
+    raise SystemExit(code or 0)
 
 
 def run(workers, host, port, serve, on_ready=None):

@@ -99,7 +99,7 @@ def test_workers_share_the_port_the_store_and_the_metrics(workers_kms, tmp_path)
     audit = [line for line in (tmp_path / "kms.log").read_text().splitlines() if "outcome=success" in line]
     assert len(audit) == 40
     assert {re.search(r" (worker-\d+) kcrypt.audit", line).group(1) for line in audit} == {"worker-1", "worker-2"}
-    for _ in range(6):  # whichever worker answers /metrics counts for all of them
+    for _attempt in range(6):  # whichever worker answers /metrics counts for all of them
         text = urllib.request.urlopen(workers_kms.url + "/metrics", timeout=5).read().decode()
         assert 'kcrypt_attestations_total{protocol="attestation",outcome="success"} 40' in text
         assert "kcrypt_attestations_in_flight 0" in text
