@@ -30,6 +30,7 @@ import urllib.request
 import pytest
 
 from support import playbook
+from support.process import alive, children
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="deploys a service user and a daemon (root)")
 
@@ -65,15 +66,6 @@ def read_pid(path):
             return int(handle.read().strip())
     except (OSError, ValueError):
         return 0
-
-
-def alive(pid):
-    """Running (a zombie waiting for init to reap it does not count)."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, TypeError):
-        return False
 
 
 def uid_of(pid):
@@ -194,15 +186,19 @@ class TestChallengerOnThisHost:
 
     def test_settings_change_restarts_through_the_handler(self, kms):
         child = read_pid(kms["pidfile"] + ".child")
-        run = deploy(kms, challenger_log_level="debug")
+        run = deploy(kms, challenger_log_level="debug", challenger_workers=2)
         assert run.changed > 0
         handler = run.task_results("Restart the supervised challenger")
         assert handler and handler[-1].get("changed"), run
         assert get(kms["url"] + "/healthz")[0] == 200
         new_child = read_pid(kms["pidfile"] + ".child")
         assert new_child and new_child != child
-        assert "log_level: debug" in open(kms["vars"]["challenger_config_dir"] + "/config.yaml").read()
-        kms["vars"]["challenger_log_level"] = "debug"
+        config = open(kms["vars"]["challenger_config_dir"] + "/config.yaml").read()
+        assert "log_level: debug" in config and "workers: 2" in config
+        # from here on the server runs as a supervisor of two workers, all as the service user
+        workers = children(new_child)
+        assert len(workers) == 2 and {uid_of(pid) for pid in workers} == {pwd.getpwnam(kms["user"]).pw_uid}
+        kms["vars"].update(challenger_log_level="debug", challenger_workers=2)
 
     def test_generated_tls(self, kms):
         run = deploy(kms, challenger_tls="generate")
@@ -251,12 +247,17 @@ class TestChallengerOnThisHost:
     def test_supervisor_restarts_a_crashed_server(self, kms):
         child = read_pid(kms["pidfile"] + ".child")
         assert child > 0  # never os.kill(0, ...): that would hit this test's own process group
-        os.kill(child, signal.SIGKILL)
+        workers = children(child)
+        os.kill(child, signal.SIGKILL)  # its workers die with it (PR_SET_PDEATHSIG) and free the port
         deadline = time.monotonic() + 30
         while read_pid(kms["pidfile"] + ".child") in (0, child):
             assert time.monotonic() < deadline, "the supervisor did not restart the server"
             time.sleep(0.2)
         assert wait_healthy(kms["url"] + "/healthz", kms.get("cafile"))[0] == 200
+        while [pid for pid in workers if alive(pid)]:  # the old workers finish their graceful shutdown
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.2)
+        assert len(workers) == 2
 
     def test_rerun_starts_a_stopped_server(self, kms):
         supervisor = read_pid(kms["pidfile"])

@@ -22,6 +22,7 @@ import pytest
 
 from support import soft_tpm
 from support.challenger import ROOT, ChallengerProcess, soft_attest
+from support.process import alive, children
 from support.soft_tpm import SoftTPM
 
 WORKERS = 2
@@ -33,23 +34,10 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _children(pid):
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as handle:
-                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass  # gone meanwhile
-    return sorted(children)
-
-
 def _gone(pids, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not [pid for pid in pids if os.path.exists("/proc/%d" % pid)]:
+        if not [pid for pid in pids if alive(pid)]:
             return True
         time.sleep(0.05)
     return False
@@ -71,14 +59,14 @@ def workers_kms(tmp_path):
     deadline = time.monotonic() + 15
     while "listening on" not in (tmp_path / "kms.log").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)  # /healthz answers once the first worker listens; the log line once all do
-    kms.workers = _children(kms.process.pid)
+    kms.workers = children(kms.process.pid)
     try:
         yield kms
     finally:
         pids = [kms.process.pid] + kms.workers if kms.process else kms.workers
         kms.stop()
         for pid in pids:  # a test may have stopped the supervisor in a way that left a worker: end ours
-            if os.path.exists("/proc/%d" % pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -140,4 +128,4 @@ def test_a_port_in_use_is_one_clear_error_even_for_another_challenger(workers_km
     assert result.returncode == 1
     assert "Error: cannot listen on 127.0.0.1:%d: Address already in use" % workers_kms.port in result.stderr
     assert result.stderr.count("cannot listen") == 1  # said once, by the supervisor, before any worker started
-    assert _children(workers_kms.process.pid) == workers_kms.workers  # the running server is untouched
+    assert children(workers_kms.process.pid) == workers_kms.workers  # the running server is untouched
