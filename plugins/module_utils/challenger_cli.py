@@ -239,7 +239,7 @@ def serve_command(args):
 def _tune_garbage_collector():
     """Keep the cyclic garbage collector out of bursts: with the default thresholds it ran ~300 times
     per 4000 attestations, with full collections of 14-24 ms that land in the middle of a burst (the
-    p99 of the server's share of 500 nodes at once went from 255-265 ms to 223-244 ms without them).
+    p99 of the server's share of 500 nodes at once went from 255-266 ms to 217-244 ms without them).
     Everything loaded so far (modules, settings) is frozen, never scanned again and shared
     copy-on-write with the workers; young objects are collected every 100000 allocations instead of 700."""
     gc.collect()
