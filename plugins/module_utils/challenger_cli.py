@@ -294,8 +294,9 @@ def _store_calls(config):
 def _announce(config, ssl_context, port, workers=1):
     """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
     scheme = "https" if ssl_context else "http"
-    log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme, config["host"],
-             port, config["store"], config["enrollment"], config["nonce"], _store_calls(config), workers)
+    host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
+    log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme, host, port,
+             config["store"], config["enrollment"], config["nonce"], _store_calls(config), workers)
     if not config["mdns_host"]:
         return None
     from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
