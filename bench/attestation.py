@@ -76,7 +76,7 @@ _checkout.setup()
 from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol  # noqa: E402
 from support import soft_tpm  # noqa: E402
 from support.tls import make_pki  # noqa: E402
-from support.process import stop as stop_process  # noqa: E402
+from support.process import children as child_pids, stop as stop_process  # noqa: E402
 
 TANGD = "/usr/libexec/tangd"
 TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
@@ -109,28 +109,13 @@ def _threads_ns(pid):
     return total
 
 
-def live_children(pid):
-    """PIDs whose parent is ``pid`` (e.g. ``serve --workers N``'s worker processes)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if ppid == pid:
-                children.append(int(entry))
-    return children
-
-
 def cpu_seconds(pid, children=False, live=False):
     """CPU time of ``pid``: all its threads (ns resolution), plus reaped children (ticks) if asked, plus
     the threads of its live children if asked (long-lived workers: one that ends between two readings
     would take its CPU time with it)."""
     total = _threads_ns(pid)
     if live:
-        total += sum(_threads_ns(child) for child in live_children(pid))
+        total += sum(_threads_ns(child) for child in child_pids(pid))
     seconds = total / 1e9
     if children:
         with open("/proc/%d/stat" % pid) as handle:

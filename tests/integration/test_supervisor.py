@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from support.process import alive
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUPERVISE = os.path.join(ROOT, "roles", "challenger", "files", "kcrypt_supervise.py")
 
@@ -34,15 +36,6 @@ def wait_for(predicate, timeout=15):
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def alive(pid):
-    """Running (a zombie waiting for init to reap it does not count)."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, TypeError):
-        return False
 
 
 @pytest.fixture
