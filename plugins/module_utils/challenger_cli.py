@@ -231,6 +231,7 @@ def serve_command(args):
             asyncio.run(_serve(_challenger(config, store), config, ssl_context, on_ready=functools.partial(_announce, config, ssl_context)))
         finally:
             store.close()
+            log.info("stopped")
         return 0
     store.close()  # a connection must not cross fork(): every worker opens its own
     return _serve_workers(config, ssl_context, workers)
@@ -327,8 +328,6 @@ async def _serve(challenger, config, ssl_context, on_ready=None, reuse_port=Fals
         for announcer in started:
             if announcer is not None:
                 announcer.stop()
-        if not reuse_port:
-            log.info("stopped")
 
 
 def main(argv=None):
