@@ -56,7 +56,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import ssl
 import statistics
 import struct
@@ -77,6 +76,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol  # n
 from support import soft_tpm  # noqa: E402
 from support.tls import make_pki  # noqa: E402
 from support.process import children as child_pids, stop as stop_process  # noqa: E402
+from support.ports import free_port  # noqa: E402
 
 TANGD = "/usr/libexec/tangd"
 TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
@@ -84,12 +84,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- server processes and their CPU time ---------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _threads_ns(pid):

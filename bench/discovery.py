@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,12 +41,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import client_config
 from support.challenger import ChallengerProcess  # noqa: E402
 from support.discovery_node import DiscoveryNode  # noqa: E402
 from support.swtpm import SwTPMFactory  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support.ports import free_port  # noqa: E402
 
 
 def timed(runs, action):

@@ -222,9 +222,10 @@ class Metrics:
             for bound, value in zip(LATENCY_BUCKETS, counts):
                 cumulative += value
                 lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="%s"} %d' % (protocol_name, bound, cumulative))
-            lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="+Inf"} %d' % (protocol_name, sum(counts)))
+            count = cumulative + counts[-1]  # the last slot holds the observations beyond every bound
+            lines.append('kcrypt_attestation_duration_seconds_bucket{protocol="%s",le="+Inf"} %d' % (protocol_name, count))
             lines.append('kcrypt_attestation_duration_seconds_sum{protocol="%s"} %.6f' % (protocol_name, totals[self._SUMS + p]))
-            lines.append('kcrypt_attestation_duration_seconds_count{protocol="%s"} %d' % (protocol_name, sum(counts)))
+            lines.append('kcrypt_attestation_duration_seconds_count{protocol="%s"} %d' % (protocol_name, count))
         lines += [
             "# HELP kcrypt_attestations_in_flight Exchanges in progress.",
             "# TYPE kcrypt_attestations_in_flight gauge",

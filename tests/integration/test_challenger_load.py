@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
-import socket
 import sqlite3
 import threading
 
@@ -26,15 +25,10 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import policy, proto
 from support import soft_tpm
 from support.challenger import ChallengerProcess, ChallengerThread, connect, soft_attest
 from support.soft_tpm import SoftTPM
+from support.ports import free_port
 
 DISTINCT = 150
 CONTACTS = 200
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _counts(db_path):
@@ -48,7 +42,7 @@ def test_200_concurrent_first_contacts_enrol_each_tpm_once(tmp_path):
     identities = [SoftTPM(ek_key=key, ak_key=keys[-1]) for key in keys[:DISTINCT]]  # the AK may be shared
     contacts = [identities[i % DISTINCT] for i in range(CONTACTS)]
     db = str(tmp_path / "kms.db")
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers = [
         ChallengerProcess(["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://" + db, "--log-level", "warning"],
                           port, log_path=str(tmp_path / ("kms%d.log" % i)))

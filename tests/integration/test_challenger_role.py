@@ -18,7 +18,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -31,16 +30,11 @@ import pytest
 
 from support import playbook
 from support.process import alive, children
+from support.ports import free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="deploys a service user and a daemon (root)")
 
 WHEELS = os.path.expanduser(os.environ.get("KCRYPT_CACHE", "~/.cache/kcrypt") + "/wheels")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get(url, cafile=None, timeout=5):

@@ -15,7 +15,6 @@ process.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -26,6 +25,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
 from support.challenger import ChallengerProcess, ChallengerThread
 from support.tls import make_pki
+from support.ports import free_port
 
 PERSISTENT = PartitionRef(label="COS_PERSISTENT", device_name="vda5")
 OEM = PartitionRef(label="COS_OEM", device_name="vda2")
@@ -171,16 +171,10 @@ def test_legacy_static_passphrase(kms_store, node):
             client.get_passphrase(_config(kms, node, protocol="legacy"), PERSISTENT)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node, workers):
     pki = make_pki(str(tmp_path))
-    port = _free_port()
+    port = free_port()
     args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
             "--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"], "--workers", str(workers)]
     with ChallengerProcess(args, port, log_path=str(tmp_path / "kms.log"), tls=True) as kms:
@@ -200,7 +194,7 @@ def test_mdns_announced_kms(tmp_path, node, workers):
     With workers, the supervisor announces once, after every worker listens."""
     import os
 
-    port = _free_port()
+    port = free_port()
     host = "kcrypt-wire-%d-%d.local" % (os.getpid(), workers)
     args = ["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
             "--mdns-host", host, "--mdns-interface", "127.0.0.1", "--workers", str(workers)]

@@ -24,14 +24,9 @@ from support import soft_tpm
 from support.challenger import ROOT, ChallengerProcess, soft_attest
 from support.process import alive, children
 from support.soft_tpm import SoftTPM
+from support.ports import free_port
 
 WORKERS = 2
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gone(pids, timeout=10):
@@ -52,7 +47,7 @@ def _wait_exit(process, timeout=15):
 
 @pytest.fixture
 def workers_kms(tmp_path):
-    port = _free_port()
+    port = free_port()
     kms = ChallengerProcess(["serve", "--listen", "127.0.0.1:%d" % port, "--store", "sqlite://%s/kms.db" % tmp_path,
                              "--workers", str(WORKERS)], port, log_path=str(tmp_path / "kms.log"))
     kms.start()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -21,6 +20,7 @@ from support.challenger import ChallengerProcess
 from support.discovery_node import DiscoveryNode, plugin_reply
 from support.tcp_counter import CountingListener
 from support.tls import make_pki
+from support.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,6 @@ def tpm(swtpm_factory):
 @pytest.fixture
 def node(tmp_path, subprocess_env):
     return DiscoveryNode(tmp_path / "node", subprocess_env)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class KMS:

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import stat
 
 import pytest
@@ -26,16 +25,11 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import policy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
 from support import playbook
 from support.loopdisk import decrypt_to_image, luks_json, opens_with, read_file, sh, write_file
+from support.ports import free_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (loop devices, swtpm, cryptsetup)")
 
 DATA = b"kept across in-place encryption\n"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def blkid(device):

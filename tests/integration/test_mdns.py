@@ -18,18 +18,13 @@ import pytest
 from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
 from support.netns import veth_namespaces
 from support.process import stop as stop_process
+from support.ports import free_port
 
 PEER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support", "mdns_peer.py")
 
 
 def unique(prefix):
     return "%s-%s.local" % (prefix, uuid.uuid4().hex[:8])
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

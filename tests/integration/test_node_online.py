@@ -10,7 +10,6 @@ stored, and that a refusal leaves the partition exactly as it was.
 from __future__ import annotations
 
 import base64
-import socket
 
 import pytest
 
@@ -20,6 +19,7 @@ from support.challenger import ChallengerProcess, ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
 from support.tls import make_pki
+from support.ports import free_port
 
 
 @pytest.fixture
@@ -141,12 +141,6 @@ def test_legacy_protocol_generated_key(kms_store, node, loop_disks):
         assert opens_with(disk.partitions[0], passphrase)
         again = encryption.EncryptRequest(partitions=(encryption.Selector(label=label),), mode="in_place", options=fast_options())
         assert [p.action for p in encryption.plan(again, kms_source(server_thread.url, node, kms_protocol="legacy"))] == ["none"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_tls_pinned_ca_file_and_untrusted_certificate(tmp_path, node, loop_disks):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import socket
 import threading
 
 import pytest
@@ -26,15 +25,10 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol
 from support.challenger import ChallengerProcess, connect
 from support.soft_tpm import SoftTPM
 from support.stores import make_store_target
+from support.ports import free_port
 
 DISTINCT = 150
 CONTACTS = 200
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def attest(ws_url, node, timeout=120):
@@ -69,7 +63,7 @@ def test_two_replicas_200_concurrent_first_contacts(kube_target, tmp_path):
     keys = soft_tpm.key_pool(DISTINCT + 1)
     identities = [SoftTPM(ek_key=key, ak_key=keys[-1]) for key in keys[:DISTINCT]]
     contacts = [identities[i % DISTINCT] for i in range(CONTACTS)]
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     replicas = [ChallengerProcess(["serve", "--listen", "127.0.0.1:%d" % port, "--store", kube_target.url,
                                    "--log-level", "warning"], port, log_path=str(tmp_path / ("replica%d.log" % i)))
                 for i, port in enumerate(ports)]
