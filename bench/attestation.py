@@ -72,7 +72,8 @@ import _checkout  # noqa: E402
 
 _checkout.setup()
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import attestation  # noqa: E402
 from support import soft_tpm  # noqa: E402
 from support.tls import make_pki  # noqa: E402
 from support.process import children as child_pids, stop as stop_process  # noqa: E402
@@ -261,7 +262,7 @@ class Node:
         """For the floor scenario: a fixed proof, after the same TPM work a real node does (so the server sees the
         same arrival pattern): one EK decryption and one quote signature."""
         if self._seed is None:
-            _secret, encrypted = protocol.make_credential(self.tpm.ek_public, self.tpm.ak_name)
+            _secret, encrypted = attestation.make_credential(self.tpm.ek_public, self.tpm.ak_name)
             self._seed = encrypted
         self.tpm.activate_credential(self._seed.credential, self._seed.secret)
         if self.nonce:

@@ -37,7 +37,8 @@ import _checkout  # noqa: E402
 
 _checkout.setup()
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import client_config, mdns  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kairos_config as client_config
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns  # noqa: E402
 from support.challenger import ChallengerProcess  # noqa: E402
 from support.discovery_node import DiscoveryNode  # noqa: E402
 from support.swtpm import SwTPMFactory  # noqa: E402

@@ -33,7 +33,7 @@ import _checkout  # noqa: E402
 
 _checkout.setup()
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, luks  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks  # noqa: E402
 from support.loopdisk import LoopDisk, make_ext4, sh  # noqa: E402
 
 PBKDFS = [

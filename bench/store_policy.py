@@ -32,9 +32,9 @@ import _checkout  # noqa: E402
 
 _checkout.setup()
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import policy as pol  # noqa: E402
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st  # noqa: E402
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy as pol  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store_factory as st  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef  # noqa: E402
 
 EK = "-----BEGIN PUBLIC KEY-----\nbench\n-----END PUBLIC KEY-----\n"
 PCRS = {"0": "00" * 32, "7": "07" * 32, "11": "0b" * 32}

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${KCRYPT_CACHE:-$HOME/.cache/kcrypt}
 PYTHON_VERSION=${SANITY_PYTHON:-3.11}
-dest="$CACHE/sanity/ansible_collections/kairos/kcrypt"
+# One build directory per checkout, so runs from two worktrees never overwrite each other's tree.
+dest="$CACHE/sanity/$(pwd | sha256sum | cut -c1-12)/ansible_collections/kairos/kcrypt"
 
 pip_version=$(.venv/bin/python - <<'PY'
 import re, ansible_test, pathlib

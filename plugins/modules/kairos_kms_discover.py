@@ -125,7 +125,7 @@ host_header:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import run_or_fail
 
 

@@ -171,14 +171,10 @@ nv_rewritten:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, key_source, rekey
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, rekey
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
-from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
-    KEY_SOURCE_ARGS,
-    KEY_SOURCE_REQUIRED_IF,
-    PARTITIONS_ARG,
-)
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITIONS_ARG
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():

@@ -151,15 +151,11 @@ partitions:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import key_source, unlock
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import key_source, unlock
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
-from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import (
-    KEY_SOURCE_ARGS,
-    KEY_SOURCE_REQUIRED_IF,
-    PARTITION_SELECTOR_ARGS,
-)
-from ansible_collections.kairos.kcrypt.plugins.module_utils.encryption import Selector
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITION_SELECTOR_ARGS
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node.encryption import Selector
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():

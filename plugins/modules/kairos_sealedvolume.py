@@ -244,9 +244,9 @@ import tempfile
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import registration as reg
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 
 
 def open_backend(params, check_mode, scratch_dir):

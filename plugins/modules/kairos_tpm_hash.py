@@ -89,7 +89,7 @@ tpm_device:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import TPM_ARGUMENT_SPEC, run_or_fail
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM, parse_pcr_list
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_pcr_list
 
 
 def read_identity(tpm_device, pcrs):

@@ -117,9 +117,9 @@ passphrase:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import nv_area
-from ansible_collections.kairos.kcrypt.plugins.module_utils.argspec import TPM_ARGS
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, MissingDependencyError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import nv_area
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import TPM_ARGS
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
 
 
 def main():

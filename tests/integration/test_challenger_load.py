@@ -21,7 +21,8 @@ import threading
 import pytest
 import websocket
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import policy, protocol, server, store
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store_factory as store
 from support import soft_tpm
 from support.challenger import ChallengerProcess, ChallengerThread, connect, soft_attest
 from support.soft_tpm import SoftTPM

@@ -218,7 +218,7 @@ class TestChallengerOnThisHost:
         """A new name re-issues the server certificate (CA kept); the mDNS announcement is found
         the way the node client resolves it. One run for both, to keep the suite short."""
         pytest.importorskip("zeroconf")
-        from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+        from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
 
         tls = kms["vars"]["challenger_config_dir"] + "/tls"
         ca_before = open(tls + "/ca.crt").read()

@@ -19,10 +19,12 @@ import time
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import client, policy, protocol, server, store
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kms_client as client
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.challenger import ChallengerProcess, ChallengerThread
 from support.tls import make_pki
 from support.ports import free_port

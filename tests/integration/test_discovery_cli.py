@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import tpm_blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob as tpm_blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.discovery_node import DiscoveryNode, plugin_reply
 
 

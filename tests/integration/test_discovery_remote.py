@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as kms_store
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as kms_store, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.challenger import ChallengerProcess
 from support.discovery_node import DiscoveryNode, plugin_reply
 from support.tcp_counter import CountingListener
@@ -54,7 +54,7 @@ class KMS:
         return self.process.url
 
     def store(self):
-        return kms_store.open_store(self.db)
+        return store_factory.open_store(self.db)
 
     def secret_for(self, tpm_hash, label):
         """The Secret data of the partition ``label`` of ``tpm_hash`` (what the KMS hands out)."""

@@ -23,10 +23,11 @@ import tempfile
 import pytest
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, key_source, policy, server, store
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
-from ansible_collections.kairos.kcrypt.plugins.module_utils import tpm_blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, key_source
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob as tpm_blob
 from support import playbook
 from support.challenger import ChallengerThread
 from support.loopdisk import opens_with
@@ -66,7 +67,7 @@ def run_playbook(path, workdir, inventory, variables, check=False, limit=None):
 
 
 def serve(store_url):
-    opened = store.open_store(store_url)
+    opened = store_factory.open_store(store_url)
     thread = ChallengerThread(server.Challenger(policy.Policy(opened, enrollment="tofu"), ready_check=opened.ping)).start()
     thread.store = opened
     return thread
@@ -274,7 +275,7 @@ def test_kubernetes_backend_quarantine_and_export_to_an_embedded_store(kube_api,
     """The same playbooks against SealedVolumes and Secrets in Kubernetes (API emulator), by TPM hash."""
     namespace = "kcrypt-ops-%s" % os.urandom(4).hex()
     tpm = "cd" * 32
-    kube = store.open_store("kubernetes://", kubeconfig=kube_api.kubeconfig, namespace=namespace)
+    kube = store_factory.open_store("kubernetes://", kubeconfig=kube_api.kubeconfig, namespace=namespace)
     try:
         kube.create_secret(store.new_secret("node-x-persistent", {"passphrase": b"kubernetes held key"}))
         kube.create_volume(store.new_volume("node-x", tpm, partitions=[
@@ -299,13 +300,13 @@ def test_kubernetes_backend_quarantine_and_export_to_an_embedded_store(kube_api,
         assert done.rc == 0 and done.changed == 1, done
     finally:
         kube.close()
-    with store.open_store("sqlite://%s/kms.db" % embedded) as imported:
+    with store_factory.open_store("sqlite://%s/kms.db" % embedded) as imported:
         (volume,) = imported.volumes_for(tpm)
         assert volume["spec"]["partitions"][0]["label"] == "COS_PERSISTENT"
         assert imported.get_secret("node-x-persistent")["data"]["passphrase"] == b"kubernetes held key"
 
 
 def luks_slots(device):
-    from ansible_collections.kairos.kcrypt.plugins.module_utils import luks
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.node import luks
 
     return luks.read_header(device).key_slots

@@ -21,8 +21,8 @@ import stat
 import pytest
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import policy
-from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 from support import playbook
 from support.loopdisk import decrypt_to_image, luks_json, opens_with, read_file, sh, write_file
 from support.ports import free_port
@@ -96,7 +96,7 @@ class Lab:
             assert len(volumes) == 1, volumes
             volume = volumes[0]
             partition = [p for p in volume["spec"]["partitions"] if p.get("label") == label][0]
-            name, key = policy.secret_ref(volume["metadata"]["name"], partition)
+            name, key = kube_names.secret_ref(volume["metadata"]["name"], partition)
             return store.get_secret(name)["data"][key]
         finally:
             store.close()

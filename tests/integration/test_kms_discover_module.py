@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
 from support.netns import veth_namespaces
 from support.process import stop as stop_process
 from support.ports import free_port

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import loop_disks  # noqa: F401  # pylint: disable=unused-import
 
@@ -115,8 +115,8 @@ def run_module(repo_root, env, module, args, tmp_path, check=False):
 
 
 def test_kms_four_steps_and_quarantine(swtpm_factory, loop_disks, repo_root, subprocess_env, tmp_path):
-    from ansible_collections.kairos.kcrypt.plugins.module_utils import policy, server, store
-    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store_factory as store
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
     from support.challenger import ChallengerThread
 
     node = swtpm_factory(ek_cert=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from support.loopdisk import make_ext4, sh, unique_label
 from support.node_fixtures import loop_disks, mounter  # noqa: F401  # pylint: disable=unused-import
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, luks
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import loop_disks  # noqa: F401  # pylint: disable=unused-import
 

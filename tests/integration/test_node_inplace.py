@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import encryption, filesystem, key_source, luks
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, filesystem, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from support.loopdisk import decrypt_to_image, make_ext4, read_file, sh, unique_label, write_file
 from support.node_fixtures import fast_options, loop_disks  # noqa: F401  # pylint: disable=unused-import
 

@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, encryption, key_source, luks
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.loopdisk import luks_json, make_ext4, opens_with, sh, unique_label, write_file
 from support.node_fixtures import fast_options, loop_disks, mounter, tpm2_tools  # noqa: F401  # pylint: disable=unused-import
 

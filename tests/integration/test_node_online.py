@@ -13,8 +13,9 @@ import base64
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import blockdev, encryption, key_source, policy, server, store
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, key_source
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from support.challenger import ChallengerProcess, ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
@@ -24,7 +25,7 @@ from support.ports import free_port
 
 @pytest.fixture
 def kms_store(tmp_path):
-    opened = store.open_store("sqlite://%s/kms.db" % tmp_path)
+    opened = store_factory.open_store("sqlite://%s/kms.db" % tmp_path)
     yield opened
     opened.close()
 

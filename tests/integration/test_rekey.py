@@ -5,7 +5,7 @@
 
 The module runs as Ansible runs it (a subprocess with an argument file), so its output is
 checked for secrets too. Crashes are simulated by running the first steps through
-module_utils.rekey and then re-running the module.
+module_utils.node.rekey and then re-running the module.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import sys
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import (
-    blockdev, encryption, key_source, luks, policy, rekey, server, store, store_admin, tpm_blob,
-)
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import challenger as challenger_cli
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store_factory as store
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, key_source, luks, rekey
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob as tpm_blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.challenger import ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
@@ -109,7 +110,7 @@ def test_tpm_rekey_interrupted_after_add_completes(swtpm, loop_disks, tmp_path):
     old = nv_key(swtpm)
     options = fast_options()
     # a run that added its random key to the first partition only, then died (its key is lost)
-    lost = tpm_blob.generate_passphrase()
+    lost = tpm_blob.new_tpm_passphrase()
     device = blockdev.probe(devices[0])
     assert rekey.add(device, old, lost, "test", "r1", options)["added"]
     assert opens_with(devices[0], lost) and opens_with(devices[0], old)
@@ -129,7 +130,7 @@ def test_tpm_rekey_interrupted_after_nv_rewrite_completes(swtpm, loop_disks, tmp
     devices, (label,), dummy = encrypted_partitions(loop_disks, source)
     old = nv_key(swtpm)
     # a run that added its key, rewrote the blob and died before removing the old slot
-    new = tpm_blob.generate_passphrase()
+    new = tpm_blob.new_tpm_passphrase()
     rekey.add(blockdev.probe(devices[0]), old, new, "test", "r1", fast_options())
     with TPM(swtpm.tcti) as handle:
         handle.nv_rewrite(0x1500000, tpm_blob.encrypt_blob(handle, new))
@@ -208,7 +209,7 @@ def kms(tmp_path):
 def kms_update(kms, tpm_hash, label, passphrase):
     """What the rekey playbook does on the KMS host: the store admin CLI, passphrase on stdin."""
     out, err = io.StringIO(), io.StringIO()
-    code = store_admin.main(["--store", kms.store_url, "add", "--tpm-hash", tpm_hash, "--partition", "label=" + label,
+    code = challenger_cli.main(["--store", kms.store_url, "add", "--tpm-hash", tpm_hash, "--partition", "label=" + label,
                              "--passphrase-file", "-", "--update-passphrase"], stdin=io.BytesIO(passphrase), stdout=out, stderr=err)
     assert code == 0, err.getvalue()
     return out.getvalue()

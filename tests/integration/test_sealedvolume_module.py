@@ -12,9 +12,9 @@ import sys
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import identity
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import Policy
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import Policy
 
 PLAYBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playbooks")
 PASSPHRASE = "module-static-Passphrase-42"

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 
 HASH_A = "a" * 64
 HASH_B = "b" * 64
@@ -164,7 +164,7 @@ def test_concurrent_creates_of_one_name_have_one_winner(store_target):
 
 
 def test_yaml_export_import_round_trip(store, tmp_path):
-    from ansible_collections.kairos.kcrypt.plugins.module_utils.store_sqlite import SQLiteStore
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_sqlite import SQLiteStore
 
     store.create_volume(volume("node-1", attestation={}))
     store.create_secret(st.new_secret("node-1-cos-persistent", {"passphrase": b"p\x00ss"}))

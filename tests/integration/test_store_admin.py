@@ -15,9 +15,9 @@ import sys
 import pytest
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store_admin
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import Policy
+from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import challenger
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import Policy
 
 HASH = "d" * 64
 PASS = b"Static passphrase with spaces & symbols"
@@ -30,11 +30,11 @@ class Result(object):
 
 @pytest.fixture
 def admin(store_target):
-    """Run an admin subcommand in this process (store_admin.main, the code the CLI mounts)."""
+    """Run an admin subcommand in this process (cli.challenger.main, as the command line)."""
     def run(*args, input=None, check=True):
         stdout, stderr = io.StringIO(), io.StringIO()
         stdin = io.TextIOWrapper(io.BytesIO(input or b""))
-        code = store_admin.main(list(args) + ["--store", store_target.url], stdin=stdin, stdout=stdout, stderr=stderr)
+        code = challenger.main(list(args) + ["--store", store_target.url], stdin=stdin, stdout=stdout, stderr=stderr)
         result = Result(code, stdout.getvalue().encode(), stderr.getvalue().encode())
         if check:
             assert code == 0, result.stderr.decode()

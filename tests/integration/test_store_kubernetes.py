@@ -12,9 +12,10 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.policy import TPM_HASH_LABEL, Policy, safe_kube_name
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import TPM_HASH_LABEL, safe_kube_name
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import Policy
 from support.kube_api import KubeAPI
 
 HASH = "c" * 64
@@ -23,7 +24,7 @@ HASH = "c" * 64
 def test_missing_crd_is_a_clear_error(tmp_path):
     api = KubeAPI(str(tmp_path)).start()  # a fresh API without the CRD
     try:
-        store = st.open_store("kubernetes://?kubeconfig=%s&namespace=kcrypt" % api.kubeconfig)
+        store = store_factory.open_store("kubernetes://?kubeconfig=%s&namespace=kcrypt" % api.kubeconfig)
         with pytest.raises(st.StoreUnavailable, match="CRD .* is not installed.*deploy/kubernetes/crd.yaml"):
             store.ping()
         store.close()
@@ -38,14 +39,14 @@ def test_unreachable_api_and_bad_kubeconfig(tmp_path):
     api = KubeAPI(str(tmp_path))
     api.port = port
     kubeconfig = api.write_kubeconfig(str(tmp_path / "kubeconfig"))
-    store = st.open_store("kubernetes://", kubeconfig=kubeconfig, namespace="kcrypt", timeout=2)
+    store = store_factory.open_store("kubernetes://", kubeconfig=kubeconfig, namespace="kcrypt", timeout=2)
     with pytest.raises(st.StoreUnavailable, match="cannot be reached"):
         store.ping()
     store.close()
     with pytest.raises(st.StoreUnavailable, match="cannot load the Kubernetes configuration"):
-        st.open_store("kubernetes://", kubeconfig=str(tmp_path / "missing"))
+        store_factory.open_store("kubernetes://", kubeconfig=str(tmp_path / "missing"))
     with pytest.raises(st.StoreUnavailable, match="cannot load the Kubernetes configuration"):
-        st.open_store("kubernetes://", kubeconfig=kubeconfig, context="no-such-context")
+        store_factory.open_store("kubernetes://", kubeconfig=kubeconfig, context="no-such-context")
 
 
 def test_objects_written_by_upstream_tools_are_served(kube_api):
@@ -62,7 +63,7 @@ def test_objects_written_by_upstream_tools_are_served(kube_api):
                      "quarantined": False}})
     finally:
         api.close()
-    with st.open_store("kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)) as store:
+    with store_factory.open_store("kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)) as store:
         policy = Policy(store)
         assert policy.issue_passphrase(HASH, "PEM", {"0": "aa"}, PartitionRef(label="COS_PERSISTENT")) == b"static from kubectl"
         assert store.get_volume("test2")["spec"]["attestation"]["pcrValues"] == {"pcrs": {"0": "aa"}}
@@ -70,7 +71,7 @@ def test_objects_written_by_upstream_tools_are_served(kube_api):
 
 
 def test_store_url_describes_the_api_without_credentials(kube_api):
-    with st.open_store("kubernetes://?kubeconfig=%s&namespace=ns1" % kube_api.kubeconfig) as store:
+    with store_factory.open_store("kubernetes://?kubeconfig=%s&namespace=ns1" % kube_api.kubeconfig) as store:
         assert store.namespace == "ns1"
         assert store.url == "kubernetes://%s?namespace=ns1" % kube_api.url
         assert "token" not in store.url
@@ -80,7 +81,7 @@ def test_tpm_hash_label_is_the_lookup_index(kube_api):
     namespace = "kcrypt-label-index"
     url = "kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)
     other = "e" * 64
-    with st.open_store(url) as store:
+    with store_factory.open_store(url) as store:
         created = store.create_volume(st.new_volume("ours", HASH, [{"label": "L"}]))
         assert created["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(HASH)
         # a volume of another tool, unlabelled, and one whose label was edited to lie about its TPM
@@ -133,7 +134,7 @@ def test_rbac_role_grants_exactly_what_the_server_uses(kube_api, repo_root):
     """Every server code path through the store, recorded; the Role in deploy/kubernetes/rbac.yaml must match."""
     used = set()
     url = "kubernetes://?kubeconfig=%s&namespace=kcrypt-rbac" % kube_api.kubeconfig
-    with st.open_store(url) as store:
+    with store_factory.open_store(url) as store:
         store.custom, store.core = Recorder(store.custom, used), Recorder(store.core, used)
         policy = Policy(store)
         pcrs = {"0": "aa", "7": "bb"}

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
-from ansible_collections.kairos.kcrypt.plugins.module_utils.store_sqlite import SQLiteStore
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_sqlite import SQLiteStore
 
 SECRET = b"correct horse battery staple 0123456789"
 
@@ -90,12 +90,12 @@ def test_a_ciphertext_moved_to_another_name_does_not_decrypt(tmp_path):
 
 def test_relative_path_and_bad_urls_are_refused(tmp_path):
     with pytest.raises(st.StoreError, match="absolute"):
-        st.open_store("sqlite://relative/kms.db")
+        store_factory.open_store("sqlite://relative/kms.db")
     with pytest.raises(st.StoreError, match="unsupported store URL"):
-        st.open_store("mysql://db")
-    assert st.parse_store_url("sqlite:///var/lib/k/kms.db?key_file=/etc/k.key") == ("sqlite", "/var/lib/k/kms.db", {"key_file": "/etc/k.key"})
-    assert st.parse_store_url("/var/lib/k/kms.db")[0] == "sqlite"
-    assert st.parse_store_url("kubernetes://?namespace=ns&context=c") == ("kubernetes", "", {"namespace": "ns", "context": "c"})
+        store_factory.open_store("mysql://db")
+    assert store_factory.parse_store_url("sqlite:///var/lib/k/kms.db?key_file=/etc/k.key") == ("sqlite", "/var/lib/k/kms.db", {"key_file": "/etc/k.key"})
+    assert store_factory.parse_store_url("/var/lib/k/kms.db")[0] == "sqlite"
+    assert store_factory.parse_store_url("kubernetes://?namespace=ns&context=c") == ("kubernetes", "", {"namespace": "ns", "context": "c"})
 
 
 CONTENDER = r"""
@@ -103,8 +103,8 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import _checkout
 _checkout.setup()
-from ansible_collections.kairos.kcrypt.plugins.module_utils.store_sqlite import SQLiteStore
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_sqlite import SQLiteStore
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 s = SQLiteStore(sys.argv[2])
 won = 0
 for i in range(int(sys.argv[3])):

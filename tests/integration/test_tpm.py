@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from tpm2_pytss import TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import tpm_blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError, TPMError, TPMNotFoundError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM, EK_PERSISTENT_HANDLE
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob as tpm_blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, TPMError, TPMNotFoundError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, EK_PERSISTENT_HANDLE
 
 
 def tools_env(swtpm):
@@ -257,7 +257,7 @@ def test_activation_with_wrong_ek_fails(swtpm_factory):
 def test_leftover_objects_are_flushed_on_open(swtpm):
     """swtpm has no resource manager: a crashed process's objects must not exhaust the 3 slots."""
     import tpm2_pytss as tss
-    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import _srk_template
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import _srk_template
 
     crashed = TPM(swtpm.tcti).open()
     for dummy in range(3):
@@ -293,7 +293,7 @@ def test_bad_devices(device, error, message):
 
 def test_no_default_device(monkeypatch):
     monkeypatch.delenv("KCRYPT_TPM_DEVICE", raising=False)
-    monkeypatch.setattr("ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.DEFAULT_DEVICES", ("/nonexistent/tpmrm0", "/nonexistent/tpm0"))
+    monkeypatch.setattr("ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device.DEFAULT_DEVICES", ("/nonexistent/tpmrm0", "/nonexistent/tpm0"))
     with pytest.raises(TPMNotFoundError, match="no TPM at /nonexistent/tpmrm0 or /nonexistent/tpm0; set tpm_device"):
         TPM()
 

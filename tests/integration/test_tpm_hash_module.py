@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 
 VENV_BIN = os.path.dirname(sys.executable)
 

@@ -19,9 +19,9 @@ import threading
 import pytest
 from kubernetes import client, config
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 from support import soft_tpm
-from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
 from support.challenger import ChallengerProcess, connect
 from support.soft_tpm import SoftTPM
 from support.stores import make_store_target

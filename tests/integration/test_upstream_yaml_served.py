@@ -12,10 +12,11 @@ import sys
 
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import client, policy, server
-from ansible_collections.kairos.kcrypt.plugins.module_utils import store as st
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kms_client as client
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.challenger import ChallengerThread
 
 # The documented upstream example (spec §4: SealedVolume "test2", static secret "mysecret"/"pass"),

@@ -22,10 +22,13 @@ import uuid
 import pytest
 import tpm2_pytss as tss
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import client, mdns, protocol, server, tpm_blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kms_client as client
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns, messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import attestation, server
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob as tpm_blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support.challenger import ChallengerThread
 from support.tls import make_pki
 
@@ -78,7 +81,7 @@ class RecordingPeer:
 
     async def attestation(self, request):
         ws, record = await self._open(request)
-        session = protocol.AttestationSession(protocol.NONCE_OFF)  # upstream HEAD ignores extraData
+        session = attestation.AttestationSession(attestation.NONCE_OFF)  # upstream HEAD ignores extraData
         init = await self._read(ws, record)
         if self.drop_first and len(self.connections) == 1:
             await ws.close()
@@ -95,7 +98,7 @@ class RecordingPeer:
         return ws
 
     async def _legacy_auth(self, request, ws, record):
-        auth = protocol.LegacyAuth(request.headers["Authorization"])
+        auth = attestation.LegacyAuth(request.headers["Authorization"])
         record["tpm_hash"] = auth.tpm_hash
         await ws.send_bytes(auth.challenge_frame())
         auth.check_answer(await self._read(ws, record))

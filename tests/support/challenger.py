@@ -23,7 +23,8 @@ import urllib.request
 
 import websocket
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import protocol, server
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import server
 from support.process import stop as stop_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

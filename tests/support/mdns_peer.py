@@ -18,7 +18,7 @@ import _checkout  # noqa: E402
 
 _checkout.setup()
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import mdns  # noqa: E402
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns  # noqa: E402
 
 
 def announce(host, port, address, interface, instance):

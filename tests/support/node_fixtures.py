@@ -18,7 +18,7 @@ from support.loopdisk import LoopDisk, sh
 
 def fast_options(**overrides):
     """LUKS options with the cheap test PBKDF (production defaults: docs/node.md, "PBKDF default")."""
-    from ansible_collections.kairos.kcrypt.plugins.module_utils.luks import LuksOptions
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.node.luks import LuksOptions
 
     values = dict(pbkdf="pbkdf2", iterations=1000)
     values.update(overrides)
@@ -71,7 +71,7 @@ def tpm2_tools(tcti, *args, **kwargs):
 @pytest.fixture(scope="module")
 def node(swtpm_factory):
     """A swtpm with an EK certificate and its TPM hash; one identity for the module (AKs are per call)."""
-    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 
     tpm = swtpm_factory(ek_cert=True, fresh=True)
     with TPM(tpm.tcti) as handle:

@@ -27,7 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 import tpm2_pytss as tss
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils import identity, protocol, tpm
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity, messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import attestation
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import device as tpm
 
 ZERO_PCR = b"\x00" * 32
 AK_ATTRIBUTES = tpm.ak_attributes()
@@ -68,7 +70,7 @@ def key_pool(count, cache_dir=None):
 
 def _rsassa(key, data):
     signature = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    return struct.pack(">HHH", protocol.ALG_RSASSA, protocol.ALG_SHA256, len(signature)) + signature
+    return struct.pack(">HHH", attestation.ALG_RSASSA, attestation.ALG_SHA256, len(signature)) + signature
 
 
 def _tpm2b(data):
@@ -82,12 +84,12 @@ def quote_attest(signer_name, qualifying_data, pcr_values, clock=1000, firmware=
         bitmap[index // 8] |= 1 << (index % 8)
     digest = hashlib.sha256(b"".join(pcr_values[i] for i in sorted(pcr_values))).digest()
     return (
-        struct.pack(">IH", protocol.TPM_GENERATED, protocol.ST_ATTEST_QUOTE)
+        struct.pack(">IH", attestation.TPM_GENERATED, attestation.ST_ATTEST_QUOTE)
         + _tpm2b(signer_name)
         + _tpm2b(qualifying_data)
         + struct.pack(">QIIB", clock, 1, 0, 1)
         + struct.pack(">Q", firmware)
-        + struct.pack(">IHB", 1, protocol.ALG_SHA256, 3) + bytes(bitmap)
+        + struct.pack(">IHB", 1, attestation.ALG_SHA256, 3) + bytes(bitmap)
         + _tpm2b(digest)
     )
 
@@ -121,18 +123,18 @@ class SoftTPM:
         modulus = self.ak_key.public_key().public_numbers().n.to_bytes(256, "big")
         return tpm.ak_template(attributes, key_bits, unique=modulus).publicArea.marshal()
 
-    def attestation_parameters(self, public=None, magic=protocol.TPM_GENERATED, sign_key=None):
+    def attestation_parameters(self, public=None, magic=attestation.TPM_GENERATED, sign_key=None):
         """go-attestation AttestationParameters of the AK (cached for the default arguments).
 
         ``public``/``magic``/``sign_key`` let tests forge bad parameters (wrong
         attributes, a creation attestation not made by a TPM, a foreign signer).
         """
-        default = public is None and magic == protocol.TPM_GENERATED and sign_key is None
+        default = public is None and magic == attestation.TPM_GENERATED and sign_key is None
         if default and self._params is not None:
             return self._params
         public = public or self.ak_public_area()
-        name = struct.pack(">H", protocol.ALG_SHA256) + hashlib.sha256(public).digest()
-        parent = struct.pack(">H", protocol.ALG_SHA256) + hashlib.sha256(b"srk" + self.ek_spki_der).digest()
+        name = struct.pack(">H", attestation.ALG_SHA256) + hashlib.sha256(public).digest()
+        parent = struct.pack(">H", attestation.ALG_SHA256) + hashlib.sha256(b"srk" + self.ek_spki_der).digest()
         create_data = tss.TPMS_CREATION_DATA(
             pcrSelect=tss.TPML_PCR_SELECTION(),
             pcrDigest=hashlib.sha256(b"").digest(),
@@ -143,7 +145,7 @@ class SoftTPM:
             outsideInfo=b"",
         ).marshal()
         attest = (
-            struct.pack(">IH", magic, protocol.ST_ATTEST_CREATION)
+            struct.pack(">IH", magic, attestation.ST_ATTEST_CREATION)
             + _tpm2b(name)
             + _tpm2b(b"")
             + struct.pack(">QIIB", 500, 1, 0, 1)
@@ -170,15 +172,15 @@ class SoftTPM:
         (encrypted_seed_size,) = struct.unpack(">H", secret[:2])
         seed = self.ek_key.decrypt(
             secret[2 : 2 + encrypted_seed_size],
-            padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=protocol.IDENTITY_LABEL),
+            padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=attestation.IDENTITY_LABEL),
         )
         id_object = credential[2:]
         (hmac_size,) = struct.unpack(">H", id_object[:2])
         integrity, enc_identity = id_object[2 : 2 + hmac_size], id_object[2 + hmac_size :]
-        hmac_key = protocol.kdfa("sha256", seed, b"INTEGRITY", b"", b"", 256)
+        hmac_key = attestation.kdfa("sha256", seed, b"INTEGRITY", b"", b"", 256)
         if not hmac.compare_digest(integrity, hmac.digest(hmac_key, enc_identity + ak_name, "sha256")):
             raise ValueError("credential integrity check failed")
-        plain = protocol._aes_cfb(protocol.kdfa("sha256", seed, b"STORAGE", ak_name, b"", len(seed) * 8), enc_identity, False)
+        plain = attestation._aes_cfb(attestation.kdfa("sha256", seed, b"STORAGE", ak_name, b"", len(seed) * 8), enc_identity, False)
         (size,) = struct.unpack(">H", plain[:2])
         return plain[2 : 2 + size]
 

@@ -28,7 +28,7 @@ class StoreTarget(object):
         self.path = path  # SQLite file
 
     def open(self, **options):
-        from ansible_collections.kairos.kcrypt.plugins.module_utils.store import open_store
+        from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 
         return open_store(self.url, **options)
 

@@ -68,7 +68,7 @@ def test_pcr_extend_in_guest_is_visible_on_next_read(vm_node):
     node = vm_node()
     script = """
 import hashlib
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 with TPM("/dev/tpmrm0") as tpm:
     before = tpm.pcr_read([16])[16]
     tpm.pcr_extend(16, b"kcrypt-vm-test")

@@ -114,7 +114,7 @@ kcrypt --json unlock --label COS_PERSISTENT --check %(kms)s > /dev/null
 result granted_before_extend $?
 cd /kcrypt/bin && python3 -c '
 import _checkout; _checkout.setup()
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 with TPM("/dev/tpmrm0") as tpm:
     tpm.pcr_extend(11, b"kcrypt-vm-test: a changed boot")
 '

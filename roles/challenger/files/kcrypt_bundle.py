@@ -5,10 +5,12 @@
 
     kcrypt_bundle.py --collection ROOT --output kcrypt-challenger.pyz
 
-The archive holds the collection's ``plugins/module_utils/*.py`` under their import name
-``ansible_collections/kairos/kcrypt/plugins/module_utils/`` (with ``__init__.py`` files,
-so no other ``ansible_collections`` is needed) and a ``__main__.py`` running the
-``kcrypt-challenger`` CLI. Entries are sorted and carry a fixed timestamp, so the same code
+The archive holds what the server needs and nothing else: the ``common`` and ``kms``
+packages of ``plugins/module_utils`` and the challenger's CLI (``cli/challenger.py``,
+``cli/challenger_admin.py``), under their import names
+``ansible_collections/kairos/kcrypt/plugins/module_utils/...`` (with an ``__init__.py`` per
+folder, so no other ``ansible_collections`` is needed), and a ``__main__.py`` running the
+``kcrypt-challenger`` CLI. Node code (tpm, client, node) is not shipped. Entries are sorted and carry a fixed timestamp, so the same code
 always gives the same bytes: the role copies the bundle and changes nothing when the code
 did not change. Used by the ``challenger`` role (on the controller) and by
 deploy/container/Containerfile. Prints the archive's SHA-256.
@@ -28,22 +30,26 @@ FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 MAIN = (
     "# kcrypt-challenger: the kairos.kcrypt KMS and its store administration (bundled by kcrypt_bundle.py)\n"
     "import sys\n\n"
-    "from ansible_collections.kairos.kcrypt.plugins.module_utils.challenger_cli import main\n\n"
+    "from ansible_collections.kairos.kcrypt.plugins.module_utils.cli.challenger import main\n\n"
     "sys.exit(main())\n"
 )
 
 
+# What the server imports (docs/developing.md: kms depends on common only; the CLI on both).
+SHIPPED = ("common/*.py", "kms/*.py", "cli/__init__.py", "cli/challenger.py", "cli/challenger_admin.py")
+
+
 def entries(collection):
-    sources = sorted(glob.glob(os.path.join(collection, "plugins", "module_utils", "*.py")))
-    if not any(os.path.basename(path) == "challenger_cli.py" for path in sources):
-        raise SystemExit("%s does not look like the kairos.kcrypt collection (no challenger_cli.py)" % collection)
+    root = os.path.join(collection, "plugins", "module_utils")
+    sources = sorted({path for pattern in SHIPPED for path in glob.glob(os.path.join(root, pattern))})
+    if not any(path.endswith(os.path.join("cli", "challenger.py")) for path in sources):
+        raise SystemExit("%s does not look like the kairos.kcrypt collection (no cli/challenger.py)" % collection)
     parts = PACKAGE.split("/")
     for depth in range(1, len(parts) + 1):  # regular packages all the way down
         yield "/".join(parts[:depth]) + "/__init__.py", b""
     for path in sources:
-        if os.path.basename(path) != "__init__.py":
-            with open(path, "rb") as handle:
-                yield "%s/%s" % (PACKAGE, os.path.basename(path)), handle.read()
+        with open(path, "rb") as handle:
+            yield "%s/%s" % (PACKAGE, os.path.relpath(path, root).replace(os.sep, "/")), handle.read()
     yield "__main__.py", MAIN.encode()
 
 

@@ -1,0 +1,253 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The Kubernetes store: SealedVolume custom resources and Secrets in one namespace.
+
+Private to the collection. Objects are exactly upstream's (``keyserver.kairos.io/v1alpha1``
+SealedVolumes, Opaque Secrets), so our server and upstream's can share a namespace.
+
+Unlike upstream, every read goes to the API server (no informer cache): a decision
+to create or reuse is never taken on stale data, and updates are PUTs carrying the
+``resourceVersion`` they were read at, so a concurrent change (another replica, an
+administrator) makes the API server answer 409 Conflict and the policy starts over.
+Creates of the same name from two replicas: one wins, the other gets 409 AlreadyExists.
+
+Looking a TPM up must not read every SealedVolume on every boot of a large fleet, and
+``spec.TPMHash`` is not a selectable field. So every volume this store writes carries the
+label ``kcrypt.kairos.io/tpm-hash: SafeKubeName(hash)`` (its index, as SQLite's column),
+and ``volumes_for`` asks for that label first; only when no labelled volume of the TPM
+exists (a first contact, or a volume written by other tools) does it scan the namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
+    DEFAULT_NAMESPACE,
+    GROUP,
+    PLURAL,
+    VERSION,
+    AlreadyExists,
+    Conflict,
+    NotFound,
+    Store,
+    StoreUnavailable,
+    normalize_secret,
+    normalize_volume,
+    resource_version,
+    secret_to_wire,
+)
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import TPM_HASH_LABEL, safe_kube_name
+
+kclient = optional_import("kubernetes.client")
+kconfig = optional_import("kubernetes.config")
+urllib3 = optional_import("urllib3")
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+LIST_PAGE = 500
+
+
+def load_api_client(kubeconfig=None, context=None, pool_size=32):
+    """An ApiClient from a kubeconfig file, else the in-cluster service account, else the default kubeconfig."""
+    require("kubernetes", "for the Kubernetes store")
+    configuration = kclient.Configuration()
+    try:
+        if not kubeconfig and not context and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            kconfig.load_incluster_config(client_configuration=configuration)
+        else:
+            kconfig.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    except (kconfig.ConfigException, OSError, TypeError, ValueError) as exc:
+        raise StoreUnavailable("cannot load the Kubernetes configuration%s: %s"
+                               % (" from %s" % kubeconfig if kubeconfig else "", exc))
+    configuration.connection_pool_maxsize = pool_size  # the server calls from many threads
+    return kclient.ApiClient(configuration)
+
+
+def default_namespace():
+    """The pod's own namespace in a cluster, else ``kcrypt`` (upstream's default)."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as handle:
+            return handle.read().strip() or DEFAULT_NAMESPACE
+    except OSError:
+        return DEFAULT_NAMESPACE
+
+
+class KubernetesStore(Store):
+    def __init__(self, namespace=None, kubeconfig=None, context=None, timeout=10, api_client=None):
+        require("kubernetes", "for the Kubernetes store")
+        self.namespace = namespace or default_namespace()
+        self.timeout = float(timeout)
+        self.api = api_client or load_api_client(kubeconfig, context)
+        self.core = kclient.CoreV1Api(self.api)
+        self.custom = kclient.CustomObjectsApi(self.api)
+        where = self.api.configuration.host
+        self.url = "kubernetes://%s?namespace=%s" % (where, self.namespace)
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(self, what, method, *args, **kwargs):
+        """Call the API, return the decoded JSON body; map HTTP errors to store exceptions."""
+        kwargs.setdefault("_preload_content", False)
+        kwargs.setdefault("_request_timeout", self.timeout)
+        try:
+            response = method(*args, **kwargs)
+        except kclient.exceptions.ApiException as exc:
+            raise self._error(what, exc)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreUnavailable("%s: the Kubernetes API at %s cannot be reached: %s" % (what, self.api.configuration.host, exc))
+        return json.loads(response.data) if response.data else {}
+
+    def _error(self, what, exc):
+        message = exc.reason or ""
+        try:
+            message = json.loads(exc.body).get("message") or message
+        except (TypeError, ValueError, AttributeError):
+            pass
+        text = "%s: %s" % (what, message)
+        if exc.status == 404:
+            return NotFound(text)
+        if exc.status == 409:
+            return Conflict(text)  # the caller knows whether it was a create or an update
+        if exc.status in (401, 403):
+            return StoreUnavailable("%s: not allowed by the Kubernetes API (check the credentials and RBAC, "
+                                    "see deploy/kubernetes/rbac.yaml): %s" % (what, message))
+        return StoreUnavailable("%s: the Kubernetes API answered %s: %s" % (what, exc.status, message))
+
+    # -- Store interface -----------------------------------------------------
+
+    def ping(self):
+        self.list_volumes(limit=1)
+
+    def list_volumes(self, limit=None, label_selector=None):
+        volumes, token = [], None
+        while True:
+            kwargs = {"limit": limit or LIST_PAGE}
+            if label_selector:
+                kwargs["label_selector"] = label_selector
+            if token:
+                kwargs["_continue"] = token
+            try:
+                page = self._call("listing SealedVolumes in namespace %s" % self.namespace,
+                                  self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, **kwargs)
+            except NotFound:
+                raise StoreUnavailable("the SealedVolume CRD (sealedvolumes.%s) is not installed in the cluster: "
+                                       "apply deploy/kubernetes/crd.yaml" % GROUP)
+            volumes.extend(self._volume(item) for item in page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token or limit:
+                break
+        return sorted(volumes, key=lambda v: v["metadata"]["name"])
+
+    def volumes_for(self, tpm_hash):
+        """Labelled volumes of the TPM first (cheap); a full scan only when there is none.
+
+        With several volumes for one TPM (an operator error the admin tools refuse),
+        labelled ones are preferred over unlabelled ones, then name order applies.
+        """
+        if tpm_hash:
+            labelled = [v for v in self.list_volumes(label_selector="%s=%s" % (TPM_HASH_LABEL, safe_kube_name(tpm_hash)))
+                        if v["spec"].get("TPMHash") == tpm_hash]  # a hand-edited label must not mislead
+            if labelled:
+                return labelled
+        return [v for v in self.list_volumes() if v["spec"].get("TPMHash") == tpm_hash]
+
+    @staticmethod
+    def _volume(item):
+        item.setdefault("spec", {})
+        item.pop("status", None)
+        return item
+
+    def get_volume(self, name):
+        try:
+            return self._volume(self._call("reading SealedVolume %s" % name, self.custom.get_namespaced_custom_object,
+                                           GROUP, VERSION, self.namespace, PLURAL, name))
+        except NotFound:
+            return None
+
+    def _body(self, doc, keep_version):
+        body = dict(doc)
+        metadata = {k: v for k, v in doc["metadata"].items()
+                    if k in ("name", "labels", "annotations") or (keep_version and k == "resourceVersion")}
+        metadata["namespace"] = self.namespace
+        body["metadata"] = metadata
+        return body
+
+    def _volume_body(self, doc, keep_version):
+        """A SealedVolume body with the tpm-hash index label set to match its spec."""
+        body = self._body(doc, keep_version)
+        labels = dict(body["metadata"].get("labels") or {})
+        tpm_hash = doc["spec"].get("TPMHash", "")
+        if tpm_hash:
+            labels[TPM_HASH_LABEL] = safe_kube_name(tpm_hash)
+        else:
+            labels.pop(TPM_HASH_LABEL, None)
+        body["metadata"]["labels"] = labels
+        return body
+
+    def create_volume(self, doc):
+        doc = normalize_volume(doc)
+        name = doc["metadata"]["name"]
+        try:
+            return self._volume(self._call("creating SealedVolume %s" % name, self.custom.create_namespaced_custom_object,
+                                           GROUP, VERSION, self.namespace, PLURAL, self._volume_body(doc, False)))
+        except Conflict:
+            raise AlreadyExists("SealedVolume %s already exists" % name)
+
+    def update_volume(self, doc):
+        doc = normalize_volume(doc)
+        name = doc["metadata"]["name"]
+        if not resource_version(doc):
+            raise Conflict("SealedVolume %s: an update needs the resourceVersion it was read at" % name)
+        return self._volume(self._call("updating SealedVolume %s" % name, self.custom.replace_namespaced_custom_object,
+                                       GROUP, VERSION, self.namespace, PLURAL, name, self._volume_body(doc, True)))
+
+    def delete_volume(self, name):
+        try:
+            self._call("deleting SealedVolume %s" % name, self.custom.delete_namespaced_custom_object,
+                       GROUP, VERSION, self.namespace, PLURAL, name)
+            return True
+        except NotFound:
+            return False
+
+    def get_secret(self, name):
+        try:
+            raw = self._call("reading Secret %s" % name, self.core.read_namespaced_secret, name, self.namespace)
+        except NotFound:
+            return None
+        return normalize_secret(raw)
+
+    def create_secret(self, doc):
+        doc = normalize_secret(doc)
+        name = doc["metadata"]["name"]
+        try:
+            raw = self._call("creating Secret %s" % name, self.core.create_namespaced_secret, self.namespace,
+                             secret_to_wire(self._body(doc, False)))
+        except Conflict:
+            raise AlreadyExists("Secret %s already exists" % name)
+        return normalize_secret(raw)
+
+    def update_secret(self, doc):
+        doc = normalize_secret(doc)
+        name = doc["metadata"]["name"]
+        if not resource_version(doc):
+            raise Conflict("Secret %s: an update needs the resourceVersion it was read at" % name)
+        raw = self._call("updating Secret %s" % name, self.core.replace_namespaced_secret, name, self.namespace,
+                         secret_to_wire(self._body(doc, True)))
+        return normalize_secret(raw)
+
+    def delete_secret(self, name):
+        try:
+            self._call("deleting Secret %s" % name, self.core.delete_namespaced_secret, name, self.namespace)
+            return True
+        except NotFound:
+            return False
+
+    def close(self):
+        try:
+            self.api.close()
+        except Exception:  # closing pools of a client that never connected may fail; nothing to release then
+            pass

@@ -1,0 +1,226 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Where a partition's LUKS key comes from: the TPM (offline NV blob), the KMS, or the caller.
+
+Private to the collection: the API may change without notice.
+
+Every source offers two calls:
+
+- ``existing_key(partition)``: the key if it already exists, without creating one
+  (used to test an encrypted partition, in check mode too). For ``tpm`` it only
+  reads NV; for ``kms`` it asks the KMS, exactly as a booting node does.
+- ``key(partition)``: the key, created on first use (``tpm``: a new NV blob;
+  ``kms``: the KMS enrols the TPM / generates the secret).
+
+Keys are bytes and never appear in messages or reprs. ``secrets`` lists every key
+handed out so callers can redact them (Ansible ``no_log_values``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as secrets_lib
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builder, kairos_config, kms_client
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle
+
+KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
+
+# Recovery keys look like systemd-cryptenroll's: 256 random bits as 64 "modhex" characters
+# in groups of 8. The alphabet reads the same on QWERTY, AZERTY and QWERTZ keyboards.
+MODHEX = "cbdefghijklnrtuv"
+
+
+def generate_recovery_key():
+    raw = secrets_lib.token_bytes(32)
+    chars = "".join(MODHEX[b >> 4] + MODHEX[b & 0xF] for b in raw)
+    return "-".join(chars[i : i + 8] for i in range(0, 64, 8)).encode("ascii")
+
+
+def partition_ref(device, label):
+    """What the KMS is told about a partition (spec §2.A headers): its label, kernel name and GPT UUID."""
+    return PartitionRef(label=label or device.kairos_label, device_name=device.name, uuid=device.partuuid)
+
+
+class KeySource:
+    name = ""
+    # Whether keys are machine-generated high-entropy secrets: then a cheap PBKDF costs nothing
+    # in security and saves seconds at every boot (see docs/node.md, "PBKDF").
+    generated = True
+
+    def __init__(self):
+        self.secrets = []
+
+    def _handed_out(self, key):
+        if key is not None and key not in self.secrets:
+            self.secrets.append(key)
+        return key
+
+    def describe(self):
+        raise NotImplementedError
+
+    def preflight(self):
+        """Fail now, before anything changes, if keys cannot be had (no TPM, unreadable NV blob)."""
+
+    def existing_key(self, device, label=""):
+        raise NotImplementedError
+
+    def key(self, device, label=""):
+        raise NotImplementedError
+
+
+class PassphraseKeySource(KeySource):
+    """A passphrase given by the caller (Ansible ``no_log`` option, or a file/stdin for the CLI)."""
+
+    name = "passphrase"
+    generated = False
+
+    def __init__(self, passphrase):
+        super().__init__()
+        if isinstance(passphrase, str):
+            passphrase = passphrase.encode("utf-8")
+        if not passphrase:
+            raise KcryptError("key_source=passphrase needs a non-empty passphrase")
+        self._passphrase = self._handed_out(passphrase)
+
+    def describe(self):
+        return "the given passphrase"
+
+    def existing_key(self, device, label=""):
+        return self._passphrase
+
+    def key(self, device, label=""):
+        return self._passphrase
+
+
+class TpmKeySource(KeySource):
+    """Offline mode (spec §6.4): one passphrase for all partitions, RSA-encrypted in TPM NV.
+
+    Byte-compatible with Kairos NV blobs; ``c_index`` is honoured on encrypt and decrypt.
+    """
+
+    name = "tpm"
+
+    def __init__(self, tpm_device="", nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
+        super().__init__()
+        self.tpm_device = tpm_device or ""
+        self.nv_index = parse_nv_index(nv_index)
+        self.c_index = parse_persistent_handle(c_index)
+        self._passphrase = None
+        self.created = False
+
+    def describe(self):
+        return "the TPM (NV index 0x%x, key 0x%x)" % (self.nv_index, self.c_index)
+
+    def existing_key(self, device=None, label=""):
+        if self._passphrase is None:
+            with TPM(self.tpm_device) as tpm:
+                self._passphrase = blob.read_nv_passphrase(tpm, self.nv_index, self.c_index)
+        return self._handed_out(self._passphrase)
+
+    def preflight(self):
+        self.existing_key()
+
+    def key(self, device=None, label=""):
+        if self._passphrase is None:
+            with TPM(self.tpm_device) as tpm:
+                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index)
+        return self._handed_out(self._passphrase)
+
+
+class KmsKeySource(KeySource):
+    """Online mode: the passphrase comes from a kcrypt challenger after TPM attestation (client.py)."""
+
+    name = "kms"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self._cache = {}
+
+    def describe(self):
+        server = getattr(self.config, "challenger_server", "") or "the KMS"
+        return "the KMS at %s" % server
+
+    def _fetch(self, device, label):
+        ref = partition_ref(device, label)
+        if ref not in self._cache:
+            self._cache[ref] = kms_client.get_passphrase(self.config, ref)
+        return self._handed_out(self._cache[ref])
+
+    def existing_key(self, device, label=""):
+        return self._fetch(device, label)
+
+    def key(self, device, label=""):
+        return self._fetch(device, label)
+
+
+def read_passphrase_file(path, stdin=None):
+    """A passphrase from a file (``-`` = stdin), used whole: no newline is stripped, as cryptsetup --key-file."""
+    if path == "-":
+        stream = stdin if stdin is not None else os.fdopen(os.dup(0), "rb")
+        with stream:
+            return stream.read()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
+
+
+def _is_set(value):
+    return value is not None and value != "" and value != []
+
+
+def build(params, config_dirs=None, cmdline_path=None):
+    """A key source from module options / CLI flags of the same names.
+
+    ``key_source`` (tpm | kms | passphrase | auto), ``passphrase``, ``tpm_device``, ``nv_index``,
+    ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``, ``mdns_interfaces``,
+    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``. Unset (None)
+    options keep the defaults of KcryptSettings. ``auto`` reads the node's Kairos config
+    (``config_dirs`` and ``cmdline_path`` default to Kairos' locations) and chooses like Kairos:
+    kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
+    the config. ``cmdline_path`` also tells the KMS client whether this is a LiveCD boot.
+    """
+    params = {key: value for key, value in params.items() if _is_set(value)}
+    kind = params.get("key_source") or "tpm"
+    if kind not in KEY_SOURCES:
+        raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))
+    if kind == "passphrase":
+        return PassphraseKeySource(params.get("passphrase"))
+    if params.get("passphrase"):
+        raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
+    base = kairos_config.read_settings(config_dirs, cmdline_path) if kind == "auto" else kairos_config.KcryptSettings()
+    overrides = _overrides(params)
+    settings = builder.apply_overrides(base, overrides)
+    if kind == "auto":
+        kind = "kms" if settings.remote else "tpm"
+    if kind == "tpm":
+        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index)
+    if not settings.challenger_server:
+        raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
+    config = builder.client_config(base, overrides, attempts=params.get("kms_attempts", builder.DEFAULT_ATTEMPTS),
+                                   retry_delay=params.get("kms_retry_delay"), cmdline_path=cmdline_path)
+    return KmsKeySource(config)
+
+
+def _overrides(params):
+    """Module options / CLI flags as KcryptSettings overrides (handles parsed, options renamed)."""
+    overrides = {
+        "challenger_server": params.get("challenger_server"),
+        "mdns": params.get("mdns"),
+        "certificate": params.get("certificate"),
+        "mdns_interfaces": tuple(params.get("mdns_interfaces") or ()),
+        "protocol": params.get("kms_protocol"),
+        "tpm_device": params.get("tpm_device"),
+    }
+    if params.get("nv_index") is not None:
+        overrides["nv_index"] = parse_nv_index(params["nv_index"])
+    if params.get("c_index") is not None:
+        overrides["c_index"] = parse_persistent_handle(params["c_index"])
+    return overrides

@@ -1,0 +1,91 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) kairos.kcrypt contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""kcrypt-challenger settings (kms/settings.py: defaults < config file < flags) through its command line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import challenger as challenger_cli
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import settings
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+
+
+@pytest.fixture(autouse=True)
+def no_system_config(monkeypatch, tmp_path):
+    monkeypatch.delenv(settings.ENV_CONFIG, raising=False)
+    monkeypatch.setattr(settings, "DEFAULT_CONFIG", str(tmp_path / "absent.yaml"))
+
+
+def _settings(argv):
+    parser = challenger_cli.build_parser()
+    return settings.settings(parser.parse_args(argv))
+
+
+def test_defaults():
+    config = _settings(["serve"])
+    assert (config["host"], config["port"]) == ("0.0.0.0", 8082)
+    assert config["store"] == "sqlite:///var/lib/kcrypt-challenger/kms.db"
+    assert config["enrollment"] == "tofu" and config["nonce"] == "when-supported"
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("listen: 127.0.0.1:9000\nstore: sqlite:///srv/kms.db\nenrollment: registered-only\nnonce: required\n"
+                    "read-timeout: 3\nmdns_host: kms.local\nmdns_interfaces: [127.0.0.1]\n")
+    config = _settings(["serve", "--config", str(path)])
+    assert (config["host"], config["port"], config["store"]) == ("127.0.0.1", 9000, "sqlite:///srv/kms.db")
+    assert (config["enrollment"], config["nonce"], config["read_timeout"]) == ("registered-only", "required", 3.0)
+    config = _settings(["--config", str(path), "serve", "--listen", ":8443", "--nonce", "off", "--store", "sqlite:///x/kms.db"])
+    assert (config["host"], config["port"], config["nonce"], config["store"]) == ("0.0.0.0", 8443, "off", "sqlite:///x/kms.db")
+    assert config["enrollment"] == "registered-only"  # from the file
+    # a top-level --store survives the subcommand's copy of the option
+    assert _settings(["--store", "sqlite:///top/kms.db", "serve"])["store"] == "sqlite:///top/kms.db"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("port: 1\n", "unknown setting"),
+        ("- a\n", "must hold a mapping"),
+        ("nonce: sometimes\n", "nonce must be one of"),
+        ("tls_cert: /c.pem\n", "needs both tls_cert and tls_key"),
+        ("mdns_host: kms.local\n", "needs mdns_interfaces"),
+        ("listen: localhost\n", "listen must be HOST:PORT"),
+        ("read_timeout: soon\n", "read_timeout must be a number"),
+        ("workers: 0\n", "workers must be between 1 and 64, not 0"),
+        ("workers: 65\n", "workers must be between 1 and 64"),
+        ("workers: many\n", "workers must be a number or auto, not 'many'"),
+    ],
+)
+def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises(KcryptError, match=message):
+        _settings(["serve", "--config", str(path)])
+
+
+def test_named_config_must_exist(tmp_path):
+    with pytest.raises(KcryptError, match="does not exist"):
+        _settings(["serve", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_workers():
+    assert _settings(["serve"])["workers"] == 1
+    assert _settings(["serve", "--workers", "3"])["workers"] == 3
+    assert _settings(["serve", "--workers", "auto"])["workers"] == len(os.sched_getaffinity(0))
+
+
+def test_parse_listen():
+    assert settings.parse_listen("[::1]:8082") == ("::1", 8082)
+    assert settings.parse_listen(":0") == ("0.0.0.0", 0)
+    with pytest.raises(KcryptError, match="port out of range"):
+        settings.parse_listen("h:70000")
+
+
+def test_main_reports_errors_without_traceback(capsys, tmp_path):
+    assert challenger_cli.main(["--config", str(tmp_path / "nope.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("Error: config file")
