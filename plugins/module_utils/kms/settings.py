@@ -15,6 +15,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES, NONCE_WHEN_SUPPORTED
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import DEFAULT_SQLITE_PATH
 
 yaml = optional_import("yaml")
 
@@ -22,7 +23,7 @@ ENV_CONFIG = "KCRYPT_CHALLENGER_CONFIG"
 DEFAULT_CONFIG = "/etc/kcrypt-challenger/config.yaml"
 DEFAULTS = {
     "listen": "0.0.0.0:8082",  # upstream's --challenger-bind-address default is :8082
-    "store": "sqlite:///var/lib/kcrypt-challenger/kms.db",
+    "store": "sqlite://" + DEFAULT_SQLITE_PATH,
     "tls_cert": "",
     "tls_key": "",
     "enrollment": "tofu",

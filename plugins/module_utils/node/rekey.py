@@ -186,7 +186,7 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
     _refuse_unlisted(devices, current)
     outcomes = {}
     new_key = blob.new_tpm_passphrase()
-    source.secrets.append(new_key)
+    source.handed_out(new_key)
     for device in devices:
         log("adding the new key to %s" % device.path)
         outcomes[device.path] = add(device, current, new_key, source.describe(), rekey_id, options, check_mode)

@@ -92,11 +92,13 @@ def parse_handle(value, option, valid_range=None):
 
 
 def parse_nv_index(value, option="nv_index"):
-    return parse_handle(value, option, NV_INDEX_RANGE)
+    """The NV index of offline mode's passphrase blob; None means upstream's default."""
+    return parse_handle(DEFAULT_NV_INDEX if value is None else value, option, NV_INDEX_RANGE)
 
 
 def parse_persistent_handle(value, option="c_index"):
-    return parse_handle(value, option, PERSISTENT_RANGE)
+    """The persistent handle of offline mode's RSA key; None means upstream's default."""
+    return parse_handle(DEFAULT_C_INDEX if value is None else value, option, PERSISTENT_RANGE)
 
 
 def parse_pcr_list(values, option="pcrs"):
