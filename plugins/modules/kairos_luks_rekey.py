@@ -211,8 +211,8 @@ def run(module):
     source = key_source.build(params)
     hide_secrets(module, source)
     check_request(params, source)
-    devices = rekey.resolve(encryption.selectors(params["partitions"]))
-    options = rekey.effective_options(source)
+    devices = rekey.encrypted_devices(encryption.selectors(params["partitions"]))
+    options = rekey.new_key_options(source)
     rekey_id = params["rekey_id"] or None
     if source.name == "tpm":
         outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, module.check_mode, module.debug)

@@ -183,10 +183,6 @@ def read_passphrase_file(path, stdin=None):
         raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
 
 
-def _is_set(value):
-    return value is not None and value != "" and value != []
-
-
 def build(params, config_dirs=None, cmdline_path=None):
     """A key source from module options / CLI flags of the same names.
 
@@ -198,7 +194,7 @@ def build(params, config_dirs=None, cmdline_path=None):
     kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
     the config. ``cmdline_path`` also tells the KMS client whether this is a LiveCD boot.
     """
-    params = {key: value for key, value in params.items() if _is_set(value)}
+    params = {key: value for key, value in params.items() if builder.is_set(value)}
     kind = params.get("key_source") or "tpm"
     if kind not in KEY_SOURCES:
         raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))

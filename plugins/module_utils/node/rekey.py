@@ -59,7 +59,7 @@ def slots_opened_by(device, key, header):
     return [slot for slot in header.key_slots if luks.test_passphrase(device, key, keyslot=slot)]
 
 
-def resolve(selectors, scope=None):
+def encrypted_devices(selectors, scope=None):
     """The block devices of ``selectors`` (encryption.Selector); each must be a finished LUKS2 partition."""
     devices, seen = [], set()
     for selector in selectors:
@@ -237,6 +237,6 @@ def rekey_with_source(devices, source, step, new_key, rekey_id, options, check_m
     return outcomes
 
 
-def effective_options(source):
+def new_key_options(source):
     """Key slot PBKDF for the new key: upstream's cheap one for generated keys, cryptsetup's default otherwise."""
     return encryption.effective_options(luks.LuksOptions(), source)

@@ -135,3 +135,12 @@ def test_differences_finds_what_drifted():
 def test_secret_problems_finds_a_logged_passphrase():
     assert secret_problems({"x": {"options": {"new_passphrase": {"type": "str"}}}}) == ["x.new_passphrase: holds a secret but has no no_log=True"]
     assert secret_problems({"passphrase": {"type": "str", "no_log": True}, "update_passphrase": {"choices": ["a"]}}) == []
+
+
+def test_the_key_source_choices_are_the_ones_the_code_knows():
+    """ansible_common imports only common/, so the choices are written there again: keep them equal."""
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.client.kms_client import CLIENT_PROTOCOLS
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.node.key_source import KEY_SOURCES
+
+    assert tuple(ansible_common.KEY_SOURCE_SPEC["key_source"]["choices"]) == KEY_SOURCES
+    assert tuple(ansible_common.KEY_SOURCE_SPEC["kms_protocol"]["choices"]) == CLIENT_PROTOCOLS

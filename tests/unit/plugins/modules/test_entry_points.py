@@ -32,6 +32,8 @@ BAD_ARGUMENTS = [
     ("kairos_luks_unlock", {}, "all is False but all of the following are missing: partitions"),
     ("kairos_luks_unlock", {"all": True, "partitions": [{"label": "DATA"}]}, "mutually exclusive: partitions|all"),
     ("kairos_luks_rekey", {"partitions": [{"label": "DATA"}], "key_source": "kms"}, "key_source is kms but all of the following are missing: challenger_server"),
+    ("kairos_challenger_tls", {"path": "/tmp/x"}, "missing required arguments: common_name, subject_alt_names"),
+    ("kairos_k8s_objects", {"objects": [{}], "state": "gone"}, "value of state must be one of: present, absent"),
 ]
 
 # (module, arguments, the KcryptError text our code gives): real failures, nothing stubbed
@@ -50,6 +52,8 @@ OUR_ERRORS = [
     ("kairos_luks_unlock", {"all": True, "state": "closed"}, "all=true is only for state=opened"),
     ("kairos_luks_unlock", {"all": True, "attempts": 0}, "attempts must be at least 1"),
     ("kairos_luks_rekey", {"partitions": [{"label": "DATA"}]}, "give rekey_id to name the round"),
+    ("kairos_challenger_tls", {"path": MISSING, "common_name": "kms", "subject_alt_names": ["kms"]}, "must look like DNS:name or IP:address"),
+    ("kairos_k8s_objects", {"objects": [{"kind": "Service"}]}, "object 0 is not a Kubernetes object"),
 ]
 
 # (module, arguments, library made missing, patch: (object, attribute) that raises it instead, when no path reaches it here)
@@ -60,7 +64,9 @@ MISSING_LIBRARIES = [
     ("kairos_sealedvolume", {"tpm_hash": HASH, "backend": "kubernetes"}, "kubernetes", None),
     ("kairos_luks_encrypt", {"partitions": [{"label": "DATA"}], "mode": "in_place"}, "tpm2_pytss", (encryption, "plan")),
     ("kairos_luks_unlock", {"all": True}, "tpm2_pytss", (unlock, "plan_open")),
-    ("kairos_luks_rekey", {"partitions": [{"label": "DATA"}], "rekey_id": "r1"}, "tpm2_pytss", (rekey, "resolve")),
+    ("kairos_luks_rekey", {"partitions": [{"label": "DATA"}], "rekey_id": "r1"}, "tpm2_pytss", (rekey, "encrypted_devices")),
+    ("kairos_challenger_tls", {"path": MISSING, "common_name": "kms", "subject_alt_names": ["DNS:kms"]}, "cryptography", None),
+    ("kairos_k8s_objects", {"objects": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}}]}, "kubernetes", None),
 ]
 
 
@@ -110,3 +116,15 @@ def test_check_mode_of_a_read_only_module_reports_no_change(run_module, monkeypa
 def test_missing_dependency_error_names_the_pip_requirement():
     error = MissingDependencyError(deps.REQUIREMENTS["tpm2_pytss"], "to talk to the TPM")
     assert missing_required_lib(error.library).startswith("Failed to import the required Python library (tpm2-pytss >= 2.1)")
+
+
+def test_challenger_tls_reports_check_mode_then_makes_the_files_once(run_module, tmp_path):
+    args = {"path": str(tmp_path / "tls"), "common_name": "kms", "subject_alt_names": ["DNS:kms", "IP:127.0.0.1"]}
+    checked = run_module("kairos_challenger_tls", args, check_mode=True)
+    assert (checked.rc, checked.result["changed"]) == (0, True) and not (tmp_path / "tls").exists()
+    made = run_module("kairos_challenger_tls", args)
+    assert (made.rc, made.result["changed"], made.result["certificate"]) == (0, True, str(tmp_path / "tls" / "server.crt"))
+    assert made.result["ca_certificate"] == (tmp_path / "tls" / "ca.crt").read_text()
+    assert "PRIVATE KEY" not in made.stdout
+    again = run_module("kairos_challenger_tls", args)
+    assert (again.rc, again.result["changed"], again.result["reasons"]) == (0, False, [])
