@@ -111,6 +111,7 @@ def test_bundle_ships_only_the_server_and_serves(tmp_path):
     for package in packages:
         assert package + "/__init__.py" in names
     assert "kms/server.py" in names and "common/messages.py" in names
+    assert "kms/tls_material.py" not in names and "kms/kube_apply.py" not in names  # the role's deployment steps
     # Served from a directory where no checkout is importable, with only the virtualenv's libraries.
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(pyz), "serve", "--listen", "127.0.0.1:%d" % port,
