@@ -16,6 +16,7 @@ from ansible.module_utils.testing import patch_module_args
 from support.modules import MODULES, ModuleRun, import_module
 from support.playbook import ROOT, ensure_collection_link
 
+
 @pytest.fixture
 def run_module(capsys):
     """``run_module(name, args, check_mode=False, no_log=False)`` runs the module's real main() with ``args``.
