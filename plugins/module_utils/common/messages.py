@@ -47,7 +47,6 @@ class ProtocolError(KcryptError):
     """
 
 
-
 # -- Go-compatible JSON and base64 -----------------------------------------
 
 

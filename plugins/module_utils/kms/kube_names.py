@@ -17,7 +17,6 @@ TPM_HASH_LABEL = "kcrypt.kairos.io/tpm-hash"
 PARTITION_LABEL = "kcrypt.kairos.io/partition"
 
 
-
 def _is_alnum(char):
     return "a" <= char <= "z" or "A" <= char <= "Z" or "0" <= char <= "9"
 
