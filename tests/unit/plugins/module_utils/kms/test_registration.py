@@ -215,3 +215,36 @@ def test_parse_partition_spec():
     assert reg.parse_partition_spec("COS_OEM").label == "COS_OEM"
     with pytest.raises(reg.RegistrationError, match="unknown key"):
         reg.parse_partition_spec("label=x,colour=blue")
+
+
+class CountingStore(object):
+    """Counts the full scans (list_volumes) a registration costs."""
+
+    def __init__(self, inner):
+        self.inner, self.scans = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def list_volumes(self):
+        self.scans += 1
+        return self.inner.list_volumes()
+
+
+def test_rerunning_a_registration_costs_no_scan(store):
+    """What the server settled (a named Secret) is kept on re-runs, and checked only when it is new."""
+    register(store, [P(label="COS_PERSISTENT"), P(label="COS_OEM")])
+    Policy(store).issue_passphrase(HASH, PEM, {}, PartitionRef(label="COS_PERSISTENT"))  # names its Secret
+    counting = CountingStore(store)
+    plan = reg.plan_registration(counting, HASH, [P(label="COS_PERSISTENT"), P(label="COS_OEM")])
+    assert not plan.changed and counting.scans == 0
+    plan = reg.plan_registration(counting, HASH, [P(label="COS_PERSISTENT"), P(label="DATA", secret_name="data-key")])
+    assert plan.changed and counting.scans == 1  # a new explicit name is checked against every other partition
+
+
+def test_partition_identifiers_keep_the_bounds_a_node_request_keeps(store):
+    with pytest.raises(reg.RegistrationError, match=r"partitions\[0\]: label is longer than 255 bytes"):
+        register(store, [P(label="L" * 256)])
+    with pytest.raises(reg.RegistrationError, match=r"partitions\[0\] has no identifier"):
+        register(store, [P(uuid="unknown")])
+    assert store.list_volumes() == []
