@@ -193,9 +193,9 @@ class _KmsExchange:
             if error.status_code == 404:  # the two protocol generations do not negotiate (checklist 50)
                 hint += (" A KMS of the other protocol generation answers 404 too: set protocol to %s"
                          % ("legacy for Kairos <= v0.11 KMS" if path == messages.ATTESTATION_PATH else "attestation for a v0.12+ KMS"))
-            said = _short_text(getattr(error, "resp_body", None))
-            raise KcryptError("bad handshake with %s: HTTP %s (%s)%s" % (url, error.status_code, hint,
-                                                                          "; the KMS says: %s" % said if said else "")) from None
+            said = _short_text(getattr(error, "resp_body", None))  # e.g. why a KMS disabled this protocol
+            raise KcryptError("bad handshake with %s: HTTP %s%s (%s)" % (url, error.status_code, ' "%s"' % said if said else "",
+                                                                         hint)) from None
         except (websocket.WebSocketException, OSError) as error:
             ws.close()
             raise KcryptError("cannot connect to %s: %s" % (url, error or type(error).__name__)) from None

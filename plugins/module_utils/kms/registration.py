@@ -360,13 +360,12 @@ def _check_secret_ownership(store, tpm_hash, volume, registered, wishes):
     """
     name = volume_name(volume)
     partitions = volume["spec"]["partitions"]
-    users = {}
     for index, partition in enumerate(partitions):
-        for secret_name in partition_secret_names(name, partition):
-            if users.setdefault(secret_name, index) != index:
-                raise RegistrationError("partitions %s and %s of SealedVolume %s would use the same Secret %s; give one "
-                                        "of them its own secret_name" % (_describe(partitions[users[secret_name]]),
-                                                                         _describe(partition), name, secret_name))
+        for secret_name in sorted(partition_secret_names(name, partition)):
+            users = ownership.referrers([volume], secret_name)
+            if ownership.clash(users):
+                raise RegistrationError("%s and %s would use the same Secret %s; give one of them its own secret_name (or "
+                                        "both a secret_path of their own)" % (users[0].describe(), users[1].describe(), secret_name))
     with_passphrase = [wish.ref() for wish in wishes if wish.passphrase is not None]
     others = None
     for index, partition in enumerate(partitions):
@@ -377,7 +376,7 @@ def _check_secret_ownership(store, tpm_hash, volume, registered, wishes):
             if others is None:
                 others = [v for v in store.list_volumes() if volume_name(v) != name]
             found = ownership.referrers(others, secret_name)
-            if found:
+            if ownership.clash(found + ownership.referrers([volume], secret_name)):
                 raise RegistrationError("Secret %s is already used by %s: a Secret belongs to one partition; choose "
                                         "another secret_name" % (secret_name, found[0].describe()))
             continue

@@ -43,6 +43,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names impor
     names_secret,
     partition_secret_names,
     safe_kube_name,
+    secret_ref,
     volume_label_value,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import volume_name
@@ -50,8 +51,8 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import vol
 OWNED, FOREIGN, AMBIGUOUS = "owned", "foreign", "ambiguous"
 
 
-class Referrer(namedtuple("Referrer", "volume index partition explicit")):
-    """A partition that uses a Secret name: explicitly (``secret.name``) or by derivation."""
+class Referrer(namedtuple("Referrer", "volume index partition explicit key")):
+    """A partition that uses a Secret name: explicitly (``secret.name``) or by derivation; ``key``: its data key."""
 
     def describe(self):
         ref = PartitionRef(self.partition.get("label", ""), self.partition.get("deviceName", ""), self.partition.get("uuid", ""))
@@ -69,8 +70,21 @@ def referrers(volumes, secret_name, skip=None):
         name = volume_name(volume)
         for index, partition in enumerate(volume["spec"].get("partitions") or []):
             if (name, index) != skip and secret_name in partition_secret_names(name, partition):
-                found.append(Referrer(name, index, partition, names_secret(partition)))
+                found.append(_referrer(name, index, partition))
     return found
+
+
+def _referrer(volume, index, partition):
+    return Referrer(volume, index, partition, names_secret(partition), secret_ref(volume, partition)[1])
+
+
+def clash(users):
+    """Whether these partitions may not share one Secret: they may only when each names it explicitly and reads a
+    key of its own (one Secret per node with a key per partition is a pattern upstream's ``secret.path`` allows)."""
+    if len(users) < 2:
+        return False
+    keys = [u.key for u in users]
+    return not all(u.explicit for u in users) or len(set(keys)) < len(keys)
 
 
 def label_owner(secret, tpm_hash, volume):
@@ -112,7 +126,7 @@ def _judge(found):
 def problems(volumes, get_secret):
     """Secrets that are not exactly one partition's, as ``[(volume names involved, text)]``:
 
-    * a name used by more than one partition (explicitly or derived);
+    * a name used by more than one partition (see :func:`clash`);
     * a Secret under a derived name whose labels name another TPM or SealedVolume.
 
     ``get_secret(name)`` returns the Secret or None.
@@ -122,9 +136,9 @@ def problems(volumes, get_secret):
         name = volume_name(volume)
         for index, partition in enumerate(volume["spec"].get("partitions") or []):
             for secret_name in sorted(partition_secret_names(name, partition)):
-                by_name.setdefault(secret_name, []).append(Referrer(name, index, partition, names_secret(partition)))
+                by_name.setdefault(secret_name, []).append(_referrer(name, index, partition))
     for secret_name, users in sorted(by_name.items()):
-        if len(users) > 1:
+        if clash(users):
             found.append((sorted({u.volume for u in users}), "Secret %s is used by %s"
                           % (secret_name, " and ".join(u.describe() for u in users))))
     for volume in volumes:
@@ -137,5 +151,5 @@ def problems(volumes, get_secret):
                 reason = label_owner(get_secret(secret_name), tpm_hash, name)
                 if reason:
                     found.append(([name], "Secret %s, which %s derives, is not its: %s"
-                                  % (secret_name, Referrer(name, index, partition, False).describe(), reason)))
+                                  % (secret_name, _referrer(name, index, partition).describe(), reason)))
     return found

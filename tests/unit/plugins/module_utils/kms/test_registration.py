@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import secret_labels
@@ -248,3 +249,15 @@ def test_partition_identifiers_keep_the_bounds_a_node_request_keeps(store):
     with pytest.raises(reg.RegistrationError, match=r"partitions\[0\] has no identifier"):
         register(store, [P(uuid="unknown")])
     assert store.list_volumes() == []
+
+
+def test_one_secret_with_a_key_per_partition_is_not_sharing(store):
+    """Upstream's secret.path picks a key: one Secret per node with a key per partition is a fine pattern."""
+    register(store, [P(label="A", secret_name="node-keys", secret_path="a"), P(label="B", secret_name="node-keys", secret_path="b"),
+                     P(label="E")])
+    assert ownership.problems(store.list_volumes(), store.get_secret) == []
+    with pytest.raises(reg.RegistrationError, match="would use the same Secret node-keys"):
+        reg.plan_registration(store, HASH, [P(label="C", secret_name="node-keys", secret_path="a")], merge_partitions=True)
+    derived = "tpm-%s-e" % HASH[:16]  # what partition E derives: never shared, whatever the key
+    with pytest.raises(reg.RegistrationError, match="would use the same Secret %s" % derived):
+        reg.plan_registration(store, HASH, [P(label="D", secret_name=derived, secret_path="other")], merge_partitions=True)
