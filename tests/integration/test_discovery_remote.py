@@ -216,6 +216,18 @@ LEGACY_EVENT = {  # ghw block.Partition, kcrypt <= v0.11
 
 def test_plugin_mode_against_the_kms(tmp_path, node, tpm):
     with KMS(tmp_path) as kms:
+        # The legacy event: server from the config, legacy protocol by default, label from filesystem_label.
+        # (A legacy registration: a SealedVolume without `attestation`.)
+        with kms.store() as opened:
+            opened.create_secret(kms_store.new_secret("oem-key", {"passphrase": b"oem passphrase"}))
+            opened.create_volume(kms_store.new_volume("node-reg", tpm.tpm_hash, [
+                {"label": "COS_OEM", "secret": {"name": "oem-key", "path": "passphrase"}}]))
+        node.config("kcrypt:\n  tpm_device: %s\n  challenger:\n    challenger_server: %s\n" % (tpm.tcti, kms.url))
+        legacy = plugin_reply(node.plugin(json.dumps(LEGACY_EVENT), env={"KCRYPT_DISCOVERY_DEBUG": "1"}))
+        assert legacy == {"state": "", "data": "oem passphrase", "error": "", "log": ""}
+        assert "protocol=legacy-get outcome=success" in open(str(kms.dir / "kms.log")).read()
+
+        # The newest event: a new partition of the registered TPM, added on first use.
         node.config("kcrypt:\n  tpm_device: %s\n" % tpm.tcti)
         newest = {"partition": {"name": "vda5", "partition_label": "persistent", "label": "COS_PERSISTENT",
                                 "fs": "crypto_LUKS", "uuid": "5a7c0f6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"},
@@ -224,17 +236,9 @@ def test_plugin_mode_against_the_kms(tmp_path, node, tpm):
         assert reply["error"] == ""
         assert reply["data"].encode() == kms.secret_for(tpm.tpm_hash, "COS_PERSISTENT")
         with kms.store() as opened:
-            partition = opened.volumes_for(tpm.tpm_hash)[0]["spec"]["partitions"][0]
+            partition = [p for p in opened.volumes_for(tpm.tpm_hash)[0]["spec"]["partitions"] if p["label"] == "COS_PERSISTENT"][0]
         assert (partition["label"], partition["deviceName"], partition["uuid"]) == (
             "COS_PERSISTENT", "vda5", "5a7c0f6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f")
-
-        # The legacy event: server from the config, legacy protocol by default, label from filesystem_label.
-        kms.add_partition(tpm.tpm_hash, {"label": "COS_OEM", "secret": {"name": "oem-key", "path": "passphrase"}},
-                          secret={"passphrase": b"oem passphrase"})
-        node.config("kcrypt:\n  tpm_device: %s\n  challenger:\n    challenger_server: %s\n" % (tpm.tcti, kms.url))
-        legacy = plugin_reply(node.plugin(json.dumps(LEGACY_EVENT), env={"KCRYPT_DISCOVERY_DEBUG": "1"}))
-        assert legacy == {"state": "", "data": "oem passphrase", "error": "", "log": ""}
-        assert "protocol=legacy-get outcome=success" in open(str(kms.dir / "kms.log")).read()
 
         log = node.log_text()
         assert "payload=newest" in log and "payload=legacy" in log
