@@ -373,7 +373,7 @@ class Policy(object):
             return _get_pass_reply(error=str(exc))
         data = secret["data"]
         return _get_pass_reply(passphrase=data.get(path, b"").decode("utf-8", "replace"),
-                              generated_by=data.get(GENERATED_BY_KEY, b"").decode("utf-8", "replace"))
+                               generated_by=data.get(GENERATED_BY_KEY, b"").decode("utf-8", "replace"))
 
     def legacy_post_pass(self, tpm_hash, partition, payload):
         """``/postPass``: store the node's TPM-encrypted passphrase unless a Secret exists already.

@@ -178,7 +178,7 @@ def test_tofu_reuses_an_existing_secret(policy, store):
 def test_tofu_reuse_requires_data(policy, store):
     static_secret(store, "tofu-5640e37f-cos-persistent", b"x", path="other")
     with pytest.raises(volume_attestation.PolicyRejection, match="initial enrollment: creating TOFU secret: existing secret does not "
-                                                  "contain expected passphrase data at path passphrase"):
+                                                                 "contain expected passphrase data at path passphrase"):
         policy.issue_passphrase(HASH, EK, PCRS, PERSISTENT)
     assert store.list_volumes() == []
 
@@ -260,7 +260,7 @@ def test_empty_attestation_learns_ek_and_ignores_pcrs(policy, store):
     assert attestation["ekPublicKey"] == EK and "pcrValues" not in attestation
     assert policy.issue_passphrase(HASH, EK, {"0": "99" * 32}, PERSISTENT) == b"static-pass"
     with pytest.raises(volume_attestation.PolicyRejection, match="^attestation verification failed: EK verification failed: EK public "
-                                                  "key does not match enrolled key - potential TPM impersonation$"):
+                                                                 "key does not match enrolled key - potential TPM impersonation$"):
         policy.issue_passphrase(HASH, EK2, PCRS, PERSISTENT)
 
 
