@@ -40,18 +40,21 @@ options:
       - A partition is matched by any of O(partitions[].label), O(partitions[].device_name) and
         O(partitions[].uuid). Give at least one. An empty value never matches.
       - A Secret reference the KMS recorded for a listed partition is kept.
+      - A Secret belongs to one partition of one SealedVolume. The task fails if a partition would use a Secret
+        that another partition uses (one Secret with its own O(partitions[].secret_path) per partition is fine),
+        or would write a passphrase into a Secret labelled for another TPM or SealedVolume.
     type: list
     elements: dict
     default: []
     suboptions:
       label:
-        description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT).
+        description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT). At most 255 bytes, printable.
         type: str
       device_name:
-        description: Kernel device name of the partition, for example V(vda5).
+        description: Kernel device name of the partition, for example V(vda5). At most 64 bytes.
         type: str
       uuid:
-        description: Partition UUID (GPT PARTUUID).
+        description: Partition UUID (GPT PARTUUID). At most 64 bytes; V(unknown) identifies nothing.
         type: str
       secret_name:
         description:
