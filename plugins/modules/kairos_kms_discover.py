@@ -56,7 +56,7 @@ options:
       - Network interfaces (names such as V(eth0)) or IPv4 addresses to send mDNS queries on.
       - V(all) sends them on every interface, as upstream's client does.
       - When empty, the environment variable C(KCRYPT_MDNS_INTERFACES) on the managed host is used,
-        then V(127.0.0.1).
+        else every interface (as upstream's client queries).
     type: list
     elements: str
     default: []

@@ -138,7 +138,7 @@ def _selector(spec):
     return Selector(label=spec.get("label", ""), device=spec.get("device", ""), uuid=spec.get("uuid", "")).validate()
 
 
-def _key_source(args, stdin):
+def _key_source(args, stdin, err=None):
     params = {name: getattr(args, name) for name in (
         "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns", "mdns_interfaces",
         "kms_protocol", "kms_attempts", "kms_retry_delay")}
@@ -148,7 +148,15 @@ def _key_source(args, stdin):
         params["passphrase"] = key_source.read_passphrase_file(args.passphrase_file, stdin)
     elif args.passphrase_file:
         raise KcryptError("--passphrase-file is only used with --key-source passphrase")
-    return key_source.build(params, config_dirs=args.config_dirs, cmdline_path=args.cmdline_path)
+    # unlock-all is what Kairos runs at boot: a broken config file is reported and skipped, as upstream
+    at_boot = args.command == "unlock-all"
+
+    def warn(message):
+        if err is not None:
+            err.write("kcrypt: warning: Kairos config: %s\n" % message)
+            err.flush()
+
+    return key_source.build(params, config_dirs=args.config_dirs, cmdline_path=args.cmdline_path, at_boot=at_boot, warn=warn)
 
 
 def _luks_options(args):
@@ -184,13 +192,13 @@ def cmd_encrypt(args, log, stdin):
     return encryption.apply(plans, request, source, log=log)
 
 
-def cmd_unlock(args, log, stdin):
+def cmd_unlock(args, log, stdin, err=None):
     if args.attempts < 1:
         raise KcryptError("--attempts must be at least 1")
     targets = None
     if args.command == "unlock":
         targets = [unlock.Target(selector=_selector(s), name=s.get("name", "")) for s in _selectors(args)]
-    source = _key_source(args, stdin)
+    source = _key_source(args, stdin, err)
     plans = unlock.plan_open(targets)
     if args.check:
         unlock.verify_keys(plans, source)
@@ -251,7 +259,7 @@ def main(argv=None, out=None, err=None, stdin=None):
             results = cmd_encrypt(args, log, getattr(stdin, "buffer", stdin))
             return _emit(args, {"changed": any(r["changed"] for r in results), "partitions": results}, out, _print_partitions)
         if args.command in ("unlock", "unlock-all"):
-            results = cmd_unlock(args, log, getattr(stdin, "buffer", stdin))
+            results = cmd_unlock(args, log, getattr(stdin, "buffer", stdin), err)
             return _emit(args, {"changed": any(r["changed"] for r in results), "partitions": results}, out, _print_partitions)
         if args.command == "close":
             results = cmd_close(args, log)

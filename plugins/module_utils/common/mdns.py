@@ -16,9 +16,10 @@ Private to the collection. Two sides:
 Interfaces: like upstream, a node queries on every interface unless told
 otherwise, so an upstream config with ``mdns: true`` finds its KMS on the LAN.
 ``kcrypt.challenger.mdns_interfaces`` (or ``$KCRYPT_MDNS_INTERFACES``, or
-``--mdns-interfaces``) narrows it to interface names or IPv4 addresses; the
-project's tests and scripts set ``KCRYPT_MDNS_INTERFACES=127.0.0.1`` so their
-queries never leave the machine. The announcer has no default: it answers only
+``--mdns-interfaces``) narrows it to interface names or IPv4 addresses; without
+any of them the default is every interface (``all``), not 127.0.0.1. The project's
+tests and scripts set ``KCRYPT_MDNS_INTERFACES=127.0.0.1`` so their queries never
+leave the machine. The announcer has no default: it answers only
 on the interfaces it is given, as simple-mdns-server does.
 """
 

@@ -176,7 +176,7 @@ def _is_set(value):
     return value is not None and value != "" and value != []
 
 
-def build(params, config_dirs=None, cmdline_path=None):
+def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None):
     """A key source from module options / CLI flags of the same names.
 
     ``key_source`` (tpm | kms | passphrase | auto), ``passphrase``, ``tpm_device``, ``nv_index``,
@@ -186,6 +186,8 @@ def build(params, config_dirs=None, cmdline_path=None):
     (``config_dirs`` and ``cmdline_path`` default to Kairos' locations) and chooses like Kairos:
     kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
     the config. ``cmdline_path`` also tells the KMS client whether this is a LiveCD boot.
+    ``at_boot`` (``kcrypt unlock-all``): a broken config file or config_url is reported to
+    ``warn`` and skipped, as Kairos does at boot, instead of failing.
     """
     params = {key: value for key, value in params.items() if _is_set(value)}
     kind = params.get("key_source") or "tpm"
@@ -195,7 +197,10 @@ def build(params, config_dirs=None, cmdline_path=None):
         return PassphraseKeySource(params.get("passphrase"))
     if params.get("passphrase"):
         raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
-    base = kairos_config.read_settings(config_dirs, cmdline_path) if kind == "auto" else kairos_config.KcryptSettings()
+    if kind == "auto":
+        base = kairos_config.read_settings(config_dirs, cmdline_path, at_boot=at_boot, warn=warn)
+    else:
+        base = kairos_config.KcryptSettings()
     overrides = _overrides(params)
     settings = builder.apply_overrides(base, overrides)
     if kind == "auto":
