@@ -377,3 +377,63 @@ def test_ek_certificate_in_nv_decides_the_identity(swtpm_plain, tmp_path):
     assert ek.public_key.public_numbers() == key.public_key().public_numbers()
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert ek.tpm_hash == hashlib.sha256(spki).hexdigest() != template_ek.tpm_hash
+
+
+def _self_signed_ek_certificate():
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kcrypt wrapped EK")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(7).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _write_ek_certificate_nv(swtpm, tmp_path, data):
+    """Define NV 0x01c00002 and write ``data`` with tpm2-tools alone (as a vendor provisions it)."""
+    (tmp_path / "ekcert.bin").write_bytes(data)
+    env = tools_env(swtpm)
+    subprocess.run(["tpm2_nvdefine", "0x01c00002", "-C", "o", "-s", str(len(data)), "-a", "ownerread|ownerwrite|authread|ppread"],
+                   env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x01c00002", "-C", "o", "-i", str(tmp_path / "ekcert.bin")], env=env, check=True, capture_output=True)
+
+
+def test_wrapped_ek_certificate_is_unwrapped_as_go_attestation_does(swtpm_plain, tmp_path):
+    """Checklist 2 / issue 13 item 6: some TPMs store the EK certificate with the TCG PC Client NV header
+    ``10 01 00 LL LL`` (go-attestation v0.6.4 attest/tpm.go ParseEKCertificate strips it). The identity is
+    then the certificate's key and the certificate is what the legacy token and ``info`` carry, not the
+    template EK's PUBLIC KEY. Written into swtpm's NV by tpm2-tools alone."""
+    from cryptography.hazmat.primitives import serialization
+
+    key, cert = _self_signed_ek_certificate()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    wrapped = b"\x10\x01\x00" + len(der).to_bytes(2, "big") + der + b"\xff" * 8  # padding after the announced length
+    _write_ek_certificate_nv(swtpm_plain, tmp_path, wrapped)
+    out = subprocess.run(["tpm2_nvread", "0x01c00002", "-C", "o"], env=tools_env(swtpm_plain), check=True, capture_output=True).stdout
+    assert out[:3] == b"\x10\x01\x00"  # what the TPM really holds
+    with TPM(swtpm_plain.tcti) as tpm:
+        ek = tpm.endorsement_key()
+    assert ek.certificate is not None
+    assert ek.certificate_pem == cert.public_bytes(serialization.Encoding.PEM).decode()
+    assert ek.certificate_pem.startswith("-----BEGIN CERTIFICATE-----")
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert ek.tpm_hash == hashlib.sha256(spki).hexdigest()
+
+
+def test_wrapped_ek_certificate_with_a_wrong_length_falls_back_to_the_template(swtpm_plain, tmp_path):
+    """go-attestation refuses a header announcing more bytes than the index holds; EKs() then creates the template EK."""
+    from cryptography.hazmat.primitives import serialization
+
+    with TPM(swtpm_plain.tcti) as tpm:
+        template_hash = tpm.endorsement_key().tpm_hash
+    der = _self_signed_ek_certificate()[1].public_bytes(serialization.Encoding.DER)
+    _write_ek_certificate_nv(swtpm_plain, tmp_path, b"\x10\x01\x00" + (len(der) + 10).to_bytes(2, "big") + der)
+    with TPM(swtpm_plain.tcti) as tpm:
+        ek = tpm.endorsement_key()
+    assert ek.certificate is None and ek.tpm_hash == template_hash == tpm2_tools_hash(swtpm_plain, tmp_path)

@@ -211,6 +211,25 @@ def _rsa_public_key(public_area):
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
+TCG_NV_CERT_HEADER = b"\x10\x01\x00"  # TCG PC Client Platform TPM Profile, 7.3.2: tag 0x1001, then a 0x00
+
+
+def ek_certificate_der(data):
+    """The certificate's DER from the bytes an EK certificate NV index holds (go-attestation ParseEKCertificate).
+
+    Some TPMs store it wrapped as ``10 01 00 LL LL`` + DER (LL LL: big-endian length); the header is
+    stripped. A length longer than the data is a ValueError, as in go-attestation (whose EKs() then
+    falls back to the template EK). Trailing padding after the DER is dropped.
+    """
+    data = bytes(data)
+    if len(data) > 5 and data[:3] == TCG_NV_CERT_HEADER:
+        length = int.from_bytes(data[3:5], "big")
+        if len(data) < length + 5:
+            raise ValueError("the NV header announces a %d-byte certificate in %d bytes" % (length, len(data) - 5))
+        data = data[5 : 5 + length]
+    return _der_prefix(data)
+
+
 def _der_prefix(data):
     """The first DER element of ``data``: EK certificates in NV are often zero-padded."""
     if len(data) < 2 or data[0] != 0x30:
@@ -420,7 +439,7 @@ class TPM:
             return None
         require("cryptography", "to read the EK certificate")
         try:
-            certificate = x509.load_der_x509_certificate(_der_prefix(bytes(cert_der)))
+            certificate = x509.load_der_x509_certificate(ek_certificate_der(cert_der))
             if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
                 return None
         except ValueError:
