@@ -31,6 +31,7 @@ KEY_SOURCE_ARGS = {
     "tpm_device": {"type": "str"},
     "nv_index": {"type": "str"},
     "c_index": {"type": "str"},
+    "tpm_layout": {"type": "str", "choices": ["go-tpm", "tpmk"]},
     "challenger_server": {"type": "str"},
     "certificate": {"type": "str"},
     "mdns": {"type": "bool"},

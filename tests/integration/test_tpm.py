@@ -116,21 +116,22 @@ def _nvreadpublic(swtpm, index):
     return [line.strip() for line in out.splitlines()[1:] if line.strip() and not line.strip().startswith("name:")]
 
 
-def test_offline_nv_index_and_key_look_like_upstreams(swtpm, tmp_path):
+@pytest.mark.parametrize("layout, name_alg, alg_value", [("go-tpm", "sha256", "0xB"), ("tpmk", "sha1", "0x4")])
+def test_offline_nv_index_and_key_look_like_upstreams(swtpm, tmp_path, layout, name_alg, alg_value):
     """Checklist 46, compared with what tpm2-tools prints: an index we wrote reads exactly like one
-    written the upstream way (go-tpm legacy NVDefineSpace: name algorithm SHA-1), and the key at
-    c_index has tpm-helpers' template."""
+    written the upstream way (go-tpm tpm-helpers: name algorithm SHA-256; tpmk / go-tpm's legacy
+    NVDefineSpace: SHA-1), and the key at c_index has tpm-helpers' template."""
     with TPM(swtpm.tcti) as tpm:
-        tpm_blob.nv_passphrase(tpm)
+        tpm_blob.nv_passphrase(tpm, layout=layout)
     ours = _nvreadpublic(swtpm, "0x1500000")
     assert ours == [
-        "hash algorithm:", "friendly: sha1", "value: 0x4",
+        "hash algorithm:", "friendly: %s" % name_alg, "value: %s" % alg_value,
         "attributes:", "friendly: ownerwrite|ppread|ownerread|authread|written", "value: 0x20070002",
         "size: 256",
     ]
     env = tools_env(swtpm)
     (tmp_path / "blob").write_bytes(os.urandom(256))
-    subprocess.run(["tpm2_nvdefine", "0x1500007", "-C", "o", "-s", "256", "-g", "sha1", "-a", "ownerwrite|ownerread|authread|ppread"],
+    subprocess.run(["tpm2_nvdefine", "0x1500007", "-C", "o", "-s", "256", "-g", name_alg, "-a", "ownerwrite|ownerread|authread|ppread"],
                    env=env, check=True, capture_output=True)
     subprocess.run(["tpm2_nvwrite", "0x1500007", "-C", "o", "-i", str(tmp_path / "blob")], env=env, check=True, capture_output=True)
     assert _nvreadpublic(swtpm, "0x1500007") == ours
@@ -437,3 +438,126 @@ def test_wrapped_ek_certificate_with_a_wrong_length_falls_back_to_the_template(s
     with TPM(swtpm_plain.tcti) as tpm:
         ek = tpm.endorsement_key()
     assert ek.certificate is None and ek.tpm_hash == template_hash == tpm2_tools_hash(swtpm_plain, tmp_path)
+
+
+# -- issue 13 item 7: both NV layouts, proven with keys and blobs that tpm2-tools alone builds --------
+#
+# What upstream writes was read from the source: tpm-helpers' go-tpm code (tpm_encrypt.go createRSAKey:
+# Unique = 256 zero bytes; tpm_nv.go StoreBlob: NameAlg SHA-256), the version kairos-sdk v0.25.2 pins
+# (its go.sum, like kcrypt-discovery-challenger v0.13.4's, has no folbricht/tpmk); the older tpmk code
+# (tpm-helpers main, e914e08) leaves unique empty and go-tpm's legacy NVDefineSpace uses SHA-1.
+
+OWNER_KEY_ATTRS = "sign|decrypt|userwithauth|sensitivedataorigin"
+NV_ATTRS = "ownerwrite|ownerread|authread|ppread"
+TOOLS_UNIQUE = {"go-tpm": True, "tpmk": False}
+
+
+def _createprimary(layout, ctx):
+    """tpm2_createprimary with tpm-helpers' owner key template. The go-tpm layout's 256-byte zero unique
+    goes in through stdin: tpm2-tools 5.4 ignores a -u FILE here (the key equals the empty-unique one),
+    while ``-u -`` applies it."""
+    command = ["tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048:null:null", "-a", OWNER_KEY_ATTRS, "-c", ctx]
+    return command + (["-u", "-"] if TOOLS_UNIQUE[layout] else [])
+
+
+def _unique_input(layout):
+    return b"\x00" * 256 if TOOLS_UNIQUE[layout] else b""
+
+
+def _tools_owner_key(swtpm, tmp_path, layout, persist=None):
+    """tpm2_createprimary with tpm-helpers' template for ``layout``; returns the public PEM path."""
+    env = tools_env(swtpm)
+    ctx, pem = str(tmp_path / ("%s.ctx" % layout)), str(tmp_path / ("%s.pem" % layout))
+    subprocess.run(_createprimary(layout, ctx) + ["-f", "pem", "-o", pem], input=_unique_input(layout), env=env,
+                   check=True, capture_output=True)
+    if persist:
+        subprocess.run(["tpm2_evictcontrol", "-C", "o", "-c", ctx, persist], env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_flushcontext", "-t"], env=env, check=True, capture_output=True)
+    return pem, ctx
+
+
+def _openssl_oaep_encrypt(pem, plaintext, tmp_path):
+    (tmp_path / "plain").write_bytes(plaintext)
+    subprocess.run(["openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", pem, "-in", str(tmp_path / "plain"),
+                    "-out", str(tmp_path / "blob"), "-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256",
+                    "-pkeyopt", "rsa_mgf1_md:sha256"], check=True, capture_output=True)
+    return tmp_path / "blob"
+
+
+def _evict(swtpm, handle):
+    subprocess.run(["tpm2_evictcontrol", "-C", "o", "-c", handle], env=tools_env(swtpm), check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("layout", ["go-tpm", "tpmk"])
+def test_our_owner_key_is_the_key_tpm2_tools_derives_with_that_layouts_template(swtpm_plain, tmp_path, layout):
+    """The same owner seed gives the same key only with the same template: ours per layout equals
+    tpm2_createprimary's with (go-tpm) or without (tpmk) a zero unique, and the two layouts differ."""
+    from cryptography.hazmat.primitives import serialization
+
+    with TPM(swtpm_plain.tcti) as tpm:
+        ours, created = tpm.owner_key_public(0x81000008, layout=layout)
+    assert created
+    tools = {name: serialization.load_pem_public_key(open(_tools_owner_key(swtpm_plain, tmp_path, name)[0], "rb").read())
+             for name in TOOLS_UNIQUE}
+    assert ours.public_numbers() == tools[layout].public_numbers()
+    assert tools["go-tpm"].public_numbers() != tools["tpmk"].public_numbers()
+
+
+@pytest.mark.parametrize("layout", ["go-tpm", "tpmk"])
+def test_blob_and_key_built_by_tpm2_tools_are_read(swtpm_plain, tmp_path, layout):
+    """Upstream's direction: key persisted by tpm2_createprimary + tpm2_evictcontrol, blob encrypted by
+    openssl, NV index defined by tpm2_nvdefine with the layout's name algorithm: we read the passphrase."""
+    pem = _tools_owner_key(swtpm_plain, tmp_path, layout, persist="0x81000008")[0]
+    passphrase = b"0123456789abcdefghijklmnopqrstuv"
+    blob_file = _openssl_oaep_encrypt(pem, passphrase, tmp_path)
+    env = tools_env(swtpm_plain)
+    subprocess.run(["tpm2_nvdefine", "0x1500000", "-C", "o", "-s", "256", "-g", {"go-tpm": "sha256", "tpmk": "sha1"}[layout],
+                    "-a", NV_ATTRS], env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x1500000", "-C", "o", "-i", str(blob_file)], env=env, check=True, capture_output=True)
+    for reader_layout in ("go-tpm", "tpmk"):  # reading never depends on the configured layout
+        with TPM(swtpm_plain.tcti) as tpm:
+            assert tpm_blob.nv_passphrase(tpm, layout=reader_layout) == (passphrase, False)
+
+
+@pytest.mark.parametrize("layout", ["go-tpm", "tpmk"])
+def test_our_blob_is_opened_by_a_key_tpm2_tools_recreates_with_the_layouts_template(swtpm_plain, tmp_path, layout):
+    """Our direction: we create key and blob; the persisted key is then evicted, and tpm2-tools
+    re-creates the key from the layout's template alone: it decrypts our blob (so a Kairos tool of that
+    generation re-creating the key at c_index gets the same key). We re-derive it too, without
+    persisting anything."""
+    with TPM(swtpm_plain.tcti) as tpm:
+        passphrase, created = tpm_blob.nv_passphrase(tpm, layout=layout)
+    assert created
+    env = tools_env(swtpm_plain)
+    blob_file = str(tmp_path / "ours.blob")
+    subprocess.run(["tpm2_nvread", "-C", "o", "-o", blob_file, "0x1500000"], env=env, check=True, capture_output=True)
+    _evict(swtpm_plain, "0x81000008")
+    with TPM(swtpm_plain.tcti) as tpm:
+        assert tpm_blob.read_nv_passphrase(tpm) == passphrase  # re-derived transiently
+        assert tpm.owner_key_public(0x81000008, create=False) == (None, False)  # nothing persisted by reading
+    ctx = _tools_owner_key(swtpm_plain, tmp_path, layout)[1]
+    # _tools_owner_key flushed its transient key; load the context again and decrypt with it
+    subprocess.run(_createprimary(layout, ctx), input=_unique_input(layout), env=env, check=True, capture_output=True)
+    plain = subprocess.run(["tpm2_rsadecrypt", "-c", ctx, "-s", "oaep", blob_file], env=env, check=True, capture_output=True).stdout
+    subprocess.run(["tpm2_flushcontext", "-t"], env=env, check=True, capture_output=True)
+    assert plain == passphrase
+
+
+def test_an_existing_key_of_the_other_layout_is_used_not_replaced(swtpm_plain, tmp_path):
+    """A key a tpmk-era node persisted stays: our default (go-tpm) layout only matters when creating."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = _tools_owner_key(swtpm_plain, tmp_path, "tpmk", persist="0x81000008")[0]
+    with TPM(swtpm_plain.tcti) as tpm:
+        public, created = tpm.owner_key_public(0x81000008)  # default layout
+        passphrase, made = tpm_blob.nv_passphrase(tpm)
+    assert (created, made) == (False, True)
+    assert public.public_numbers() == serialization.load_pem_public_key(open(pem, "rb").read()).public_numbers()
+    blob_file = str(tmp_path / "blob")
+    env = tools_env(swtpm_plain)
+    subprocess.run(["tpm2_nvread", "-C", "o", "-o", blob_file, "0x1500000"], env=env, check=True, capture_output=True)
+    plain = subprocess.run(["tpm2_rsadecrypt", "-c", "0x81000008", "-s", "oaep", blob_file], env=env, check=True,
+                           capture_output=True).stdout
+    assert plain == passphrase
+    assert "friendly: sha256" in subprocess.run(["tpm2_nvreadpublic", "0x1500000"], env=env, check=True,
+                                                capture_output=True, text=True).stdout

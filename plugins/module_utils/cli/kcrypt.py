@@ -20,6 +20,7 @@ import sys
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, unlock
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import nv_area
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM_LAYOUTS
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node.encryption import Selector
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
@@ -55,6 +56,9 @@ def _add_key_source(parser):
     group.add_argument("--tpm-device", help="TPM device path or TCTI string (default: $KCRYPT_TPM_DEVICE, /dev/tpmrm0, /dev/tpm0)")
     group.add_argument("--nv-index", help="NV index of the offline passphrase (default 0x1500000)")
     group.add_argument("--c-index", help="persistent handle of the RSA key (default 0x81000008)")
+    group.add_argument("--tpm-layout", choices=TPM_LAYOUTS,
+                       help="how a missing c_index key and a new NV index are created: go-tpm (default, newest Kairos) "
+                       "or tpmk (Kairos up to v0.11); both are always read")
     group.add_argument("--challenger-server", help="KMS URL for --key-source kms")
     group.add_argument("--certificate", help="CA certificate of the KMS: PEM text or a file")
     group.add_argument("--mdns", action="store_true", default=None, help="resolve the .local KMS host with mDNS")
@@ -140,7 +144,7 @@ def _selector(spec):
 
 def _key_source(args, stdin, err=None):
     params = {name: getattr(args, name) for name in (
-        "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns", "mdns_interfaces",
+        "key_source", "tpm_device", "nv_index", "c_index", "tpm_layout", "challenger_server", "certificate", "mdns", "mdns_interfaces",
         "kms_protocol", "kms_attempts", "kms_retry_delay")}
     if args.key_source == "passphrase":
         if not args.passphrase_file:

@@ -98,6 +98,7 @@ class KcryptSettings:
     tpm_device: str = ""  # empty: $KCRYPT_TPM_DEVICE, /dev/tpmrm0, /dev/tpm0
     mdns_interfaces: tuple = ()  # empty: $KCRYPT_MDNS_INTERFACES, then every interface (see mdns.py)
     protocol: str = ""  # empty: the caller's default ("attestation", or the plugin payload's generation)
+    tpm_layout: str = ""  # how a missing c_index key / new NV index is created (device.TPM_LAYOUTS); option only
     sources: tuple = field(default=(), compare=False)  # files, "cmdline" and URLs that were merged
 
     @property

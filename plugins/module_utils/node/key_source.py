@@ -26,7 +26,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builde
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle, parse_tpm_layout
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
@@ -105,11 +105,12 @@ class TpmKeySource(KeySource):
 
     name = "tpm"
 
-    def __init__(self, tpm_device="", nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
+    def __init__(self, tpm_device="", nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX, layout=None):
         super().__init__()
         self.tpm_device = tpm_device or ""
         self.nv_index = parse_nv_index(nv_index)
         self.c_index = parse_persistent_handle(c_index)
+        self.layout = parse_tpm_layout(layout)  # only used when the key or the index is created
         self._passphrase = None
         self.created = False
 
@@ -128,7 +129,7 @@ class TpmKeySource(KeySource):
     def key(self, device=None, label=""):
         if self._passphrase is None:
             with TPM(self.tpm_device) as tpm:
-                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index)
+                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index, self.layout)
         return self._handed_out(self._passphrase)
 
 
@@ -181,7 +182,8 @@ def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None)
 
     ``key_source`` (tpm | kms | passphrase | auto), ``passphrase``, ``tpm_device``, ``nv_index``,
     ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``, ``mdns_interfaces``,
-    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``. Unset (None)
+    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``, ``tpm_layout``
+    (go-tpm | tpmk: how a missing ``c_index`` key and a new NV index are created). Unset (None)
     options keep the defaults of KcryptSettings. ``auto`` reads the node's Kairos config
     (``config_dirs`` and ``cmdline_path`` default to Kairos' locations) and chooses like Kairos:
     kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
@@ -206,7 +208,7 @@ def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None)
     if kind == "auto":
         kind = "kms" if settings.remote else "tpm"
     if kind == "tpm":
-        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index)
+        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index, settings.tpm_layout)
     if not settings.challenger_server:
         raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
     config = builder.client_config(base, overrides, attempts=params.get("kms_attempts", builder.DEFAULT_ATTEMPTS),
@@ -223,6 +225,7 @@ def _overrides(params):
         "mdns_interfaces": tuple(params.get("mdns_interfaces") or ()),
         "protocol": params.get("kms_protocol"),
         "tpm_device": params.get("tpm_device"),
+        "tpm_layout": parse_tpm_layout(params["tpm_layout"]) if params.get("tpm_layout") else None,
     }
     if params.get("nv_index") is not None:
         overrides["nv_index"] = parse_nv_index(params["nv_index"])
