@@ -31,31 +31,42 @@ HELPER = hashicorp_mdns.__file__
 PEER = os.path.join(os.path.dirname(HELPER), "mdns_peer.py")
 
 
-def test_legacy_unicast_ptr_query_gets_ptr_srv_txt_a_at_the_querier_port():
-    """Our announcer (the challenger's --mdns-host) answers mdns.Lookup's query at its ephemeral port."""
+@pytest.mark.parametrize("hash_seed", ["0", "1", "2", "3", "4", "5"])
+def test_legacy_unicast_ptr_query_gets_ptr_srv_txt_a_at_the_querier_port(hash_seed):
+    """Our announcer (the challenger's --mdns-host) answers mdns.Lookup's query at its ephemeral port, and
+    hashicorp's client completes the entry from what arrives within its 1 s Lookup window. zeroconf orders
+    the additional records by set iteration (so by the process's string-hash seed): when A comes before SRV,
+    hashicorp files the address under the host name and the instance stays incomplete. The announcer runs
+    with several seeds to cover both orders."""
     host = "kms-%s.local" % uuid.uuid4().hex[:8]
     port = free_port()
-    with mdns.Announcer(host, port, interfaces=["127.0.0.1"], instance="node-%s" % uuid.uuid4().hex[:6]) as announcer:
-        query, source_port, received = hashicorp_mdns.query_ptr("_kcrypt._tcp.local.", "127.0.0.1")
-    assert source_port != 5353
-    ours = [(message, source) for message, source in received
-            if any(rdata.target.to_text() == announcer.name for rrset in message.answer for rdata in rrset
-                   if rrset.rdtype == dns.rdatatype.PTR)]
+    instance = "node-%s" % uuid.uuid4().hex[:6]
+    announcer = subprocess.Popen([sys.executable, PEER, "announce", host, str(port), "127.0.0.1", "127.0.0.1", instance],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, PYTHONHASHSEED=hash_seed))
+    try:
+        assert announcer.stdout.readline().strip() == "ready"
+        query, source_port, received = hashicorp_mdns.query_ptr("_kcrypt._tcp.local.", "127.0.0.1", wait=1.0)
+    finally:
+        announcer.stdin.close()
+        announcer.wait(timeout=10)
+    name = "%s._kcrypt._tcp.local." % instance
+    ours = [message for message, source in received if source == ("127.0.0.1", 5353) and any(
+        rdata.target.to_text() == name for rrset in message.answer for rdata in rrset if rrset.rdtype == dns.rdatatype.PTR)]
     assert ours, "no answer reached the querier's port %d: %r" % (source_port, received)
-    message, source = ours[0]
-    assert source == ("127.0.0.1", 5353)
-    assert message.id == query.id  # RFC 6762 §6.7: the legacy query's id and question are echoed
-    assert [q.to_text() for q in message.question] == [q.to_text() for q in query.question]
-    types = {rrset.rdtype for rrset in list(message.answer) + list(message.additional)}
-    assert {dns.rdatatype.PTR, dns.rdatatype.SRV, dns.rdatatype.TXT, dns.rdatatype.A} <= types
-    # decoded exactly as hashicorp's client loop does: one complete entry from this one datagram
-    found = [entry for entry in hashicorp_mdns.entries([message]) if entry["Name"] == announcer.name]
-    assert len(found) == 1
+    assert source_port != 5353
+    for message in ours:
+        assert message.id == query.id  # RFC 6762 §6.7: the legacy query's id and question are echoed
+        assert [q.to_text() for q in message.question] == [q.to_text() for q in query.question]
+        types = {rrset.rdtype for rrset in list(message.answer) + list(message.additional)}
+        assert {dns.rdatatype.PTR, dns.rdatatype.SRV, dns.rdatatype.TXT, dns.rdatatype.A} <= types
+    # decoded exactly as hashicorp's client loop does, over everything that arrived
+    found = [entry for entry in hashicorp_mdns.entries(ours) if entry["Name"] == name]
+    assert len(found) == 1, [m.to_text() for m in ours]
     entry = found[0]
     assert (entry["Host"], entry["Port"], entry["AddrV4"]) == (host + ".", port, "127.0.0.1")
     assert entry["InfoFields"] == ["An instance of _kcrypt._tcp"]
-    # upstream's client then accepts it: entry.Host == hostname + "."
-    assert entry["Host"] == mdns.fqdn(host)
+    assert entry["Host"] == mdns.fqdn(host)  # upstream's client then accepts it: entry.Host == hostname + "."
 
 
 needs_netns = pytest.mark.skipif(
