@@ -34,7 +34,6 @@ import dns.rdtypes.ANY.NSEC
 import dns.rrset
 
 
-
 def _nsec_from_wire(cls, rdclass, rdtype, parser, origin=None):
     next_name = parser.get_name(origin, True)  # decompress, as miekg/dns UnpackDomainName does in every name
     return cls(rdclass, rdtype, next_name, dns.rdtypes.ANY.NSEC.Bitmap.from_wire_parser(parser))

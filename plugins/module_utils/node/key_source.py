@@ -26,7 +26,8 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builde
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle, parse_tpm_layout
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import (
+    DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle, parse_tpm_layout)
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
