@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -216,11 +217,14 @@ class TestLab:
         try:
             run = playbook.playbook("playbooks/lab_down.yml", {"lab_dir": str(lab["dir"])})
             assert bystander.poll() is None, "lab_down stopped a process that does not run from the lab"
+            assert not any(alive(pid) for pid in service), started
         finally:
             stop(bystander)
+            for pid in service:  # what lab_down failed to stop (the server names no lab path)
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
         assert run.rc == 0, run
         assert run.changed > 0
-        assert not any(alive(pid) for pid in service), started
         assert leftovers(lab["dir"], lab["name"]) == []
         assert not os.path.exists(lab["vars"]["lab_inventory_path"])
         for loop in loops:  # detached, or reused since by someone else for another file
