@@ -19,6 +19,7 @@ PARTITION_LABEL = "kcrypt.kairos.io/partition"
 # comparison instead of a scan of every SealedVolume (kms/secret_ownership.py).
 VOLUME_LABEL = "kcrypt.kairos.io/sealedvolume"
 
+
 def _is_alnum(char):
     return "a" <= char <= "z" or "A" <= char <= "Z" or "0" <= char <= "9"
 
