@@ -198,9 +198,10 @@ def exercise_every_store_path(api, tmp_path):
         policy.issue_passphrase(HASH_A, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # TOFU
         policy.issue_passphrase(HASH_A, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # next boot
         policy.issue_passphrase(HASH_A, "PEM", pcrs, PartitionRef(label="COS_OEM"), defer_pcr_enrollment=True)  # new partition
-        policy.issue_passphrase(HASH_B, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # pre-registered, static
+        # The legacy paths first: once /tpm-attestation has enrolled HASH_B (spec.attestation), legacy is refused.
         policy.legacy_post_pass(HASH_B, PartitionRef(label="COS_OEM2"), {"passphrase": "x", "generated_by": "tpm"})
         policy.legacy_get_pass(HASH_B, PartitionRef(label="COS_PERSISTENT"))
+        policy.issue_passphrase(HASH_B, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # pre-registered, static
         store.ping()
     admin(api, "delete", HASH_B, "--purge-secrets")
 
