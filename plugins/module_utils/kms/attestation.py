@@ -125,7 +125,9 @@ EK_CACHE_SIZE = 4096  # nodes that attest again reuse the parsed key and its enc
 def load_ek_spki(der):
     """The EK from ``ek_public`` (DER SPKI) as an PresentedEK. Only RSA EKs exist here (spec §1.1).
 
-    The TPM hash is taken over the re-encoded SPKI, as upstream does, not over the bytes sent.
+    The TPM hash is taken over the re-encoded SPKI, as upstream does, not over the bytes sent. A key
+    parsed here is cached only by ``remember_ek``, once its TPM has proven it holds it: unauthenticated
+    requests cannot fill the cache (or push real nodes out of it).
     """
     require("cryptography", "to read the EK")
     der = bytes(der)
@@ -139,11 +141,16 @@ def load_ek_spki(der):
         key = identity.load_spki(der)
     except (ValueError, TypeError, crypto_exceptions.UnsupportedAlgorithm) as error:
         raise ProtocolError("parse EK SPKI: %s" % (error or "not a DER SubjectPublicKeyInfo")) from None
-    ek = PresentedEK.from_key(_check_ek(key))
+    return PresentedEK.from_key(_check_ek(key))
+
+
+def remember_ek(der, ek):
+    """Cache a PresentedEK whose TPM passed an attestation, for its next one."""
+    der = bytes(der)
     _EK_CACHE[der] = ek
+    _EK_CACHE.move_to_end(der)
     if len(_EK_CACHE) > EK_CACHE_SIZE:
         _EK_CACHE.popitem(last=False)
-    return ek
 
 
 def load_ek_pem(pem):
@@ -552,6 +559,7 @@ class AttestationSession:
             pcrs, bound = verify_quote(self._ak, pcr_quote, self._secret, self.nonce_mode)
         except Rejection as error:
             raise StageError(STAGE_VERIFY, str(error), rejection=True) from None
+        remember_ek(self._init.ek_public, self._ek)
         return VerifiedAttestation(
             tpm_hash=self.tpm_hash,
             ek_pem=self._ek.pem,

@@ -338,6 +338,20 @@ def test_full_exchange_verifies_and_reports_policy_inputs(node):
     assert verified.nonce_bound and not verified.defer_pcr_enrollment
 
 
+def test_only_an_attested_ek_is_cached(node, keys):
+    """A request that fails authentication leaves nothing behind, not even in the EK cache (issue 14)."""
+    stranger = SoftTPM(keys[2], keys[3])
+    attestation._EK_CACHE.pop(stranger.ek_spki_der, None)
+    session = attestation.AttestationSession()
+    session.challenge(protocol.go_json(stranger.init_message()))
+    with pytest.raises(attestation.StageError, match="invalid secret"):
+        session.verify(protocol.go_json({"secret": protocol.b64encode(b"\x00" * 32), "pcr_quote": {}}))
+    assert stranger.ek_spki_der not in attestation._EK_CACHE
+    session, proof = _session_with_proof(stranger)
+    session.verify(protocol.go_json(proof))
+    assert attestation._EK_CACHE[stranger.ek_spki_der].tpm_hash == stranger.tpm_hash
+
+
 def test_a_proof_from_another_exchange_is_an_invalid_secret(node):
     _other, replayed = _session_with_proof(node)
     session, _own_proof = _session_with_proof(node)

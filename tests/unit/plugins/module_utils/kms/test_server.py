@@ -517,14 +517,24 @@ def test_a_flood_of_control_frames_is_refused(policy, caplog):
                for r in caplog.records if r.name == "kcrypt.audit")
 
 
-@pytest.mark.parametrize("key", ["\u00e9" * 24, "not base64 at all!!!!!!!", base64.b64encode(b"x" * 15).decode() + "=", ""])
-def test_a_malformed_websocket_key_is_a_400_without_a_traceback(policy, key, caplog):
-    """A non-ASCII Sec-WebSocket-Key made aiohttp answer HTTP 500 with a traceback (issue 14.5)."""
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.mark.parametrize("replace, by", [
+    (_KEY.encode(), "\u00e9".encode() * 12),  # non-ASCII key: aiohttp raised ValueError, HTTP 500 (issue 14.5)
+    (_KEY.encode(), b"not base64 at all!!!!!!!"),
+    (_KEY.encode(), base64.b64encode(b"x" * 15) + b"="),
+    (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: \xff"),  # echoed in aiohttp's 400 text: HTTP 500 (fuzzing)
+    (b"Upgrade: websocket", b"Upgrade: \xffwebsocket"),
+    (b"Connection: Upgrade", b"Connection: \xffUpgrade"),
+])
+def test_a_malformed_handshake_is_a_400_without_a_traceback(policy, replace, by, caplog):
     with _budget_kms(policy) as kms, caplog.at_level(logging.INFO):
         with raw_ws.RawSocket(kms.port) as sock:
-            status, _headers, body = sock.upgrade(key=key)
+            sock.send(raw_ws.upgrade_request(key=_KEY).replace(replace, by))
+            status, _headers, body = sock.read_http()
         time.sleep(0.1)
-    assert status == 400 and (b"Sec-WebSocket-Key" in body or b"expects a WebSocket upgrade" in body)
+    assert status == 400 and (b"Sec-WebSocket" in body or b"expects a WebSocket upgrade" in body)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     audit = [r.getMessage() for r in caplog.records if r.name == "kcrypt.audit"]
     assert len(audit) == 1 and "outcome=bad_request" in audit[0] and "WebSocket handshake refused" in audit[0]
