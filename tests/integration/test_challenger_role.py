@@ -70,6 +70,16 @@ def uid_of(pid):
     raise AssertionError("no Uid in /proc/%d/status" % pid)
 
 
+def open_files(pid):
+    """(soft, hard) RLIMIT_NOFILE of ``pid``, from /proc/PID/limits."""
+    with open("/proc/%d/limits" % pid) as handle:
+        for line in handle:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no open-files line in /proc/%d/limits" % pid)
+
+
 def mode_owner(path):
     info = os.stat(path)
     return stat.S_IMODE(info.st_mode), pwd.getpwuid(info.st_uid).pw_name
@@ -153,6 +163,8 @@ class TestChallengerOnThisHost:
         child = read_pid(kms["pidfile"] + ".child")
         assert child and uid_of(child) == pwd.getpwnam(kms["user"]).pw_uid
         assert read_pid(kms["pidfile"]) and uid_of(read_pid(kms["pidfile"])) == 0
+        # the supervisor gives the server LimitNOFILE (challenger_open_files_limit), which the server logs
+        assert open_files(child) == (65536, 65536)
         # tight permissions on the store and its at-rest key, owned by the service user
         lib = kms["vars"]["challenger_store_dir"]
         assert mode_owner(lib) == (0o700, kms["user"])
@@ -303,7 +315,7 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path):
     assert run.rc == 0, run
     unit = tmp_path / "kcrypt-challenger.service"
     text = unit.read_text()
-    for line in ("Restart=on-failure", "NoNewPrivileges=true", "ProtectSystem=strict", "ProtectHome=true",
+    for line in ("Restart=on-failure", "LimitNOFILE=65536\n", "NoNewPrivileges=true", "ProtectSystem=strict", "ProtectHome=true",
                  "PrivateTmp=true", "CapabilityBoundingSet=\n", "ReadWritePaths=/var/lib/kcrypt-challenger\n",
                  "User=kcrypt-challenger", "ExecStart=%s/venv/bin/python %s/kcrypt-challenger.pyz serve "
                  "--config /etc/kcrypt-challenger/config.yaml" % (install, install)):
