@@ -15,12 +15,15 @@ collections, and RSS grew 46 MB over 77,000 attestations (11 MB with the default
 So the thresholds stay high for bursts, and ``GarbageCollectorPacer`` runs the full collection at moments
 that cost nobody anything: when the process has been nearly idle for a second, and, under sustained
 load, at least every ``max_interval`` seconds (one pause of a few ms to ~20 ms, not one per ~4000
-allocations). ``bench/memory.py`` shows RSS flat over a long run.
+allocations). After each, glibc's ``malloc_trim`` returns the freed heap to the system. ``bench/memory.py``
+shows RSS flat over a long run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import time
 
@@ -29,6 +32,25 @@ IDLE_CPU_SHARE = 0.05  # a second in which the process used less CPU than this c
 PENDING_ALLOCATIONS = 1000  # an idle event loop allocates a few per second: not worth a collection
 CHECK_INTERVAL = 1.0
 MAX_INTERVAL = 10.0
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0): hand freed heap pages back to the system, or None where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl, macOS: nothing to trim with
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+def collect_and_trim(trim=_malloc_trim()):
+    """A full collection, then the freed heap returned to the system: glibc keeps freed memory in its arenas
+    (a burst of large frames leaves RSS at its high-water mark otherwise)."""
+    gc.collect()
+    if trim is not None:
+        trim()
 
 
 def tune_garbage_collector():
@@ -47,7 +69,7 @@ class GarbageCollectorPacer:
     """
 
     def __init__(self, check_interval=CHECK_INTERVAL, max_interval=MAX_INTERVAL, clock=time.monotonic,
-                 cpu_clock=time.process_time, collect=gc.collect):
+                 cpu_clock=time.process_time, collect=collect_and_trim):
         self.check_interval, self.max_interval = float(check_interval), float(max_interval)
         self.clock, self.cpu_clock, self.collect = clock, cpu_clock, collect
         self.collections = 0
