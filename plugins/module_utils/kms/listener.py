@@ -363,6 +363,10 @@ class Listener:
             conn.close()
             slot.release()
             raise
+        except Exception:  # a bug; the connection's place must not leak with it
+            log.exception("setting up the connection from %s failed", slot.peer)
+            conn.close()
+            slot.release()
 
     def _release(self, peer):
         self.open -= 1
