@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from support import fuzz, soft_tpm
 from support.challenger import ChallengerProcess, soft_attest
 from support.ports import free_port
@@ -34,6 +36,7 @@ SEED = os.environ.get("KCRYPT_FUZZ_SEED", "ci")
 RSS_BOUND_KB = 8 * 1024  # a leak of 3 kB per case would pass it over the second half's cases
 
 
+@pytest.mark.slow
 def test_fuzzed_messages_on_every_endpoint(tmp_path):
     keys = soft_tpm.key_pool(2)
     node = SoftTPM(keys[0], keys[1])
