@@ -53,7 +53,6 @@ class ProtocolError(KcryptError):
     """
 
 
-
 # -- Go-compatible JSON and base64 -----------------------------------------
 
 
