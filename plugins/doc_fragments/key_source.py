@@ -1,7 +1,11 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Options of the node modules that say where a partition's LUKS key comes from."""
+"""Options of the node modules that say where a partition's LUKS key comes from.
+
+module_utils/ansible_common.py KEY_SOURCE_SPEC; modules that take it also take the kairos.kcrypt.tpm
+and kairos.kcrypt.offline_key fragments (the TPM and the offline passphrase of V(tpm)).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ options:
       - V(kms) is Kairos' online mode. The node proves its TPM to the kcrypt challenger at
         O(challenger_server) and gets one passphrase per partition. A new TPM may be enrolled on first use.
       - V(passphrase) uses O(passphrase).
+      - V(tpm) and V(kms) use the TPM at O(tpm_device).
       - V(auto) decides as a Kairos node does, from its configuration (C(#cloud-config) files in C(/oem),
         C(/sysroot/oem) and C(/run/cos/oem), and the kernel command line). If C(kcrypt.challenger.challenger_server)
         is set or C(kcrypt.challenger.mdns) is true, it uses V(kms), otherwise V(tpm). The configured
@@ -29,25 +34,6 @@ options:
   passphrase:
     description:
       - The LUKS passphrase when O(key_source=passphrase). It is used as is, with no trailing newline added or removed.
-    type: str
-  tpm_device:
-    description:
-      - The TPM to use. Give a device path such as V(/dev/tpmrm0), a swtpm socket path, or a TCTI string
-        such as V(swtpm:host=127.0.0.1,port=2321).
-      - Empty means the E(KCRYPT_TPM_DEVICE) environment variable, then V(/dev/tpmrm0), then V(/dev/tpm0).
-      - Used by O(key_source=tpm), and by O(key_source=kms) for the attestation.
-    type: str
-  nv_index:
-    description:
-      - TPM NV index of the offline passphrase blob (Kairos C(kcrypt.nv_index)).
-      - Hex, octal or decimal, as in the Kairos configuration. The default is V(0x1500000).
-    type: str
-  c_index:
-    description:
-      - Persistent handle of the TPM RSA key that encrypts the offline passphrase (Kairos C(kcrypt.c_index)).
-        The key is created there if it is absent.
-      - Unlike upstream Kairos, a non-default handle is honoured when encrypting as well as when decrypting.
-      - The default is V(0x81000008).
     type: str
   challenger_server:
     description:
@@ -91,9 +77,6 @@ options:
       - Seconds to wait between KMS attempts.
     type: float
     default: 1.0
-requirements:
-  - tpm2-pytss >= 2.1 and the tpm2-tss libraries (key sources V(tpm) and V(kms))
-  - cryptography >= 41
 notes:
   - Keys are passed to C(cryptsetup) on stdin, never on its command line, and never appear in results.
 """

@@ -7,16 +7,18 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
-        [--workers N|auto] [--max-connections N|auto] [--max-connections-per-client N|auto] \\
+        [--protocols attestation,legacy] [--max-partitions-per-tpm N] [--workers N|auto] \\
+        [--max-connections N|auto] [--max-connections-per-client N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
-``tls_key``, ``enrollment``, ``nonce``, ``request_timeout``, ``first_message_timeout``,
-``read_timeout``, ``exchange_timeout``, ``max_message_size``, ``max_connections``,
-``max_connections_per_client``, ``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``,
-``mdns_address``, ``log_level``); it is looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
+``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``,
+``request_timeout``, ``first_message_timeout``, ``read_timeout``, ``exchange_timeout``,
+``max_message_size``, ``max_connections``, ``max_connections_per_client``, ``store_calls``,
+``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``, ``log_level``); it is
+looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
 then /etc/kcrypt-challenger/config.yaml (absent is fine unless named explicitly).
 
 Admin subcommands (list, show, add, export, import, quarantine, ...) are in
@@ -74,6 +76,12 @@ def _add_serve_arguments(parser):
     parser.add_argument("--nonce", choices=NONCE_MODES,
                         help="quote freshness: off (upstream HEAD), when-supported (default: check quotes that carry "
                              "the activation secret), required (reject unbound quotes, i.e. upstream HEAD clients)")
+    parser.add_argument("--protocols", help="which Kairos protocols to serve: attestation (/tpm-attestation, v0.12+ nodes), "
+                                            "legacy (/getPass, /postPass: older nodes, no boot-state check) or both "
+                                            "(default attestation,legacy); a disabled one answers HTTP 404")
+    parser.add_argument("--max-partitions-per-tpm", dest="max_partitions_per_tpm",
+                        help="partitions a TPM may enrol on its own (default %d); registrations are not limited"
+                             % DEFAULTS["max_partitions_per_tpm"])
     parser.add_argument("--request-timeout", dest="request_timeout", type=float,
                         help="seconds for the TLS handshake and then for the HTTP request (default 10)")
     parser.add_argument("--first-message-timeout", dest="first_message_timeout", type=float,
@@ -181,11 +189,12 @@ def _serve_workers(config, ssl_context, workers):
 
 def _challenger(config, store, metrics=None):
     return server.Challenger(
-        Policy(store, enrollment=config["enrollment"]),
+        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"]),
         nonce_mode=config["nonce"], request_timeout=config["request_timeout"],
         first_message_timeout=config["first_message_timeout"], read_timeout=config["read_timeout"],
         exchange_timeout=config["exchange_timeout"], max_message_size=config["max_message_size"],
         store_calls=store_calls(config), ready_check=store.ping, metrics=metrics, limits=config["limits"],
+        protocols=config["protocols"],
     )
 
 
@@ -193,8 +202,9 @@ def _announce(config, ssl_context, port, workers=1):
     """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
     scheme = "https" if ssl_context else "http"
     host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
-    log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme, host, port,
-             config["store"], config["enrollment"], config["nonce"], store_calls(config), workers)
+    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme,
+             host, port, config["store"], ",".join(config["protocols"]), config["enrollment"], config["nonce"],
+             store_calls(config), workers)
     if not config["mdns_host"]:
         return None
     announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,

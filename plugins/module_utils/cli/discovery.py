@@ -93,10 +93,6 @@ def _setup_logging(debug, stream=None, path=None):
     log.addHandler(handler)
 
 
-def _bool(value):
-    return "true" if value else "false"
-
-
 # -- configuration -----------------------------------------------------------
 
 
@@ -277,7 +273,7 @@ def handle_event(data):
     settings = builder.apply_overrides(settings, {"challenger_server": server, "mdns": True if mdns else None})
     log.debug(
         "Final config: TPMDevice=%s, Server=%s, MDNS=%s, payload=%s",
-        settings.tpm_device, settings.challenger_server, _bool(settings.mdns), generation,
+        settings.tpm_device, settings.challenger_server, builder.go_bool(settings.mdns), generation,
     )
     try:
         if generation == "legacy" and not settings.challenger_server:
@@ -376,7 +372,7 @@ def build_parser():
         "--certificate", default="", help="CA certificate for the server, as PEM text or a PEM file path (overrides config)"
     )
     get.add_argument(
-        "--protocol", choices=kairos_config.PROTOCOLS, default="",
+        "--protocol", choices=kms_client.CLIENT_PROTOCOLS, default="",
         help="KMS protocol: attestation (newest Kairos, default) or legacy (/getPass, Kairos <= 3.x)",
     )
     get.add_argument(

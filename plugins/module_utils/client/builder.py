@@ -30,7 +30,8 @@ def mask(value):
     return value[:3] + "*" * (len(value) - 6) + value[-3:]
 
 
-def _is_set(value):
+def is_set(value):
+    """Whether an override was given (None, empty text and empty lists are not)."""
     return value is not None and value != "" and value != () and value != []
 
 
@@ -44,7 +45,7 @@ def apply_overrides(settings, overrides=None, log=None):
     for key, value in (overrides or {}).items():
         if key not in OVERRIDABLE:
             raise KcryptError("unknown client setting %r (known: %s)" % (key, ", ".join(OVERRIDABLE)))
-        if not _is_set(value):
+        if not is_set(value):
             continue
         if key == "mdns_interfaces":
             value = tuple(value.replace(",", " ").split()) if isinstance(value, str) else tuple(value)
@@ -63,21 +64,22 @@ def _log_overrides(log, settings, changes):
     if "challenger_server" in changes:
         log.debug("Overriding server URL: %s -> %s", settings.challenger_server, changes["challenger_server"])
     if "mdns" in changes:
-        log.debug("Overriding MDNS setting: %s -> %s", _bool(settings.mdns), _bool(changes["mdns"]))
+        log.debug("Overriding MDNS setting: %s -> %s", go_bool(settings.mdns), go_bool(changes["mdns"]))
     if "certificate" in changes:
         log.debug("Overriding certificate: %s -> %s", mask(settings.certificate), mask(changes["certificate"]))
     if "tpm_device" in changes:
         log.debug("Overriding TPM device from CLI: %s", changes["tpm_device"])
 
 
-def _bool(value):
+def go_bool(value):
+    """``true`` or ``false``, as Go prints a bool (upstream's log lines)."""
     return "true" if value else "false"
 
 
 def _log_settings(log, title, settings):
     log.debug("%s:", title)
     log.debug("  Server: %s", settings.challenger_server)
-    log.debug("  MDNS: %s", _bool(settings.mdns))
+    log.debug("  MDNS: %s", go_bool(settings.mdns))
     log.debug("  Certificate: %s", mask(settings.certificate))
     log.debug("  TPMDevice: %s", settings.tpm_device)
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.client.kms_client import CLIENT_PROTOCOLS
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, parse_nv_index, parse_persistent_handle
 
 yaml = optional_import("yaml")
@@ -39,7 +40,6 @@ DEFAULT_CMDLINE = "/proc/cmdline"
 VALID_HEADERS = ("#cloud-config", "#kairos-config", "#node-config")
 HEADER_LINES = 10
 MAX_FILE_SIZE = 1024 * 1024
-PROTOCOLS = ("attestation", "legacy")
 
 
 class ConfigError(KcryptError):
@@ -279,8 +279,8 @@ def settings_from_values(values, sources=()):
     if isinstance(tpm_device, (dict, list, bool)):
         raise ConfigError("%s must be a device path or TCTI string, not %r" % (tpm_where, tpm_device))
     protocol = _string(challenger, "protocol", where).lower()
-    if protocol and protocol not in PROTOCOLS:
-        raise ConfigError("%s.protocol must be one of %s, not %r" % (where, ", ".join(PROTOCOLS), protocol))
+    if protocol and protocol not in CLIENT_PROTOCOLS:
+        raise ConfigError("%s.protocol must be one of %s, not %r" % (where, ", ".join(CLIENT_PROTOCOLS), protocol))
     interfaces = challenger.get("mdns_interfaces") or ()
     if isinstance(interfaces, str):
         interfaces = interfaces.replace(",", " ").split()
@@ -290,8 +290,8 @@ def settings_from_values(values, sources=()):
         challenger_server=_string(challenger, "challenger_server", where).strip(),
         mdns=_boolean(challenger, "mdns", where),
         certificate=_string(challenger, "certificate", where),
-        nv_index=DEFAULT_NV_INDEX if nv_index is None else parse_nv_index(nv_index, nv_where),
-        c_index=DEFAULT_C_INDEX if c_index is None else parse_persistent_handle(c_index, c_where),
+        nv_index=parse_nv_index(nv_index, nv_where),
+        c_index=parse_persistent_handle(c_index, c_where),
         tpm_device="" if tpm_device is None else str(tpm_device).strip(),
         mdns_interfaces=tuple(str(item) for item in interfaces),
         protocol=protocol,

@@ -193,7 +193,9 @@ class _KmsExchange:
             if error.status_code == 404:  # the two protocol generations do not negotiate (checklist 50)
                 hint += (" A KMS of the other protocol generation answers 404 too: set protocol to %s"
                          % ("legacy for Kairos <= v0.11 KMS" if path == messages.ATTESTATION_PATH else "attestation for a v0.12+ KMS"))
-            raise KcryptError("bad handshake with %s: HTTP %s (%s)" % (url, error.status_code, hint)) from None
+            said = _short_text(getattr(error, "resp_body", None))  # e.g. why a KMS disabled this protocol
+            raise KcryptError("bad handshake with %s: HTTP %s%s (%s)" % (url, error.status_code, ' "%s"' % said if said else "",
+                                                                         hint)) from None
         except (websocket.WebSocketException, OSError) as error:
             ws.close()
             raise KcryptError("cannot connect to %s: %s" % (url, error or type(error).__name__)) from None
@@ -235,6 +237,16 @@ class _KmsExchange:
                 ws.send(data)
         except (websocket.WebSocketException, OSError) as error:
             raise KcryptError("sending the %s to the KMS failed: %s" % (what, error or type(error).__name__)) from None
+
+
+def _short_text(body, limit=300):
+    """The first line of an HTTP error body, printable and bounded, for an error message ("" if none)."""
+    if not body:
+        return ""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _retry(config, attempt, log, describe):

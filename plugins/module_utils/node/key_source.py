@@ -14,7 +14,8 @@ Every source offers two calls:
   ``kms``: the KMS enrols the TPM / generates the secret).
 
 Keys are bytes and never appear in messages or reprs. ``secrets`` lists every key
-handed out so callers can redact them (Ansible ``no_log_values``).
+handed out, and ``on_secret(callback)`` tells the caller of each one as it is handed out,
+so callers can redact them (Ansible ``no_log_values``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builde
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_nv_index, parse_persistent_handle
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
@@ -54,10 +55,20 @@ class KeySource:
 
     def __init__(self):
         self.secrets = []
+        self._watchers = []
 
-    def _handed_out(self, key):
+    def on_secret(self, callback):
+        """Call ``callback(key)`` for every key handed out so far and every one handed out later."""
+        self._watchers.append(callback)
+        for key in self.secrets:
+            callback(key)
+
+    def handed_out(self, key):
+        """Record a key that leaves this source (or is made for it, such as a re-key's new key); returns it."""
         if key is not None and key not in self.secrets:
             self.secrets.append(key)
+            for callback in self._watchers:
+                callback(key)
         return key
 
     def describe(self):
@@ -85,7 +96,7 @@ class PassphraseKeySource(KeySource):
             passphrase = passphrase.encode("utf-8")
         if not passphrase:
             raise KcryptError("key_source=passphrase needs a non-empty passphrase")
-        self._passphrase = self._handed_out(passphrase)
+        self._passphrase = self.handed_out(passphrase)
 
     def describe(self):
         return "the given passphrase"
@@ -105,7 +116,7 @@ class TpmKeySource(KeySource):
 
     name = "tpm"
 
-    def __init__(self, tpm_device="", nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
+    def __init__(self, tpm_device="", nv_index=None, c_index=None):
         super().__init__()
         self.tpm_device = tpm_device or ""
         self.nv_index = parse_nv_index(nv_index)
@@ -120,7 +131,7 @@ class TpmKeySource(KeySource):
         if self._passphrase is None:
             with TPM(self.tpm_device) as tpm:
                 self._passphrase = blob.read_nv_passphrase(tpm, self.nv_index, self.c_index)
-        return self._handed_out(self._passphrase)
+        return self.handed_out(self._passphrase)
 
     def preflight(self):
         self.existing_key()
@@ -129,7 +140,7 @@ class TpmKeySource(KeySource):
         if self._passphrase is None:
             with TPM(self.tpm_device) as tpm:
                 self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index)
-        return self._handed_out(self._passphrase)
+        return self.handed_out(self._passphrase)
 
 
 class KmsKeySource(KeySource):
@@ -150,7 +161,7 @@ class KmsKeySource(KeySource):
         ref = partition_ref(device, label)
         if ref not in self._cache:
             self._cache[ref] = kms_client.get_passphrase(self.config, ref)
-        return self._handed_out(self._cache[ref])
+        return self.handed_out(self._cache[ref])
 
     def existing_key(self, device, label=""):
         return self._fetch(device, label)
@@ -172,10 +183,6 @@ def read_passphrase_file(path, stdin=None):
         raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
 
 
-def _is_set(value):
-    return value is not None and value != "" and value != []
-
-
 def build(params, config_dirs=None, cmdline_path=None):
     """A key source from module options / CLI flags of the same names.
 
@@ -187,7 +194,7 @@ def build(params, config_dirs=None, cmdline_path=None):
     kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
     the config. ``cmdline_path`` also tells the KMS client whether this is a LiveCD boot.
     """
-    params = {key: value for key, value in params.items() if _is_set(value)}
+    params = {key: value for key, value in params.items() if builder.is_set(value)}
     kind = params.get("key_source") or "tpm"
     if kind not in KEY_SOURCES:
         raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))

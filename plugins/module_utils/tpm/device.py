@@ -92,11 +92,13 @@ def parse_handle(value, option, valid_range=None):
 
 
 def parse_nv_index(value, option="nv_index"):
-    return parse_handle(value, option, NV_INDEX_RANGE)
+    """The NV index of offline mode's passphrase blob; None means upstream's default."""
+    return parse_handle(DEFAULT_NV_INDEX if value is None else value, option, NV_INDEX_RANGE)
 
 
 def parse_persistent_handle(value, option="c_index"):
-    return parse_handle(value, option, PERSISTENT_RANGE)
+    """The persistent handle of offline mode's RSA key; None means upstream's default."""
+    return parse_handle(DEFAULT_C_INDEX if value is None else value, option, PERSISTENT_RANGE)
 
 
 def parse_pcr_list(values, option="pcrs"):
@@ -488,14 +490,20 @@ class TPM:
 
     # -- NV storage (offline mode) ---------------------------------------
 
-    def nv_read(self, index):
-        """The whole content of NV ``index`` with owner authorisation, or None if it is not defined."""
+    def _nv_object(self, index):
+        """The ESYS object of NV ``index`` (close it with tr_close), or None if the index is not defined."""
         try:
-            nv = self.esys.tr_from_tpmpublic(index)
+            return self.esys.tr_from_tpmpublic(index)
         except tss.TSS2_Exception as error:
             if _rc_base(error) == RC_HANDLE:
                 return None
             raise self._fail("looking up NV index 0x%x" % index, error) from None
+
+    def nv_read(self, index):
+        """The whole content of NV ``index`` with owner authorisation, or None if it is not defined."""
+        nv = self._nv_object(index)
+        if nv is None:
+            return None
         try:
             public = self.esys.nv_read_public(nv)[0]
             size = public.nvPublic.dataSize
@@ -552,10 +560,9 @@ class TPM:
         neither (re-keying relies on it). Refuses when the size differs or does not fit in one
         write, rather than undefining the index and leaving a window without it.
         """
-        try:
-            nv = self.esys.tr_from_tpmpublic(index)
-        except tss.TSS2_Exception as error:
-            raise self._fail("looking up NV index 0x%x" % index, error) from None
+        nv = self._nv_object(index)
+        if nv is None:
+            raise TPMError("NV index 0x%x is not defined on the TPM at %s: there is nothing to replace" % (index, self.tcti))
         try:
             size = self.esys.nv_read_public(nv)[0].nvPublic.dataSize
             if size != len(data) or len(data) > self._nv_buffer_max():
@@ -571,12 +578,9 @@ class TPM:
 
     def nv_undefine(self, index):
         """Remove NV ``index``; returns False when it was not defined."""
-        try:
-            nv = self.esys.tr_from_tpmpublic(index)
-        except tss.TSS2_Exception as error:
-            if _rc_base(error) == RC_HANDLE:
-                return False
-            raise self._fail("looking up NV index 0x%x" % index, error) from None
+        nv = self._nv_object(index)
+        if nv is None:
+            return False
         try:
             self.esys.nv_undefine_space(nv, tss.ESYS_TR.OWNER)
         except tss.TSS2_Exception as error:
