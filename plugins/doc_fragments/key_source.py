@@ -35,6 +35,18 @@ options:
     description:
       - The LUKS passphrase when O(key_source=passphrase). It is used as is, with no trailing newline added or removed.
     type: str
+  tpm_layout:
+    description:
+      - How a missing key at O(c_index) and a new offline NV index are created. Existing keys and indices
+        are always used as they are, and blobs of both layouts are always read.
+      - V(go-tpm) is what newest Kairos writes (tpm-helpers on go-tpm, kcrypt-discovery-challenger
+        v0.12 and later), with NV name algorithm SHA-256 and a key template whose C(unique) is 256 zero bytes.
+      - V(tpmk) is what Kairos clients up to v0.11 wrote, with NV name algorithm SHA-1 and an empty C(unique).
+        Choose it when older Kairos tools on the node may re-create the key.
+      - The two templates give different keys from the same TPM, so a blob needs the key it was made with.
+      - Unset means V(go-tpm). Used by O(key_source=tpm), and by O(key_source=kms) with the legacy protocol.
+    type: str
+    choices: [go-tpm, tpmk]
   challenger_server:
     description:
       - URL of the kcrypt challenger (KMS), for example V(https://kms.example.com:8082).

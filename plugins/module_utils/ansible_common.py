@@ -39,6 +39,7 @@ OFFLINE_KEY_SPEC = {
 KEY_SOURCE_SPEC = {
     "key_source": {"type": "str", "default": "tpm", "choices": ["tpm", "kms", "passphrase", "auto"]},
     "passphrase": {"type": "str", "no_log": True},
+    "tpm_layout": {"type": "str", "choices": ["go-tpm", "tpmk"]},
     "challenger_server": {"type": "str"},
     "certificate": {"type": "str"},
     "mdns": {"type": "bool"},

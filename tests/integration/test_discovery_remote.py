@@ -245,6 +245,28 @@ def test_plugin_mode_against_the_kms(tmp_path, node, tpm):
         assert reply["data"] not in log and "oem passphrase" not in log
 
 
+def test_plugin_at_boot_finds_the_kms_in_kairos_config_and_skips_a_broken_file(tmp_path, node, tpm):
+    """Issue 13 items 1 and 2: the KMS set only through a kairos.config= stanza on the kernel command line
+    (upstream's KairosCmdlineYAMLFromString), while an unrelated /oem file is broken YAML. Upstream boots;
+    so do we, and the plugin log names the file and the YAML error."""
+    with KMS(tmp_path) as kms:
+        with open(node.cmdline, "w") as handle:
+            handle.write("BOOT_IMAGE=/vmlinuz root=LABEL=COS_ACTIVE kairos.config=kcrypt.challenger.challenger_server=%s\n" % kms.url)
+        node.config("kcrypt:\n  tpm_device: %s\n" % tpm.tcti, name="10_tpm.yaml")
+        node.config("stages:\n  boot:\n    - name: [unclosed\n", name="50_broken.yaml")
+        newest = {"partition": {"name": "vda5", "label": "COS_PERSISTENT", "uuid": "5a7c0f6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"}}
+        reply = plugin_reply(node.plugin(json.dumps(newest)))  # no debug: the warning must still be logged
+        assert reply["error"] == ""
+        assert reply["data"].encode() == kms.secret_for(tpm.tpm_hash, "COS_PERSISTENT")
+        log = node.log_text()
+        assert "ERR Kairos config: Kairos config file %s/50_broken.yaml is not valid YAML at line" % node.oem in log
+        assert reply["data"] not in log
+        # the interactive CLI still refuses, naming the file
+        result = node.run("get", "--partition-label", "COS_PERSISTENT", "--attempts", "1")
+        assert result.returncode == 1
+        assert "50_broken.yaml is not valid YAML" in result.stderr.decode()
+
+
 def test_get_and_plugin_find_the_kms_with_mdns(tmp_path, node, tpm):
     host = "kcrypt-disc-%s.local" % uuid.uuid4().hex[:8]
     with KMS(tmp_path, ["--mdns-host", host, "--mdns-interface", "127.0.0.1"]) as kms:

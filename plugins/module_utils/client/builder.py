@@ -15,10 +15,12 @@ from __future__ import annotations
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kairos_config
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client.kms_client import PROTOCOL_ATTESTATION, ClientConfig
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_TPM_LAYOUT
 
 DEFAULT_ATTEMPTS = 30  # upstream's default for the CLI, the plugin and the boot-time client
 NO_SERVER_ERROR = "challenger server URL is required (challenger_server must be configured or provided via payload)"
-OVERRIDABLE = ("challenger_server", "mdns", "certificate", "tpm_device", "c_index", "nv_index", "protocol", "mdns_interfaces")
+OVERRIDABLE = ("challenger_server", "mdns", "certificate", "tpm_device", "c_index", "nv_index", "protocol", "mdns_interfaces",
+               "tpm_layout")
 
 
 def mask(value):
@@ -110,6 +112,7 @@ def client_config(settings, overrides=None, attempts=DEFAULT_ATTEMPTS, retry_del
         mdns_interfaces=tuple(settings.mdns_interfaces) or None,
         tpm_device=settings.tpm_device,
         c_index=settings.c_index,
+        tpm_layout=settings.tpm_layout or DEFAULT_TPM_LAYOUT,
         attempts=attempts,
         protocol=settings.protocol or default_protocol,
         defer_pcr_enrollment=livecd,

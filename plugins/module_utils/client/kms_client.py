@@ -42,7 +42,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns, messages
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_TPM_LAYOUT, TPM
 
 websocket = optional_import("websocket")
 
@@ -73,6 +73,7 @@ class ClientConfig:
     mdns: bool = False
     tpm_device: str = ""
     c_index: int = DEFAULT_C_INDEX
+    tpm_layout: str = DEFAULT_TPM_LAYOUT  # how the key at c_index is created if absent (legacy generated keys)
     attempts: int = 30
     retry_delay: float = 1.0
     protocol: str = PROTOCOL_ATTESTATION
@@ -347,7 +348,7 @@ class _Legacy(_KmsExchange):
 
     def _post(self):
         """Generate a passphrase, encrypt it to the TPM key at c_index and store it on the KMS."""
-        encrypted = blob.encrypt_blob(self.tpm, blob.new_tpm_passphrase(), self.config.c_index)
+        encrypted = blob.encrypt_blob(self.tpm, blob.new_tpm_passphrase(), self.config.c_index, self.config.tpm_layout)
         ws = self._authenticated(messages.POST_PASS_PATH)
         try:
             payload = {"passphrase": messages.b64url_encode(encrypted), "error": "", "generated_by": messages.GENERATED_BY_TPM}

@@ -27,7 +27,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builde
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_nv_index, parse_persistent_handle
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_nv_index, parse_persistent_handle, parse_tpm_layout
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
@@ -116,11 +116,12 @@ class TpmKeySource(KeySource):
 
     name = "tpm"
 
-    def __init__(self, tpm_device="", nv_index=None, c_index=None):
+    def __init__(self, tpm_device="", nv_index=None, c_index=None, layout=None):
         super().__init__()
         self.tpm_device = tpm_device or ""
         self.nv_index = parse_nv_index(nv_index)
         self.c_index = parse_persistent_handle(c_index)
+        self.layout = parse_tpm_layout(layout)  # only used when the key or the index is created
         self._passphrase = None
         self.created = False
 
@@ -139,7 +140,7 @@ class TpmKeySource(KeySource):
     def key(self, device=None, label=""):
         if self._passphrase is None:
             with TPM(self.tpm_device) as tpm:
-                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index)
+                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index, self.layout)
         return self.handed_out(self._passphrase)
 
 
@@ -183,16 +184,19 @@ def read_passphrase_file(path, stdin=None):
         raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
 
 
-def build(params, config_dirs=None, cmdline_path=None):
+def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None):
     """A key source from module options / CLI flags of the same names.
 
     ``key_source`` (tpm | kms | passphrase | auto), ``passphrase``, ``tpm_device``, ``nv_index``,
     ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``, ``mdns_interfaces``,
-    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``. Unset (None)
+    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``, ``tpm_layout``
+    (go-tpm | tpmk: how a missing ``c_index`` key and a new NV index are created). Unset (None)
     options keep the defaults of KcryptSettings. ``auto`` reads the node's Kairos config
     (``config_dirs`` and ``cmdline_path`` default to Kairos' locations) and chooses like Kairos:
     kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
     the config. ``cmdline_path`` also tells the KMS client whether this is a LiveCD boot.
+    ``at_boot`` (``kcrypt unlock-all``): a broken config file or config_url is reported to
+    ``warn`` and skipped, as Kairos does at boot, instead of failing.
     """
     params = {key: value for key, value in params.items() if builder.is_set(value)}
     kind = params.get("key_source") or "tpm"
@@ -202,13 +206,16 @@ def build(params, config_dirs=None, cmdline_path=None):
         return PassphraseKeySource(params.get("passphrase"))
     if params.get("passphrase"):
         raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
-    base = kairos_config.read_settings(config_dirs, cmdline_path) if kind == "auto" else kairos_config.KcryptSettings()
+    if kind == "auto":
+        base = kairos_config.read_settings(config_dirs, cmdline_path, at_boot=at_boot, warn=warn)
+    else:
+        base = kairos_config.KcryptSettings()
     overrides = _overrides(params)
     settings = builder.apply_overrides(base, overrides)
     if kind == "auto":
         kind = "kms" if settings.remote else "tpm"
     if kind == "tpm":
-        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index)
+        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index, settings.tpm_layout)
     if not settings.challenger_server:
         raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
     config = builder.client_config(base, overrides, attempts=params.get("kms_attempts", builder.DEFAULT_ATTEMPTS),
@@ -225,6 +232,7 @@ def _overrides(params):
         "mdns_interfaces": tuple(params.get("mdns_interfaces") or ()),
         "protocol": params.get("kms_protocol"),
         "tpm_device": params.get("tpm_device"),
+        "tpm_layout": parse_tpm_layout(params["tpm_layout"]) if params.get("tpm_layout") else None,
     }
     if params.get("nv_index") is not None:
         overrides["nv_index"] = parse_nv_index(params["nv_index"])

@@ -202,7 +202,7 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
             luks.require_key(device.path, new_key, "the new key")
         log("rewriting the NV blob")
         with TPM(source.tpm_device) as tpm:
-            tpm.nv_rewrite(source.nv_index, blob.encrypt_blob(tpm, new_key, source.c_index))
+            tpm.nv_rewrite(source.nv_index, blob.encrypt_blob(tpm, new_key, source.c_index, source.layout))
             if blob.read_nv_passphrase(tpm, source.nv_index, source.c_index) != new_key:
                 raise KcryptError("the NV blob read back does not hold the new key; the old key slots were kept")
         current = new_key
