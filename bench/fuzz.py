@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--seed", default="long")
     parser.add_argument("--parallel", type=int, default=16, help="cases in flight at once")
     parser.add_argument("--batch", type=int, default=2500, help="cases per endpoint between two progress lines")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (the server's log and store)")
     args = parser.parse_args()
     keys = soft_tpm.key_pool(2)
     node = soft_tpm.SoftTPM(keys[0], keys[1])
@@ -88,6 +90,10 @@ def main():
     print("tracebacks in the log: %d; 'internal error' in the log: %d; log %d bytes"
           % (log.count(b"Traceback"), log.count(b"internal error"), len(log)))
     print("store unchanged: %s; the enrolled node still gets its passphrase: %s" % (after == before, still))
+    if args.keep:
+        print("kept %s" % workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

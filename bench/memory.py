@@ -21,6 +21,7 @@ import asyncio
 import importlib.util
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +120,7 @@ def main():
                   % (first_done, last_done, last_rss - first_rss, (last_rss - first_rss) * 10000.0 / max(1, last_done - first_done)))
     finally:
         stop_process(server.popen)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
