@@ -23,6 +23,7 @@ import binascii
 import json
 from dataclasses import dataclass, field
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import pcrs as pcr_indexes
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 QUOTE_PCRS = (0, 7, 11)  # hard-coded by upstream clients
@@ -32,6 +33,11 @@ QUOTE_VERSION = "2"
 ATTESTATION_PATH = "/tpm-attestation"
 GET_PASS_PATH = "/getPass"
 POST_PASS_PATH = "/postPass"
+
+# A message of either protocol holds at most 5 JSON objects, nested 3 deep. Python's json module recurses
+# per level (60,000 "[" raise RecursionError), so a frame with more objects or arrays than this is refused
+# before it is parsed: counting "{" and "[" is one pass in C and bounds the depth as well.
+MAX_JSON_CONTAINERS = 64
 
 # Legacy protocol
 BEARER_PREFIX = "Bearer TPM"
@@ -114,14 +120,21 @@ def write_json(obj):
 
 
 def load_json_object(data, what):
-    """Parse one JSON object from a frame (text or bytes). Raises ProtocolError naming ``what``."""
+    """Parse one JSON object from a frame (text or bytes). Raises ProtocolError naming ``what``.
+
+    A frame with more than MAX_JSON_CONTAINERS objects and arrays is refused unparsed.
+    """
     if isinstance(data, (bytes, bytearray)):
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("%s is not UTF-8 JSON" % what) from None
+    if data.count("{") + data.count("[") > MAX_JSON_CONTAINERS:
+        raise ProtocolError("%s has too many nested JSON objects or arrays (a message has at most %d)" % (what, MAX_JSON_CONTAINERS))
     try:
         obj = json.loads(data)
+    except RecursionError:  # unreachable after the count above; kept so no input can escape as a traceback
+        raise ProtocolError("%s has too many nested JSON objects or arrays" % what) from None
     except ValueError as error:
         if not data.strip():
             raise ProtocolError("unexpected end of JSON input") from None
@@ -300,9 +313,12 @@ class PCRQuote:
             raise ProtocolError("json: cannot unmarshal %s into Go struct field .pcrs of type map[int][]uint8" % _json_type(raw_pcrs))
         pcrs = {}
         for key, value in raw_pcrs.items():
-            if not key.isdigit() or (len(key) > 1 and key[0] == "0") or int(key) > 23:
-                raise ProtocolError("invalid PCR index %r in quote (valid range: 0-23)" % key)
-            pcrs[int(key)] = b64decode(value, "PCR %s" % key)
+            index = pcr_indexes.pcr_index(key)  # ASCII decimal 0-23, read as Go's strconv does ("07" is 7)
+            if index is None:
+                raise ProtocolError("invalid PCR index %r in quote (valid range: 0-23)" % key[:16])
+            if index in pcrs:
+                raise ProtocolError("PCR %d is given twice in the quote's PCR map" % index)
+            pcrs[index] = b64decode(value, "PCR %d" % index)
         return cls(
             version=version,
             quote=b64decode(_field(quote, "quote"), "Go struct field .quote.quote"),
