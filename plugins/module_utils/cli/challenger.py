@@ -7,13 +7,14 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
-        [--workers N|auto] \\
+        [--ek-certificate off|verify-if-present|require --ek-ca PATH ...] [--workers N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
-``tls_key``, ``enrollment``, ``nonce``, ``read_timeout``, ``max_message_size``,
+``tls_key``, ``enrollment``, ``nonce``, ``ek_certificate``, ``ek_ca`` (a path or a list),
+``read_timeout``, ``max_message_size``,
 ``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``,
 ``log_level``); it is looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
 then /etc/kcrypt-challenger/config.yaml (absent is fine unless named explicitly).
@@ -38,6 +39,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import server, worker_pool
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODES as EK_CERTIFICATE_MODES, EKCertificatePolicy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.metrics import Metrics
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES, Policy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.settings import (
@@ -72,6 +74,12 @@ def _add_serve_arguments(parser):
     parser.add_argument("--nonce", choices=NONCE_MODES,
                         help="quote freshness: off (upstream HEAD), when-supported (default: check quotes that carry "
                              "the activation secret), required (reject unbound quotes, i.e. upstream HEAD clients)")
+    parser.add_argument("--ek-certificate", dest="ek_certificate", choices=EK_CERTIFICATE_MODES,
+                        help="which unknown TPMs may enrol: off (default, any TPM), verify-if-present (an EK certificate "
+                             "a TPM sends must chain to --ek-ca), require (only TPMs whose EK certificate does); "
+                             "registered TPMs are always served")
+    parser.add_argument("--ek-ca", dest="ek_ca", action="append",
+                        help="PEM/DER file or directory of TPM manufacturer CA certificates to trust (repeatable)")
     parser.add_argument("--read-timeout", dest="read_timeout", type=float, help="seconds to wait for each node message (default 10)")
     parser.add_argument("--max-message-size", dest="max_message_size", type=int, help="largest WebSocket message in bytes (default 65536)")
     parser.add_argument("--store-calls", dest="store_calls", choices=("auto", "inline", "thread"),
@@ -108,6 +116,8 @@ def serve_command(args):
                         format="%(asctime)s %(levelname)s " + ("%(processName)s " if workers > 1 else "") + "%(name)s: %(message)s")
     # Opened once here even with workers: it creates the database, the schema and the key file, and a
     # store that cannot be opened fails the start with one clear error.
+    # The trusted CAs are read once: a wrong path stops the start, before anything listens.
+    config["ek_policy"] = EKCertificatePolicy.from_settings(config["ek_certificate"], config["ek_ca"])
     store = open_store(config["store"])
     ssl_context = server.tls_context(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
     _tune_garbage_collector()
@@ -159,7 +169,7 @@ def _serve_workers(config, ssl_context, workers):
 
 def _challenger(config, store, metrics=None):
     return server.Challenger(
-        Policy(store, enrollment=config["enrollment"]),
+        Policy(store, enrollment=config["enrollment"], ek_certificates=config.get("ek_policy")),
         nonce_mode=config["nonce"], read_timeout=config["read_timeout"],
         max_message_size=config["max_message_size"], store_calls=store_calls(config), ready_check=store.ping, metrics=metrics,
     )
@@ -169,8 +179,11 @@ def _announce(config, ssl_context, port, workers=1):
     """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
     scheme = "https" if ssl_context else "http"
     host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
-    log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme, host, port,
-             config["store"], config["enrollment"], config["nonce"], store_calls(config), workers)
+    ek_policy = config.get("ek_policy")
+    log.info("listening on %s://%s:%d (store %s, enrollment %s, ek certificate %s, nonce %s, store calls %s, workers %d)",
+             scheme, host, port, config["store"], config["enrollment"],
+             "%s with %d trusted CA(s)" % (ek_policy.mode, len(ek_policy.trusted)) if ek_policy and ek_policy.enabled else "off",
+             config["nonce"], store_calls(config), workers)
     if not config["mdns_host"]:
         return None
     announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The TPM identity: EK public key encodings and the "TPM hash".
+"""The TPM identity: EK public key encodings, the "TPM hash", EK certificates as TPMs store them.
 
 Private to the collection. Pure functions over ``cryptography`` so the node
 side and the server compute identical values (spec §1.2, checklist 1 and 4).
@@ -17,6 +17,9 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 serialization = optional_import("cryptography.hazmat.primitives.serialization")
 
 TPM_HASH_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# TCG PC Client Platform TPM Profile: a certificate in NV may be preceded by this header and its
+# 16-bit length (go-attestation's ParseEKCertificate unwraps it too).
+NV_CERTIFICATE_HEADER = b"\x10\x01\x00"
 
 
 def spki_der(public_key):
@@ -44,3 +47,46 @@ def load_spki(der):
 
 def is_tpm_hash(value):
     return isinstance(value, str) and bool(TPM_HASH_PATTERN.match(value))
+
+
+def der_element_size(data, offset=0):
+    """The size of the DER element (tag, length, content) at ``offset``, or 0 when none fits in ``data``."""
+    if len(data) < offset + 2 or data[offset] == 0:
+        return 0
+    length = data[offset + 1]
+    header = 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or len(data) < offset + 2 + count:
+            return 0
+        length = int.from_bytes(data[offset + 2:offset + 2 + count], "big")
+        header += count
+    size = header + length
+    return size if offset + size <= len(data) else 0
+
+
+def certificate_der(blob):
+    """The DER certificate in an NV index's content: the TCG header unwrapped, zero padding dropped.
+
+    Returns b"" when ``blob`` holds no DER SEQUENCE (an empty or erased index).
+    """
+    data = bytes(blob or b"")
+    if data[:3] == NV_CERTIFICATE_HEADER and len(data) >= 5:
+        data = data[5:5 + int.from_bytes(data[3:5], "big")]
+    if not data or data[0] != 0x30:
+        return b""
+    size = der_element_size(data)
+    return data[:size] if size else b""
+
+
+def split_certificates(blob):
+    """DER certificates stored back to back (TCG EK certificate chain indices), in order; stops at padding."""
+    data = bytes(blob or b"")
+    certificates, offset = [], 0
+    while offset < len(data) and data[offset] == 0x30:
+        size = der_element_size(data, offset)
+        if not size:
+            break
+        certificates.append(data[offset:offset + size])
+        offset += size
+    return certificates

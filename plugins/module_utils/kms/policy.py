@@ -20,6 +20,9 @@ listed in docs/store.md ("Compatibility"):
   another TPM owns it, a longer prefix of the hash is used.
 * A Secret labelled for another TPM is never reused (upstream would hand it out).
 * No write when nothing changed (upstream updates unconditionally).
+* With ``ek_certificates`` (kms/ek_certificate.py), an unknown TPM enrols only if its EK
+  certificate chains to a trusted manufacturer CA (or, ``verify-if-present``, sends none);
+  TPMs with a SealedVolume are served by it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import random
 import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import EKCertificatePolicy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     DEFAULT_SECRET_PATH,
     TPM_HASH_LABEL,
@@ -118,40 +122,49 @@ class Policy(object):
     ``enrollment``: ``tofu`` (default; an unknown TPM is enrolled on first contact) or
     ``registered-only`` (only TPMs and partitions registered by an administrator are
     served; a registered partition without a Secret still gets a generated one).
+    ``ek_certificates``: an EKCertificatePolicy deciding which unknown TPMs may enrol
+    (default: any, as upstream).
     """
 
-    def __init__(self, store, enrollment=ENROLLMENT_TOFU):
+    def __init__(self, store, enrollment=ENROLLMENT_TOFU, ek_certificates=None):
         if enrollment not in ENROLLMENT_MODES:
             raise KcryptError("enrollment must be one of %s, got %r" % (", ".join(ENROLLMENT_MODES), enrollment))
         self.store = store
         self.enrollment = enrollment
+        self.ek_certificates = ek_certificates or EKCertificatePolicy()
 
     # -- newest protocol ---------------------------------------------------
 
-    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False):
+    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False, ek_certificate=b"",
+                         ek_chain=()):
         """Return the passphrase bytes for ``partition`` of the TPM, or raise PolicyRejection.
 
         ``ek_pem``: the EK as ``PUBLIC KEY`` PEM (identity.public_key_pem); ``pcrs``:
-        ``{"0": hex, ...}`` from the verified quote. Store failures raise StoreError
-        (a KcryptError that is not a rejection: the node may retry).
+        ``{"0": hex, ...}`` from the verified quote; ``ek_certificate``/``ek_chain``: the DER
+        certificates the node sent (checked only before an enrolment). Store failures raise
+        StoreError (a KcryptError that is not a rejection: the node may retry).
         """
         pcrs = normalize_pcrs(pcrs)
+        admission = _Admission(self.ek_certificates, tpm_hash, ek_pem, ek_certificate, ek_chain)
         for attempt in range(MAX_ATTEMPTS):
             try:
-                return self._issue(tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment)
+                return self._issue(tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment, admission)
             except _Retry as exc:
                 log.debug("TPM %s: %s; retrying (attempt %d)", tpm_hash[:8], exc, attempt + 1)
                 time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise KcryptError("TPM %s: the store kept changing under %d attempts; try again" % (tpm_hash[:8], MAX_ATTEMPTS))
 
-    def _issue(self, tpm_hash, ek_pem, pcrs, partition, defer):
+    def _issue(self, tpm_hash, ek_pem, pcrs, partition, defer, admission):
         volume = self.store.find_volume(tpm_hash)
         if defer and should_defer_pcrs(defer, volume):
             pcrs = {index: "" for index in pcrs}
         if volume is None:
             if self.enrollment != ENROLLMENT_TOFU:
                 raise PolicyRejection("TPM %s is not registered and enrollment is registered-only" % tpm_hash)
-            return self._enroll(tpm_hash, ek_pem, pcrs, partition)
+            verdict = admission.verdict()
+            if not verdict.admitted:
+                raise PolicyRejection("TPM %s refused on first contact: %s" % (tpm_hash, verdict.describe()))
+            return self._enroll(tpm_hash, ek_pem, pcrs, partition, verdict)
 
         spec = volume["spec"]
         index = find_partition(volume, partition)
@@ -167,7 +180,7 @@ class Policy(object):
             return self._add_partition(volume, tpm_hash, partition)
         return self._existing_partition(volume, index, tpm_hash, ek_pem, pcrs, partition)
 
-    def _enroll(self, tpm_hash, ek_pem, pcrs, partition):
+    def _enroll(self, tpm_hash, ek_pem, pcrs, partition, verdict):
         """New TPM: Secret first (created or reused), then the SealedVolume (spec §3.4 step 7)."""
         name = self._free_volume_name(tpm_hash)
         entry = partition_entry(partition)
@@ -180,7 +193,8 @@ class Policy(object):
             self.store.create_volume(doc)
         except AlreadyExists:
             raise _Retry("SealedVolume %s was created concurrently" % name)
-        log.info("TPM %s enrolled on first use as SealedVolume %s (%s)", tpm_hash[:8], name, partition.describe())
+        log.info("TPM %s enrolled on first use as SealedVolume %s (%s); %s", tpm_hash[:8], name, partition.describe(),
+                 verdict.describe())
         return passphrase
 
     def _free_volume_name(self, tpm_hash):
@@ -332,6 +346,22 @@ class Policy(object):
         except AlreadyExists:
             return False
         return True
+
+
+class _Admission(object):
+    """The EK certificate verdict of one request, computed at most once and only when the TPM is unknown."""
+
+    def __init__(self, ek_certificates, tpm_hash, ek_pem, certificate, chain):
+        self._args = (tpm_hash, ek_pem, certificate or b"", tuple(chain or ()))
+        self._policy = ek_certificates
+        self._verdict = None
+
+    def verdict(self):
+        if self._verdict is None:
+            self._verdict = self._policy.admit(*self._args)
+            if not self._verdict.admitted:
+                log.warning("TPM %s refused on first contact: %s", self._args[0], self._verdict.describe())
+        return self._verdict
 
 
 def _get_pass_reply(passphrase="", error="", generated_by=""):

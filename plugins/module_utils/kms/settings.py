@@ -14,6 +14,7 @@ import os
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES, NONCE_WHEN_SUPPORTED
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODE_OFF, parse_mode
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES
 
 yaml = optional_import("yaml")
@@ -27,6 +28,8 @@ DEFAULTS = {
     "tls_key": "",
     "enrollment": "tofu",
     "nonce": NONCE_WHEN_SUPPORTED,
+    "ek_certificate": MODE_OFF,  # upstream: any TPM that passes credential activation may enrol
+    "ek_ca": [],  # PEM/DER files or directories of TPM manufacturer CA certificates
     "read_timeout": 10.0,
     "max_message_size": 64 * 1024,
     "store_calls": "auto",
@@ -81,6 +84,8 @@ def settings(args):
     if isinstance(result["mdns_interfaces"], str):
         result["mdns_interfaces"] = [i for i in result["mdns_interfaces"].replace(",", " ").split() if i]
     result["workers"] = parse_workers(result["workers"])
+    result["ek_certificate"] = parse_mode(result["ek_certificate"])
+    result["ek_ca"] = parse_paths(result["ek_ca"], "ek_ca")
     if result["enrollment"] not in ENROLLMENT_MODES:
         raise KcryptError("enrollment must be one of %s, not %r" % (", ".join(ENROLLMENT_MODES), result["enrollment"]))
     if result["nonce"] not in NONCE_MODES:
@@ -104,6 +109,17 @@ def parse_workers(value):
     if not 1 <= number <= MAX_WORKERS:
         raise KcryptError("workers must be between 1 and %d, not %d" % (MAX_WORKERS, number))
     return number
+
+
+def parse_paths(value, key):
+    """A list of paths from a list, or one path as text."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise KcryptError("%s must be a path or a list of paths, not %r" % (key, value))
+    return list(value)
 
 
 def parse_listen(value):
