@@ -15,6 +15,7 @@ import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 EK_CERTIFICATE_OID = ObjectIdentifier("2.23.133.8.1")
@@ -29,6 +30,9 @@ def now():
 
 
 def name(common_name):
+    """A name with that common name (empty: no attribute); an x509.Name as it is."""
+    if isinstance(common_name, x509.Name):
+        return common_name
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]) if common_name else x509.Name([])
 
 
@@ -100,3 +104,33 @@ def load_swtpm_localca_key(path):
     """The private key of a swtpm-localca CA: certtool writes a text dump before the PEM block."""
     data = open(path, "rb").read()
     return serialization.load_pem_private_key(data[data.index(b"-----BEGIN"):], password=None)
+
+
+def multi_valued_name(*attributes):
+    """A name of one RDN holding several attributes, as Nuvoton's CAs have: ((oid, value), ...)."""
+    return x509.Name([x509.RelativeDistinguishedName([x509.NameAttribute(oid, value) for oid, value in attributes])])
+
+
+def _der_header(tag, size):
+    if size < 0x80:
+        return bytes([tag, size])
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length
+
+
+def unsorted_names(certificate, signer_key, name):
+    """DER of ``certificate`` with the SET of ``name``'s single RDN in reverse DER order wherever it occurs
+    (issuer, subject), signed again by ``signer_key``: a certificate as a vendor that does not sort its SETs
+    issues it. Swapping elements keeps every length, so only the bytes of the SET change."""
+    attributes = [x509.Name([attribute]).public_bytes() for attribute in name]
+    encoded = [attribute[4:] for attribute in attributes]  # strip SEQUENCE and SET headers (short lengths here)
+    longest = max(len(item) for item in encoded)
+    ordered = sorted(encoded, key=lambda item: item.ljust(longest, b"\x00"))
+    tbs = certificate.tbs_certificate_bytes
+    assert b"".join(ordered) in tbs and ordered != ordered[::-1]
+    tbs = tbs.replace(b"".join(ordered), b"".join(ordered[::-1]))
+    signature = signer_key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
+    algorithm = der(certificate)[4 + len(certificate.tbs_certificate_bytes):][:15]  # sha256WithRSAEncryption
+    bits = _der_header(0x03, len(signature) + 1) + b"\x00" + signature
+    body = tbs + algorithm + bits
+    return _der_header(0x30, len(body)) + body

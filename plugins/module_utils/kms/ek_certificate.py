@@ -34,12 +34,18 @@ What is checked (docs/challenger.md lists it for operators):
 Lenient where real TPM certificates are: subject names are ignored (many are empty),
 model and version in the subjectAltName are optional, the authority/subject key
 identifiers and the TPM specification attributes are not required (go-attestation's
-x509 package requires them). Revocation is not checked: vendors publish no CRLs for
-EK certificates that a KMS could use without fetching at run time.
+x509 package requires them); SHA-1 signatures are accepted (Infineon's older EK CAs);
+a certificate whose names are not in DER order (Nuvoton's multi-valued RDNs, which
+``cryptography`` refuses to parse; Keylime issue 944) is read from a copy with its SETs
+sorted, while its signature is still checked over the bytes the vendor signed.
+Revocation is not checked: vendors publish no CRLs for EK certificates that a KMS
+could use without fetching at run time.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import os
 from dataclasses import dataclass
@@ -51,6 +57,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.messages impo
 
 x509 = optional_import("cryptography.x509")
 rsa = optional_import("cryptography.hazmat.primitives.asymmetric.rsa")
+ec = optional_import("cryptography.hazmat.primitives.asymmetric.ec")
 serialization = optional_import("cryptography.hazmat.primitives.serialization")
 crypto_exceptions = optional_import("cryptography.exceptions")
 
@@ -149,7 +156,7 @@ class EKCertificatePolicy(object):
             return Verdict(False, "EK certificate not trusted: %s" % refusal, refusal.tpm)
 
     def _check(self, tpm_hash, ek_pem, certificate, chain, now):
-        leaf = _parse(certificate, "the EK certificate")
+        leaf, leaf_tbs = _parse(certificate, "the EK certificate")
         key = _public_key(leaf)
         if not isinstance(key, rsa.RSAPublicKey) or identity.public_key_pem(key) != ek_pem:
             raise _Refused("it certifies another key (TPM hash %s) than the EK this TPM proved (TPM hash %s): a "
@@ -162,10 +169,10 @@ class EKCertificatePolicy(object):
             raise _Refused("the node sent %d CA certificates; at most %d are accepted" % (len(chain), MAX_EK_CHAIN), tpm)
         untrusted = {}
         for index, der in enumerate(chain):
-            ca = _parse(der, "CA certificate %d from the TPM's NV" % (index + 1))
-            untrusted.setdefault(_name_key(ca.subject), []).append(ca)
+            ca, tbs = _parse(der, "CA certificate %d from the TPM's NV" % (index + 1))
+            untrusted.setdefault(_name_key(ca.subject), []).append((ca, tbs))
         search = _PathSearch(self._by_subject, untrusted, now)
-        path = search.path(leaf)
+        path = search.path(leaf, leaf_tbs)
         if path is None:
             raise _Refused(search.reason(leaf), tpm)
         return Verdict(True, "EK certificate trusted", tpm, _describe_name(path[-1].subject))
@@ -187,22 +194,20 @@ class _PathSearch(object):
         self.checks = 0
         self.problems = []
 
-    def path(self, certificate, depth=0, visited=frozenset()):
-        """[issuer, ..., trusted CA] or None."""
+    def path(self, certificate, tbs, depth=0, visited=frozenset()):
+        """[issuer, ..., trusted CA] above ``certificate`` (whose signed bytes are ``tbs``), or None."""
         if depth >= MAX_CHAIN_DEPTH:
             self.problems.append("the chain is longer than %d certificates" % MAX_CHAIN_DEPTH)
             return None
         key = _name_key(certificate.issuer)
-        candidates = [(ca, True) for ca in self.trusted.get(key, ())]
-        candidates += [(ca, False) for ca in self.untrusted.get(key, ()) if _der(ca) not in visited]
-        for ca, trusted in candidates:
+        candidates = [(ca, None, True) for ca in self.trusted.get(key, ())]
+        candidates += [(ca, ca_tbs, False) for ca, ca_tbs in self.untrusted.get(key, ()) if _der(ca) not in visited]
+        for ca, ca_tbs, trusted in candidates:
             if self.checks >= MAX_SIGNATURE_CHECKS:
                 self.problems.append("gave up after %d signature checks" % MAX_SIGNATURE_CHECKS)
                 return None
             self.checks += 1
-            try:
-                certificate.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, crypto_exceptions.InvalidSignature, crypto_exceptions.UnsupportedAlgorithm):
+            if not _signed_by(certificate, tbs, ca):
                 self.problems.append("%s CA %s has the issuer's name but did not sign %s"
                                      % ("the trusted" if trusted else "the TPM's", _describe_name(ca.subject),
                                         "the EK certificate" if depth == 0 else "CA " + _describe_name(certificate.subject)))
@@ -213,7 +218,7 @@ class _PathSearch(object):
                 continue
             if trusted:
                 return [ca]
-            rest = self.path(ca, depth + 1, visited | {_der(ca)})
+            rest = self.path(ca, ca_tbs, depth + 1, visited | {_der(ca)})
             if rest is not None:
                 return [ca] + rest
         return None
@@ -360,14 +365,101 @@ def _der(certificate):
 
 
 def _parse(der, what):
+    """(certificate, the bytes its issuer signed) from DER a node sent; _Refused when it is none."""
     data = bytes(der)
     if len(data) > MAX_CERTIFICATE_SIZE:
         raise _Refused("%s is %d bytes; certificates are at most %d" % (what, len(data), MAX_CERTIFICATE_SIZE))
-    data = identity.certificate_der(data)
     try:
-        return x509.load_der_x509_certificate(data)
+        return _load_der(identity.certificate_der(data))
     except ValueError as error:
         raise _Refused("%s is not a DER X.509 certificate (%s)" % (what, _printable(str(error), 120))) from None
+
+
+def _load_der(data):
+    """(certificate, signed TBS bytes). A certificate cryptography refuses only because a SET is out of DER order is
+    read from a copy with its SETs sorted; the TBS bytes stay the original ones, which the signature covers."""
+    try:
+        certificate = x509.load_der_x509_certificate(data)
+        return certificate, certificate.tbs_certificate_bytes
+    except ValueError as error:
+        parts = _children(data, 0x30)
+        if "SetOrdering" not in str(error) or not parts:
+            raise
+        certificate = x509.load_der_x509_certificate(_sorted_sets(data))
+        return certificate, parts[0]
+
+
+def _signed_by(certificate, tbs, issuer):
+    """Whether ``issuer`` signed ``tbs`` with the certificate's signature algorithm (RSA PKCS#1 v1.5 or PSS, ECDSA)."""
+    if certificate.issuer != issuer.subject:
+        return False
+    try:
+        key = issuer.public_key()
+        algorithm = certificate.signature_hash_algorithm
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(certificate.signature, tbs, certificate.signature_algorithm_parameters, algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(certificate.signature, tbs, ec.ECDSA(algorithm))
+        else:
+            return False
+    except (ValueError, TypeError, crypto_exceptions.InvalidSignature, crypto_exceptions.UnsupportedAlgorithm):
+        return False
+    return True
+
+
+# -- DER: sorting the SET OFs of a certificate (names, and the DER inside extension values) ----------------
+
+
+def _tlv(data, offset):
+    """(tag, content start, end) of the element at ``offset``, or None (long tags and indefinite lengths too)."""
+    size = identity.der_element_size(data, offset)
+    if not size or data[offset] & 0x1F == 0x1F:
+        return None
+    length = data[offset + 1]
+    start = offset + 2 + (length & 0x7F if length & 0x80 else 0)
+    return data[offset], start, offset + size
+
+
+def _children(data, tag=None):
+    """The encoded elements inside the single element ``data`` (of ``tag``, when given), or None."""
+    element = _tlv(data, 0)
+    if element is None or element[2] != len(data) or (tag is not None and element[0] != tag) or not element[0] & 0x20:
+        return None
+    parts, offset = [], element[1]
+    while offset < len(data):
+        child = _tlv(data, offset)
+        if child is None:
+            return None
+        parts.append(data[offset:child[2]])
+        offset = child[2]
+    return parts
+
+
+def _encode(tag, content):
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _sorted_sets(data, extension=False):
+    """``data`` with every SET's elements in DER order (X.690 11.6); inside an Extension (``extension``) the
+    OCTET STRING value, which holds DER, is sorted too. Anything that does not parse is left as it is."""
+    parts = _children(data)
+    if parts is None:
+        if extension and data[:1] == b"\x04":
+            element = _tlv(data, 0)
+            inner = data[element[1]:element[2]]
+            return _encode(0x04, _sorted_sets(inner)) if _children(inner) is not None else data
+        return data
+    tag = data[0]
+    in_extensions = tag == 0xA3  # [3] Extensions of a TBSCertificate
+    parts = [_sorted_sets(part, extension=extension or in_extensions) for part in parts]
+    if tag == 0x31:
+        longest = max((len(part) for part in parts), default=0)
+        parts.sort(key=lambda part: part.ljust(longest, b"\x00"))
+    return _encode(tag, b"".join(parts))
 
 
 def _public_key(certificate):
@@ -429,12 +521,27 @@ def _read_certificates(path):
             data = handle.read()
     except OSError as error:
         raise EKCertificateError("--ek-ca %s: %s" % (path, error.strerror or error)) from None
+    blocks = _pem_blocks(data) if b"-----BEGIN" in data else [data]
     try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
+        return [_load_der(block)[0] for block in blocks]
     except ValueError as error:
         raise EKCertificateError("--ek-ca %s: not a PEM or DER X.509 certificate file (%s)" % (path, error)) from None
+
+
+def _pem_blocks(data):
+    """The DER of every CERTIFICATE block of a PEM file; ValueError when there is none or one is not base64."""
+    blocks = []
+    for part in data.split(b"-----BEGIN CERTIFICATE-----")[1:]:
+        body, end, _rest = part.partition(b"-----END CERTIFICATE-----")
+        if not end:
+            raise ValueError("a CERTIFICATE block has no END line")
+        try:
+            blocks.append(base64.b64decode(b"".join(body.split()), validate=True))
+        except (binascii.Error, ValueError) as error:
+            raise ValueError("a CERTIFICATE block is not base64: %s" % error) from None
+    if not blocks:
+        raise ValueError("no CERTIFICATE block")
+    return blocks
 
 
 def _trusted_ca_problem(certificate):

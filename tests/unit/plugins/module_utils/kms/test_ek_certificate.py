@@ -183,8 +183,8 @@ def test_the_path_search_is_bounded_when_many_cas_share_a_name(pki, keys):
     forged = [ek_pki.ca_certificate("Vendor EK Intermediate CA", keys[6]) for _ in range(messages.MAX_EK_CHAIN)]
     search = ekc._PathSearch({}, {}, ek_pki.now())
     for ca in forged:
-        search.untrusted.setdefault(ca.subject.public_bytes(), []).append(ca)
-    assert search.path(pki["leaf"]) is None
+        search.untrusted.setdefault(ca.subject.public_bytes(), []).append((ca, ca.tbs_certificate_bytes))
+    assert search.path(pki["leaf"], pki["leaf"].tbs_certificate_bytes) is None
     assert search.checks == messages.MAX_EK_CHAIN
     assert "did not sign" in search.reason(pki["leaf"])
 
@@ -200,6 +200,32 @@ def test_certificates_as_tpms_store_them(pki):
     chain = ek_pki.der(pki["inter"]) + ek_pki.der(pki["root"])
     assert identity.split_certificates(chain + b"\x00" * 100) == [ek_pki.der(pki["inter"]), ek_pki.der(pki["root"])]
     assert identity.split_certificates(chain[:-1]) == [ek_pki.der(pki["inter"])]  # a truncated last one is dropped
+
+
+def test_names_out_of_der_order_as_nuvoton_issues_them(pki, keys, tmp_path):
+    """cryptography refuses a certificate whose multi-valued RDN is not sorted (Nuvoton's CAs and EK certificates);
+    it is read from a sorted copy, and its signature is still checked over the bytes the vendor signed."""
+    vendor = ek_pki.multi_valued_name((x509.oid.NameOID.COMMON_NAME, "Test TPM EK Root CA 01"),
+                                      (x509.oid.NameOID.ORGANIZATION_NAME, "Test Technology Corporation"),
+                                      (x509.oid.NameOID.COUNTRY_NAME, "TW"))
+    root_key = keys[6]
+    root = ek_pki.unsorted_names(ek_pki.ca_certificate(vendor, root_key), root_key, vendor)
+    leaf = ek_pki.unsorted_names(ek_pki.ek_certificate(pki["ek_key"].public_key(), x509.load_der_x509_certificate(
+        ek_pki.der(ek_pki.ca_certificate(vendor, root_key))), root_key), root_key, vendor)
+    for raw in (root, leaf):
+        with pytest.raises(ValueError, match="InvalidSetOrdering"):
+            x509.load_der_x509_certificate(raw)
+    ca_file = tmp_path / "vendor-root.cer"
+    ca_file.write_bytes(root)
+    policy = ekc.EKCertificatePolicy.from_settings("require", [str(ca_file)])
+    verdict = policy.admit(pki["tpm_hash"], pki["ek_pem"], leaf)
+    assert verdict.admitted, verdict.reason
+    assert verdict.trusted_ca == "C=TW+CN=Test TPM EK Root CA 01+O=Test Technology Corporation"
+    forged = leaf[:-1] + bytes([leaf[-1] ^ 1])  # the signature is checked over the original bytes
+    assert "did not sign the EK certificate" in policy.admit(pki["tpm_hash"], pki["ek_pem"], forged).reason
+    sorted_leaf = ekc._sorted_sets(leaf)  # what the KMS reads; signed by nobody
+    assert x509.load_der_x509_certificate(sorted_leaf).issuer == x509.load_der_x509_certificate(ekc._sorted_sets(root)).subject
+    assert not policy.admit(pki["tpm_hash"], pki["ek_pem"], sorted_leaf).admitted
 
 
 def test_the_init_message_carries_the_certificates_and_bounds_them(pki):
