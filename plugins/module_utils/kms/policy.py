@@ -59,6 +59,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestati
     initial_attestation,
     learn_attestation,
     normalize_pcrs,
+    relearn_pcrs,
     should_defer_pcrs,
     verify_attestation,
 )
@@ -70,6 +71,7 @@ GENERATED_BY_KEY = "generated_by"
 MAX_ATTEMPTS = 20
 
 log = logging.getLogger("kcrypt.policy")
+audit_log = logging.getLogger("kcrypt.audit")
 
 
 class _Retry(Exception):
@@ -227,6 +229,7 @@ class Policy(object):
         spec_partition = spec["partitions"][index]
         name = volume_name(volume)
         changed = False
+        relearned = []
         if spec.get("attestation") is None:
             # No attestation yet: learn everything; a partition without a Secret reference
             # gets a generated Secret ("deferred TOFU").
@@ -236,12 +239,17 @@ class Policy(object):
             changed = True
         else:
             changed = learn_attestation(spec["attestation"], ek_pem, pcrs)
+            relearned = relearn_pcrs(spec["attestation"], pcrs)  # changed inside an upgrade window
+            changed = changed or bool(relearned)
             if not has_secret_ref(spec_partition) and self.store.get_secret(secret_ref(name, spec_partition)[0]) is None:
                 # Deviation: upstream fails with "secret not found" here; we generate it.
                 self._generate_for(volume, spec_partition, tpm_hash, partition, "re-enrollment data update: creating TOFU secret")
                 changed = True
         if changed:
             self._update(volume)
+        for index, old, new, until in relearned:
+            audit_log.info("pcr-relearn volume=%s tpm_hash=%s pcr=%s old=%s new=%s window_until=%s", name, tpm_hash,
+                           index, old, new, until)
         return self._read_passphrase(name, spec_partition)
 
     def _generate_for(self, volume, spec_partition, tpm_hash, partition, context):
