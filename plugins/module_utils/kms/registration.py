@@ -44,6 +44,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import (
     RELEARN_TO,
     RELEARN_UNTIL,
+    close_window,
     open_windows,
 )
 
@@ -295,6 +296,63 @@ def pcr_window_report(volume, now=None):
             entry["relearn_to"] = pcr_values[RELEARN_TO][index]
         report[index] = entry
     return report
+
+
+def plan_pcr_window(store, tpm_hash, open_pcrs=(), until=None, relearn_to=None, close_pcrs=(), now=None):
+    """Open (or move) the upgrade windows of ``open_pcrs`` and close those of ``close_pcrs`` (``"all"``: every one),
+    leaving the rest of the TPM's registration as it is (other windows included). A PCR whose value is not
+    enforced (still to learn, or not checked) gets no window and is listed in the returned ``skipped``.
+
+    Returns (Plan, skipped {index: why}). Raises RegistrationError and writes nothing on bad input.
+    """
+    tpm_hash = validate_tpm_hash(tpm_hash)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    existing = store.find_volume(tpm_hash)
+    if existing is None:
+        raise RegistrationError("TPM %s is not registered" % tpm_hash)
+    open_keys = [_pcr_key(index, "pcrs to open") for index in open_pcrs]
+    targets = {_pcr_key(index, "relearn_to"): str(value).strip().lower() for index, value in (relearn_to or {}).items()}
+    for key, value in targets.items():
+        if key not in open_keys:
+            raise RegistrationError("relearn_to.%s: PCR %s is not among the PCRs to open" % (key, key))
+        if not PCR_VALUE.match(value):
+            raise RegistrationError("relearn_to.%s must be a SHA-256 value (64 hex), got %r" % (key, value))
+    deadline = relearn_deadline(until, now) if open_keys else None
+    if open_keys and deadline is None:
+        raise RegistrationError("opening a PCR window needs relearn_until (a time, or a duration such as 2h)")
+    after = copy.deepcopy(existing)
+    attestation = after["spec"].get("attestation")
+    pcr_values = (attestation or {}).get("pcrValues")
+    stored = (pcr_values or {}).get("pcrs") or {}
+    skipped = {}
+    if close_pcrs == "all":
+        closing = list((pcr_values or {}).get(RELEARN_UNTIL) or {})
+    else:
+        closing = [_pcr_key(index, "pcrs to close") for index in close_pcrs]
+    for key in closing:
+        if pcr_values:
+            close_window(pcr_values, key)
+    still_open = open_windows(pcr_values, now)
+    for key in open_keys:
+        if key not in stored:
+            skipped[key] = "not checked for this TPM"
+            continue
+        if not stored[key]:
+            skipped[key] = "not learned yet: the next contact learns it"
+            continue
+        window = still_open.get(key)
+        pcr_values.setdefault(RELEARN_UNTIL, {})[key] = window.until if window is not None and deadline.duration else deadline.until
+        if key in targets:
+            pcr_values.setdefault(RELEARN_TO, {})[key] = targets[key]
+        else:
+            (pcr_values.get(RELEARN_TO) or {}).pop(key, None)
+            if RELEARN_TO in pcr_values and not pcr_values[RELEARN_TO]:
+                del pcr_values[RELEARN_TO]
+    try:
+        normalize_volume(after)
+    except InvalidDocument as exc:
+        raise RegistrationError(str(exc))
+    return Plan(strip_server_fields(existing), after), skipped
 
 
 # ---------------------------------------------------------------------------
