@@ -165,3 +165,33 @@ def test_the_policy_relearns_inside_a_window_writes_once_and_audits(tmp_path, ca
             policy.issue_passphrase(tpm_hash, pem, {"0": OLD, "7": OTHER, "11": OLD}, partition)
     finally:
         store.close()
+
+
+def test_the_admin_window_plan_keeps_everything_else(tmp_path):
+    """kcrypt-challenger pcr-window: opening PCR 7 keeps PCR 0's window and the partitions; unlearned PCRs are
+    skipped with the reason; close without PCRs closes every window; bad input writes nothing."""
+    store = SQLiteStore(str(tmp_path / "kms.db"))
+    try:
+        tpm_hash = "d" * 64
+        store.create_volume(new_volume("node", tpm_hash, [{"label": "COS_PERSISTENT"}], attestation={
+            "pcrValues": {"pcrs": {"0": OLD, "7": OLD, "11": ""}, "relearnUntil": {"0": "2026-12-06T20:00:00Z"}}}))
+        plan, skipped = reg.plan_pcr_window(store, tpm_hash, ["7", "11", "14"], "1h", {"7": NEW}, now=NOW)
+        assert skipped == {"11": "not learned yet: the next contact learns it", "14": "not checked for this TPM"}
+        assert plan.after["spec"]["attestation"]["pcrValues"] == {
+            "pcrs": {"0": OLD, "7": OLD, "11": ""}, "relearnTo": {"7": NEW},
+            "relearnUntil": {"0": "2026-12-06T20:00:00Z", "7": "2026-12-06T13:00:00Z"}}
+        reg.apply_plan(store, plan)
+        assert not reg.plan_pcr_window(store, tpm_hash, ["7"], "1h", {"7": NEW}, now=NOW + HOUR / 2)[0].changed
+        for args, message in (((["7"], None), "needs relearn_until"), ((["7"], "1h", {"0": NEW}), "not among the PCRs to open"),
+                              ((["7"], "1h", {"7": "zz"}), "must be a SHA-256 value")):
+            with pytest.raises(reg.RegistrationError, match=message):
+                reg.plan_pcr_window(store, tpm_hash, *args, now=NOW)
+        with pytest.raises(reg.RegistrationError, match="is not registered"):
+            reg.plan_pcr_window(store, "e" * 64, ["7"], "1h", now=NOW)
+        plan, _ = reg.plan_pcr_window(store, tpm_hash, close_pcrs="all", now=NOW)
+        reg.apply_plan(store, plan)
+        volume = store.find_volume(tpm_hash)
+        assert volume["spec"]["attestation"]["pcrValues"] == {"pcrs": {"0": OLD, "7": OLD, "11": ""}}
+        assert volume["spec"]["partitions"] == [{"label": "COS_PERSISTENT"}]
+    finally:
+        store.close()
