@@ -247,9 +247,9 @@ class Policy(object):
                 changed = True
         if changed:
             self._update(volume)
-        for index, old, new, until in relearned:
+        for pcr, old, new, until in relearned:
             audit_log.info("pcr-relearn volume=%s tpm_hash=%s pcr=%s old=%s new=%s window_until=%s", name, tpm_hash,
-                           index, old, new, until)
+                           pcr, old, new, until)
         return self._read_passphrase(name, spec_partition)
 
     def _generate_for(self, volume, spec_partition, tpm_hash, partition, context):
