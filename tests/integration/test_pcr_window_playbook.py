@@ -6,7 +6,7 @@
 node1 upgrades and reboots inside the window (re-learned), node2 upgrades but does not reboot (still
 open, then closed by the playbook: its old value stays enforced). A second run takes the known-good
 value from an upgraded reference node (pcr_window_from_node). The nodes' "upgrade" is
-tests/integration/playbooks/pcr_upgrade.yml (tpm2_pcrextend, then the discovery client).
+tests/integration/playbooks/tasks/pcr_upgrade.yml (tpm2_pcrextend, then the discovery client).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_open_upgrade_report_close_then_known_good_values(tmp_path, swtpm_factor
                 "node2": dict(local, kcrypt_tpm_device=node2.tcti)}}}}}))
         variables = {"kcrypt_kms_store_dir": str(store_dir), "kms_url": kms.url, "kcrypt_checkout": playbook.ROOT,
                      "upgrade_measurement": MEASUREMENT, "pcr_window_until": "1h",
-                     "pcr_window_upgrade_tasks": os.path.join(playbook.ROOT, "tests", "integration", "playbooks", "pcr_upgrade.yml")}
+                     "pcr_window_upgrade_tasks": os.path.join(playbook.ROOT, "tests", "integration", "playbooks", "tasks", "pcr_upgrade.yml")}
 
         check = playbook.playbook("playbooks/pcr_window.yml", variables, inventory=str(inventory), check=True)
         assert check.rc == 0, check
