@@ -7,13 +7,15 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
+        [--protocols attestation,legacy] [--max-partitions-per-tpm N] \\
         [--ek-certificate off|verify-if-present|require --ek-ca PATH ...] [--workers N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
-``tls_key``, ``enrollment``, ``nonce``, ``ek_certificate``, ``ek_ca`` (a path or a list),
+``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``, ``ek_certificate``,
+``ek_ca`` (a path or a list),
 ``read_timeout``, ``max_message_size``,
 ``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``,
 ``log_level``); it is looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
@@ -74,6 +76,12 @@ def _add_serve_arguments(parser):
     parser.add_argument("--nonce", choices=NONCE_MODES,
                         help="quote freshness: off (upstream HEAD), when-supported (default: check quotes that carry "
                              "the activation secret), required (reject unbound quotes, i.e. upstream HEAD clients)")
+    parser.add_argument("--protocols", help="which Kairos protocols to serve: attestation (/tpm-attestation, v0.12+ nodes), "
+                                            "legacy (/getPass, /postPass: older nodes, no boot-state check) or both "
+                                            "(default attestation,legacy); a disabled one answers HTTP 404")
+    parser.add_argument("--max-partitions-per-tpm", dest="max_partitions_per_tpm",
+                        help="partitions a TPM may enrol on its own (default %d); registrations are not limited"
+                             % DEFAULTS["max_partitions_per_tpm"])
     parser.add_argument("--ek-certificate", dest="ek_certificate", choices=EK_CERTIFICATE_MODES,
                         help="which unknown TPMs may enrol: off (default, any TPM), verify-if-present (an EK certificate "
                              "a TPM sends must chain to --ek-ca), require (only TPMs whose EK certificate does); "
@@ -169,9 +177,11 @@ def _serve_workers(config, ssl_context, workers):
 
 def _challenger(config, store, metrics=None):
     return server.Challenger(
-        Policy(store, enrollment=config["enrollment"], ek_certificates=config.get("ek_policy")),
+        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"],
+               ek_certificates=config.get("ek_policy")),
         nonce_mode=config["nonce"], read_timeout=config["read_timeout"],
         max_message_size=config["max_message_size"], store_calls=store_calls(config), ready_check=store.ping, metrics=metrics,
+        protocols=config["protocols"],
     )
 
 
@@ -180,8 +190,8 @@ def _announce(config, ssl_context, port, workers=1):
     scheme = "https" if ssl_context else "http"
     host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
     ek_policy = config.get("ek_policy")
-    log.info("listening on %s://%s:%d (store %s, enrollment %s, ek certificate %s, nonce %s, store calls %s, workers %d)",
-             scheme, host, port, config["store"], config["enrollment"],
+    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, ek certificate %s, nonce %s, store calls %s, "
+             "workers %d)", scheme, host, port, config["store"], ",".join(config["protocols"]), config["enrollment"],
              "%s with %d trusted CA(s)" % (ek_policy.mode, len(ek_policy.trusted)) if ek_policy and ek_policy.enabled else "off",
              config["nonce"], store_calls(config), workers)
     if not config["mdns_host"]:

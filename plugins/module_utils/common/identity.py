@@ -17,8 +17,8 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 serialization = optional_import("cryptography.hazmat.primitives.serialization")
 
 TPM_HASH_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-# TCG PC Client Platform TPM Profile: a certificate in NV may be preceded by this header and its
-# 16-bit length (go-attestation's ParseEKCertificate unwraps it too).
+# TCG PC Client Platform TPM Profile, 7.3.2: a certificate in NV may be preceded by tag 0x1001, a 0x00 and
+# its 16-bit length (go-attestation's ParseEKCertificate unwraps it too).
 NV_CERTIFICATE_HEADER = b"\x10\x01\x00"
 
 
@@ -66,17 +66,22 @@ def der_element_size(data, offset=0):
 
 
 def certificate_der(blob):
-    """The DER certificate in an NV index's content: the TCG header unwrapped, zero padding dropped.
+    """The DER certificate in an EK certificate NV index's content, as go-attestation's ParseEKCertificate reads it:
+    the TCG header ``10 01 00 LL LL`` stripped, then the first DER element (zero padding after it dropped).
 
-    Returns b"" when ``blob`` holds no DER SEQUENCE (an empty or erased index).
+    Data that is no DER SEQUENCE comes back as it is (parsing it then fails); a header announcing more bytes
+    than there are is a ValueError, as in go-attestation (whose EKs() then falls back to the template EK).
     """
     data = bytes(blob or b"")
-    if data[:3] == NV_CERTIFICATE_HEADER and len(data) >= 5:
-        data = data[5:5 + int.from_bytes(data[3:5], "big")]
+    if len(data) > 5 and data[:3] == NV_CERTIFICATE_HEADER:
+        length = int.from_bytes(data[3:5], "big")
+        if len(data) < length + 5:
+            raise ValueError("the NV header announces a %d-byte certificate in %d bytes" % (length, len(data) - 5))
+        data = data[5:5 + length]
     if not data or data[0] != 0x30:
-        return b""
+        return data
     size = der_element_size(data)
-    return data[:size] if size else b""
+    return data[:size] if size else data
 
 
 def split_certificates(blob):

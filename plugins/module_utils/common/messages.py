@@ -52,7 +52,6 @@ class ProtocolError(KcryptError):
     """
 
 
-
 # -- Go-compatible JSON and base64 -----------------------------------------
 
 

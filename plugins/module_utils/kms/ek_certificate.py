@@ -338,8 +338,8 @@ def _tpm_attributes(leaf):
         found = _san_attributes(leaf.extensions)
     except ValueError:
         return ""
-    parts = [(label, found.get(oid, "")) for label, oid in (("manufacturer", OID_TPM_MANUFACTURER),
-                                                           ("model", OID_TPM_MODEL), ("version", OID_TPM_VERSION))]
+    names = (("manufacturer", OID_TPM_MANUFACTURER), ("model", OID_TPM_MODEL), ("version", OID_TPM_VERSION))
+    parts = [(label, found.get(oid, "")) for label, oid in names]
     return ", ".join("%s %s" % (label, _printable(value)) for label, value in parts if value)
 
 

@@ -15,7 +15,13 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES, NONCE_WHEN_SUPPORTED
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODE_OFF, parse_mode
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import (
+    DEFAULT_MAX_PARTITIONS_PER_TPM,
+    ENROLLMENT_MODES,
+    parse_max_partitions,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.server import PROTOCOL_NAMES, parse_protocols
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import DEFAULT_SQLITE_PATH
 
 yaml = optional_import("yaml")
 
@@ -23,11 +29,13 @@ ENV_CONFIG = "KCRYPT_CHALLENGER_CONFIG"
 DEFAULT_CONFIG = "/etc/kcrypt-challenger/config.yaml"
 DEFAULTS = {
     "listen": "0.0.0.0:8082",  # upstream's --challenger-bind-address default is :8082
-    "store": "sqlite:///var/lib/kcrypt-challenger/kms.db",
+    "store": "sqlite://" + DEFAULT_SQLITE_PATH,
     "tls_cert": "",
     "tls_key": "",
     "enrollment": "tofu",
     "nonce": NONCE_WHEN_SUPPORTED,
+    "protocols": list(PROTOCOL_NAMES),  # both, for fleets with Kairos nodes of either generation
+    "max_partitions_per_tpm": DEFAULT_MAX_PARTITIONS_PER_TPM,
     "ek_certificate": MODE_OFF,  # upstream: any TPM that passes credential activation may enrol
     "ek_ca": [],  # PEM/DER files or directories of TPM manufacturer CA certificates
     "read_timeout": 10.0,
@@ -84,6 +92,8 @@ def settings(args):
     if isinstance(result["mdns_interfaces"], str):
         result["mdns_interfaces"] = [i for i in result["mdns_interfaces"].replace(",", " ").split() if i]
     result["workers"] = parse_workers(result["workers"])
+    result["protocols"] = list(parse_protocols(result["protocols"]))
+    result["max_partitions_per_tpm"] = parse_max_partitions(result["max_partitions_per_tpm"])
     result["ek_certificate"] = parse_mode(result["ek_certificate"])
     result["ek_ca"] = parse_paths(result["ek_ca"], "ek_ca")
     if result["enrollment"] not in ENROLLMENT_MODES:

@@ -49,6 +49,7 @@ kclient = optional_import("kubernetes.client")
 kconfig = optional_import("kubernetes.config")
 urllib3 = optional_import("urllib3")
 
+
 class CRDPruned(StoreError):
     """The API server dropped fields of a SealedVolume (its CRD is older than the collection's)."""
 

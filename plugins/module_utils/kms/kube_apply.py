@@ -3,34 +3,29 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Apply (or delete) Kubernetes objects with the official ``kubernetes`` client, idempotently.
 
-Used by the kairos.kcrypt ``challenger`` role, where kubernetes.core may not be installed.
-Reads a JSON list of objects (``kind: List`` documents are expanded) on stdin:
+Private to the collection (kairos_k8s_objects, used by the ``challenger`` role, where
+kubernetes.core may not be installed).
 
-    kcrypt_k8s_apply.py [--kubeconfig F] [--context C] [--namespace NS] [--delete] [--check] < objects.json
-
-* ``--namespace`` puts every namespaced object (and the ServiceAccount subjects of
-  RoleBindings) into NS, like kustomize's ``namespace:``; the manifests under
+* ``namespace`` puts every namespaced object (and the ServiceAccount subjects of
+  RoleBindings) into it, like kustomize's ``namespace:``; the manifests under
   deploy/kubernetes are written for namespace ``kcrypt``.
-* apply: an object that does not exist is created; one that exists is patched (JSON merge
+* present: an object that does not exist is created; one that exists is patched (JSON merge
   patch) only when a field of the wanted object differs from the live one, so a second run
   reports no change. Fields the API server adds (defaults, status) are left alone.
-* ``--delete`` removes the objects that exist (in reverse order); ``--check`` only reports.
-
-Prints one JSON object: ``changed``, ``created``, ``updated``, ``deleted`` (``Kind ns/name``).
+* absent: the objects that exist are removed, in reverse order.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
-import os
-import sys
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_kubernetes import load_api_client
 
-def fail(message):
-    json.dump({"failed": True, "changed": False, "msg": message}, sys.stdout)
-    sys.stderr.write(message + "\n")
-    return 1
+dynamic = optional_import("kubernetes.dynamic")
+dynamic_errors = optional_import("kubernetes.dynamic.exceptions")
 
 
 def is_subset(wanted, live):
@@ -57,11 +52,19 @@ def flatten(objects):
     """Objects in order, with the items of ``kind: List`` documents in place of the list (as kubectl does)."""
     result = []
     for obj in objects:
-        if obj.get("kind") == "List" and isinstance(obj.get("items"), list):
+        if isinstance(obj, dict) and obj.get("kind") == "List" and isinstance(obj.get("items"), list):
             result.extend(flatten(obj["items"]))
         else:
             result.append(obj)
     return result
+
+
+def check_objects(objects):
+    """KcryptError unless each object has the fields apply needs (apiVersion, kind, metadata.name)."""
+    for index, obj in enumerate(objects):
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        if not (isinstance(meta, dict) and obj.get("apiVersion") and obj.get("kind") and meta.get("name")):
+            raise KcryptError("object %d is not a Kubernetes object with apiVersion, kind and metadata.name" % index)
 
 
 def label(obj):
@@ -70,47 +73,35 @@ def label(obj):
     return "%s %s%s" % (obj["kind"], where, meta["name"])
 
 
-def api_client(args):
-    """In a pod (and no kubeconfig named): its service account; else the kubeconfig."""
-    from kubernetes import client, config
-
-    if not args.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-        config.load_incluster_config()
-        return client.ApiClient()
-    return config.new_client_from_config(config_file=args.kubeconfig or None, context=args.context or None)
-
-
 class Applier:
-    def __init__(self, args):
-        from kubernetes import dynamic
-        from kubernetes.dynamic import exceptions
-
-        self.errors = exceptions
-        self.client = dynamic.DynamicClient(api_client(args))
-        self.args = args
+    def __init__(self, namespace="", kubeconfig=None, context=None, check_mode=False):
+        require("kubernetes", "to apply Kubernetes objects")
+        self.client = dynamic.DynamicClient(load_api_client(kubeconfig, context))
+        self.namespace = namespace
+        self.check_mode = check_mode
 
     def resource(self, obj):
         try:
             return self.client.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-        except self.errors.ResourceNotFoundError:
+        except dynamic_errors.ResourceNotFoundError:
             # a kind whose CRD was created earlier in this run: refresh discovery once
             self.client.resources.invalidate_cache()
             return self.client.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
 
     def place(self, obj, resource):
-        obj = json.loads(json.dumps(obj))
-        if self.args.namespace:
+        obj = copy.deepcopy(obj)
+        if self.namespace:
             if resource.namespaced:
-                obj["metadata"]["namespace"] = self.args.namespace
+                obj["metadata"]["namespace"] = self.namespace
             for subject in obj.get("subjects") or []:
                 if subject.get("kind") == "ServiceAccount":
-                    subject["namespace"] = self.args.namespace
+                    subject["namespace"] = self.namespace
         return obj
 
     def live(self, resource, obj):
         try:
             return resource.get(name=obj["metadata"]["name"], namespace=obj["metadata"].get("namespace")).to_dict()
-        except self.errors.NotFoundError:
+        except dynamic_errors.NotFoundError:
             return None
 
     def apply(self, objects):
@@ -122,11 +113,11 @@ class Applier:
             namespace = obj["metadata"].get("namespace")
             if current is None:
                 result["created"].append(label(obj))
-                if not self.args.check:
+                if not self.check_mode:
                     resource.create(body=without_nulls(obj), namespace=namespace)
             elif not is_subset(obj, current):
                 result["updated"].append(label(obj))
-                if not self.args.check:
+                if not self.check_mode:
                     resource.patch(body=obj, name=obj["metadata"]["name"], namespace=namespace,
                                    content_type="application/merge-patch+json")
         return result
@@ -136,52 +127,36 @@ class Applier:
         for raw in reversed(objects):
             try:
                 resource = self.resource(raw)
-            except self.errors.ResourceNotFoundError:
+            except dynamic_errors.ResourceNotFoundError:
                 continue  # its CRD is gone already: nothing of this kind exists
             obj = self.place(raw, resource)
             if self.live(resource, obj) is not None:
                 result["deleted"].append(label(obj))
-                if not self.args.check:
+                if not self.check_mode:
                     resource.delete(name=obj["metadata"]["name"], namespace=obj["metadata"].get("namespace"))
         return result
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="apply or delete Kubernetes objects (JSON list on stdin)")
-    parser.add_argument("--kubeconfig", default="")
-    parser.add_argument("--context", default="")
-    parser.add_argument("--namespace", default="")
-    parser.add_argument("--delete", action="store_true")
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args(argv)
+def apply_objects(objects, state="present", namespace="", kubeconfig=None, context=None, check_mode=False):
+    """Apply (state=present) or delete (absent) ``objects``; {"changed", "created", "updated", "deleted"} (``Kind ns/name``)."""
+    objects = flatten(objects)
+    check_objects(objects)
     try:
-        import kubernetes  # noqa: F401  (checked here for a clear message)
-    except ImportError:
-        return fail("the kubernetes Python client is required where this runs (pip install kubernetes); "
-                    "interpreter: %s" % sys.executable)
-    try:
-        objects = flatten(json.load(sys.stdin))
-        applier = Applier(args)
-        result = applier.delete(objects) if args.delete else applier.apply(objects)
-    except ValueError as error:
-        return fail("bad object list on stdin: %s" % error)
+        applier = Applier(namespace, kubeconfig, context, check_mode)
+        result = applier.delete(objects) if state == "absent" else applier.apply(objects)
+    except KcryptError:
+        raise
     except Exception as error:  # the client raises many types; report the API's own message
-        status = getattr(error, "status", None)
-        body = getattr(error, "body", None) or ""
-        detail = _api_message(body) or (str(error).strip().splitlines() or [""])[0]
-        return fail("Kubernetes API error%s: %s%s" % (
-            " %s" % status if status else "", type(error).__name__, ": " + detail if detail else ""))
+        raise KcryptError(api_error_text(error)) from None
     result["changed"] = bool(result["created"] or result["updated"] or result["deleted"])
-    json.dump(result, sys.stdout, sort_keys=True)
-    return 0
+    return result
 
 
-def _api_message(body):
+def api_error_text(error):
+    status = getattr(error, "status", None)
     try:
-        return json.loads(body).get("message", "")
+        detail = json.loads(getattr(error, "body", None) or "").get("message", "")
     except (TypeError, ValueError, AttributeError):
-        return ""
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        detail = ""
+    detail = detail or (str(error).strip().splitlines() or [""])[0]
+    return "Kubernetes API error%s: %s%s" % (" %s" % status if status else "", type(error).__name__, ": " + detail if detail else "")
