@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import shutil
+import time
 
 import pytest
 from cryptography import x509
@@ -108,6 +109,13 @@ def _refused(kms, tpm, reason, **kwargs):
     return text
 
 
+def _wait_for_audit(caplog, *parts, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not any(r.name == "kcrypt.audit" and all(p in r.getMessage() for p in parts) for r in caplog.records):
+        assert time.monotonic() < deadline, "no audit line with %s" % (parts,)
+        time.sleep(0.05)
+
+
 def _registration(name, tpm_hash):
     return store.new_volume(name, tpm_hash, partitions=[{"label": "COS_PERSISTENT"}])
 
@@ -139,9 +147,9 @@ def test_require_enrols_the_trusted_manufacturers_tpms_only(store, tpms, trusted
         for key in ("b", "plain"):
             assert store.volumes_for(hashes[key]) == []
             assert store.get_secret("tofu-%s-cos-persistent" % hashes[key][:8]) is None
-        audit = [r.getMessage() for r in caplog.records if r.name == "kcrypt.audit"]
-        assert any("outcome=rejected tpm_hash=%s" % hashes["b"] in line and "did not sign" in line for line in audit)
-        assert any("tpm_hash=%s" % hashes["plain"] in line and "no EK certificate" in line for line in audit)
+        # the server writes the audit line after it closed the connection: wait for it
+        _wait_for_audit(caplog, "outcome=rejected tpm_hash=%s" % hashes["b"], "did not sign")
+        _wait_for_audit(caplog, "outcome=rejected tpm_hash=%s" % hashes["plain"], "no EK certificate")
         assert any(r.name == "kcrypt.policy" and r.levelno == logging.WARNING and hashes["b"] in r.getMessage()
                    for r in caplog.records)
 
