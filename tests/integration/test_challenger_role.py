@@ -304,6 +304,33 @@ class TestChallengerOnThisHost:
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == []
 
+    def test_ek_certificate_settings_install_the_ca_bundle(self, kms, tmp_path):
+        """challenger_ek_ca (a PEM file and a directory) becomes one bundle the server reads at start; taking the
+        CAs off the list removes the bundle (a CA no longer listed is no longer trusted)."""
+        from support import ek_pki
+        from support.soft_tpm import key_pool
+
+        root_key, inter_key = key_pool(2)
+        root = ek_pki.ca_certificate("Vendor EK Root CA", root_key)
+        (tmp_path / "root.pem").write_bytes(ek_pki.pem(root))
+        (tmp_path / "more").mkdir()
+        (tmp_path / "more" / "intermediate.crt").write_bytes(
+            ek_pki.pem(ek_pki.ca_certificate("Vendor EK Intermediate CA", inter_key, root, root_key)))
+        bundle = kms["vars"]["challenger_config_dir"] + "/ek-ca.pem"
+        options = {"challenger_ek_certificate": "require", "challenger_ek_ca": [str(tmp_path / "root.pem"), str(tmp_path / "more")]}
+        run = deploy(kms, **options)
+        assert run.changed > 0
+        assert mode_owner(bundle) == (0o644, "root") and open(bundle).read().count("BEGIN CERTIFICATE") == 2
+        config = open(kms["vars"]["challenger_config_dir"] + "/config.yaml").read()
+        assert "ek_certificate: require" in config and bundle in config
+        assert wait_healthy(kms["url"] + "/healthz", kms.get("cafile"))[0] == 200
+        log = open(kms["vars"]["challenger_log_dir"] + "/kcrypt-challenger.log").read()
+        assert "ek certificate require with 2 trusted CA(s)" in log.rsplit("listening on", 1)[-1]
+        assert deploy(kms, **options).changed == 0
+        assert deploy(kms).changed > 0  # back to off
+        assert not os.path.exists(bundle)
+        assert wait_healthy(kms["url"] + "/healthz", kms.get("cafile"))[0] == 200
+
     def test_absent_stops_the_server_and_keeps_the_store(self, kms):
         run = deploy(kms, challenger_state="absent")
         assert run.changed > 0

@@ -7,17 +7,18 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
-        [--protocols attestation,legacy] [--max-partitions-per-tpm N] [--workers N|auto] \\
+        [--protocols attestation,legacy] [--max-partitions-per-tpm N] \\
+        [--ek-certificate off|verify-if-present|require --ek-ca PATH ...] [--workers N|auto] \\
         [--max-connections N|auto] [--max-connections-per-client N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
-``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``,
-``request_timeout``, ``first_message_timeout``, ``read_timeout``, ``exchange_timeout``,
-``max_message_size``, ``max_connections``, ``max_connections_per_client``, ``store_calls``,
-``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``, ``log_level``); it is
+``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``, ``ek_certificate``,
+``ek_ca`` (a path or a list), ``request_timeout``, ``first_message_timeout``, ``read_timeout``,
+``exchange_timeout``, ``max_message_size``, ``max_connections``, ``max_connections_per_client``,
+``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``, ``log_level``); it is
 looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
 then /etc/kcrypt-challenger/config.yaml (absent is fine unless named explicitly).
 
@@ -43,6 +44,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation impo
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.listener import connection_limits, raise_open_files_limit
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.log_limits import RepeatFilter
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.memory import GarbageCollectorPacer, tune_garbage_collector
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODES as EK_CERTIFICATE_MODES, EKCertificatePolicy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.metrics import Metrics
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES, Policy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.settings import (
@@ -82,6 +84,12 @@ def _add_serve_arguments(parser):
     parser.add_argument("--max-partitions-per-tpm", dest="max_partitions_per_tpm",
                         help="partitions a TPM may enrol on its own (default %d); registrations are not limited"
                              % DEFAULTS["max_partitions_per_tpm"])
+    parser.add_argument("--ek-certificate", dest="ek_certificate", choices=EK_CERTIFICATE_MODES,
+                        help="which unknown TPMs may enrol: off (default, any TPM), verify-if-present (an EK certificate "
+                             "a TPM sends must chain to --ek-ca), require (only TPMs whose EK certificate does); "
+                             "registered TPMs are always served")
+    parser.add_argument("--ek-ca", dest="ek_ca", action="append",
+                        help="PEM/DER file or directory of TPM manufacturer CA certificates to trust (repeatable)")
     parser.add_argument("--request-timeout", dest="request_timeout", type=float,
                         help="seconds for the TLS handshake and then for the HTTP request (default 10)")
     parser.add_argument("--first-message-timeout", dest="first_message_timeout", type=float,
@@ -133,6 +141,8 @@ def serve_command(args):
     config["limits"] = _connection_limits(config)
     # Opened once here even with workers: it creates the database, the schema and the key file, and a
     # store that cannot be opened fails the start with one clear error.
+    # The trusted CAs are read once: a wrong path stops the start, before anything listens.
+    config["ek_policy"] = EKCertificatePolicy.from_settings(config["ek_certificate"], config["ek_ca"])
     store = open_store(config["store"])
     ssl_context = server.tls_context(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
     tune_garbage_collector()
@@ -189,7 +199,8 @@ def _serve_workers(config, ssl_context, workers):
 
 def _challenger(config, store, metrics=None):
     return server.Challenger(
-        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"]),
+        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"],
+               ek_certificates=config.get("ek_policy")),
         nonce_mode=config["nonce"], request_timeout=config["request_timeout"],
         first_message_timeout=config["first_message_timeout"], read_timeout=config["read_timeout"],
         exchange_timeout=config["exchange_timeout"], max_message_size=config["max_message_size"],
@@ -202,9 +213,11 @@ def _announce(config, ssl_context, port, workers=1):
     """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
     scheme = "https" if ssl_context else "http"
     host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
-    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme,
-             host, port, config["store"], ",".join(config["protocols"]), config["enrollment"], config["nonce"],
-             store_calls(config), workers)
+    ek_policy = config.get("ek_policy")
+    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, ek certificate %s, nonce %s, store calls %s, "
+             "workers %d)", scheme, host, port, config["store"], ",".join(config["protocols"]), config["enrollment"],
+             "%s with %d trusted CA(s)" % (ek_policy.mode, len(ek_policy.trusted)) if ek_policy and ek_policy.enabled else "off",
+             config["nonce"], store_calls(config), workers)
     if not config["mdns_host"]:
         return None
     announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,

@@ -17,7 +17,9 @@ Behaviour follows upstream's clients (spec §2.A "Client behaviour", §2.B):
   never retried); PCRs 0, 7, 11 of the SHA-256 bank are quoted. Unlike upstream
   HEAD the quote is bound to the activation secret (upstream's pending fix,
   §2.A.2): servers that do not check the qualifying data ignore it, servers
-  that do require it, so there is nothing to negotiate;
+  that do require it, so there is nothing to negotiate. The init also carries
+  the EK certificate and the CA certificates the TPM keeps in NV
+  (``ek_certificate``, ``ek_chain``), which upstream servers ignore;
 * legacy protocol: ``/getPass`` with the Bearer TPM token; ``generated_by: tpm``
   passphrases are decrypted by the TPM key at ``c_index``; ``No secret found
   for`` makes the node generate a passphrase, encrypt it to that key and post it
@@ -276,10 +278,16 @@ class _Attestation(_KmsExchange):
         super().__init__(config, partition, log)
         self.tpm = tpm
         ek = tpm.endorsement_key()
+        # Our addition to the init (upstream servers ignore it): the EK certificate and its CAs from NV, so a
+        # KMS that admits only genuine TPMs can check the manufacturer's signature.
+        chain = tpm.ek_certificate_chain() if ek.certificate is not None else ()
         self.ak = tpm.create_ak()  # one transient AK per call, reused by every attempt
         params = messages.AttestationParameters.from_attestation_key(self.ak)
-        self.init = messages.write_json(messages.init_message(ek.spki_der, params, config.defer_pcr_enrollment))
-        log("TPM hash %s, transient AK created" % ek.tpm_hash)
+        self.init = messages.write_json(messages.init_message(
+            ek.spki_der, params, config.defer_pcr_enrollment, ek_certificate=ek.certificate_der, ek_chain=chain))
+        log("TPM hash %s, %s, transient AK created" % (
+            ek.tpm_hash, "EK certificate and %d CA certificate(s) from NV" % len(chain) if ek.certificate is not None
+            else "no EK certificate"))
 
     def attempt(self):
         ws = self.connect(messages.ATTESTATION_PATH)

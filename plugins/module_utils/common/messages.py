@@ -39,6 +39,11 @@ POST_PASS_PATH = "/postPass"
 # before it is parsed: counting "{" and "[" is one pass in C and bounds the depth as well.
 MAX_JSON_CONTAINERS = 64
 
+# Our addition to the newest protocol's init (docs/challenger.md, "EK certificates"): the EK certificate and the
+# CA certificates the TPM keeps in NV. Upstream's servers decode the init with Go's encoding/json, which ignores
+# fields it does not know, so a node may always send them.
+MAX_EK_CHAIN = 8
+
 # Legacy protocol
 BEARER_PREFIX = "Bearer TPM"
 GENERATED_BY_TPM = "tpm"
@@ -241,13 +246,19 @@ class AttestationInit:
     ek_public: bytes  # DER SubjectPublicKeyInfo of the EK
     ak_params: object  # the embedded JSON value (AttestationParameters.from_json decodes it)
     defer_pcr_enrollment: bool = False
+    ek_certificate: bytes = b""  # ours: DER EK certificate from NV 0x01c00002, b"" when the TPM has none
+    ek_chain: tuple = ()  # ours: DER CA certificates from the TPM's EK chain NV indices
 
 
-def init_message(ek_spki_der, ak_params, defer_pcr_enrollment=False):
-    """Client → server message 1 (``omitempty`` on the deferral flag, as upstream)."""
+def init_message(ek_spki_der, ak_params, defer_pcr_enrollment=False, ek_certificate=b"", ek_chain=()):
+    """Client → server message 1 (``omitempty`` on the deferral flag, as upstream, and on our two fields)."""
     message = {"ek_public": b64encode(ek_spki_der), "ak_params": ak_params.to_json()}
     if defer_pcr_enrollment:
         message["defer_pcr_enrollment"] = True
+    if ek_certificate:
+        message["ek_certificate"] = b64encode(ek_certificate)
+    if ek_chain:
+        message["ek_chain"] = [b64encode(certificate) for certificate in ek_chain[:MAX_EK_CHAIN]]
     return message
 
 
@@ -257,7 +268,20 @@ def parse_init(obj):
         ek_public=b64decode(_field(obj, "ek_public"), "Go struct field AttestationInit.ek_public"),
         ak_params=_raw_json_field(obj, "ak_params"),
         defer_pcr_enrollment=_bool_field(obj, "defer_pcr_enrollment", "AttestationInit.defer_pcr_enrollment"),
+        ek_certificate=b64decode(_field(obj, "ek_certificate"), "Go struct field AttestationInit.ek_certificate"),
+        ek_chain=_certificate_list(_field(obj, "ek_chain"), "Go struct field AttestationInit.ek_chain"),
     )
+
+
+def _certificate_list(value, where):
+    """A ``[][]byte`` of at most MAX_EK_CHAIN certificates (None is empty, as in Go)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ProtocolError("json: cannot unmarshal %s into %s of type [][]uint8" % (_json_type(value), where))
+    if len(value) > MAX_EK_CHAIN:
+        raise ProtocolError("%s holds %d certificates; at most %d are accepted" % (where, len(value), MAX_EK_CHAIN))
+    return tuple(b64decode(item, where) for item in value)
 
 
 def challenge_message(encrypted_credential):

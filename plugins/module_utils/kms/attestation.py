@@ -513,6 +513,8 @@ class VerifiedAttestation:
     pcrs: dict  # {"0": hex, ...}
     defer_pcr_enrollment: bool
     nonce_bound: bool  # the quote carried the activation secret
+    ek_certificate: bytes = b""  # DER, as the node sent it (checked by the policy before an enrolment)
+    ek_chain: tuple = ()  # DER CA certificates from the TPM's NV, as the node sent them
 
 
 class AttestationSession:
@@ -566,6 +568,8 @@ class AttestationSession:
             pcrs=pcrs_for_policy(pcrs),
             defer_pcr_enrollment=self._init.defer_pcr_enrollment,
             nonce_bound=bound,
+            ek_certificate=self._init.ek_certificate,
+            ek_chain=self._init.ek_chain,
         )
 
 

@@ -403,7 +403,8 @@ class Challenger:
             try:
                 passphrase = await self._store(
                     self.policy.issue_passphrase, verified.tpm_hash, verified.ek_pem, verified.pcrs, exchange.partition,
-                    defer_pcr_enrollment=verified.defer_pcr_enrollment,
+                    defer_pcr_enrollment=verified.defer_pcr_enrollment, ek_certificate=verified.ek_certificate,
+                    ek_chain=verified.ek_chain,
                 )
             except PolicyRejection as error:
                 text = "%s: %s" % (attestation.STAGE_VERIFY, error)

@@ -14,6 +14,7 @@ import os
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES, NONCE_WHEN_SUPPORTED
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODE_OFF, parse_mode
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import (
     DEFAULT_MAX_PARTITIONS_PER_TPM,
     ENROLLMENT_MODES,
@@ -35,6 +36,8 @@ DEFAULTS = {
     "nonce": NONCE_WHEN_SUPPORTED,
     "protocols": list(PROTOCOL_NAMES),  # both, for fleets with Kairos nodes of either generation
     "max_partitions_per_tpm": DEFAULT_MAX_PARTITIONS_PER_TPM,
+    "ek_certificate": MODE_OFF,  # upstream: any TPM that passes credential activation may enrol
+    "ek_ca": [],  # PEM/DER files or directories of TPM manufacturer CA certificates
     "request_timeout": 10.0,
     "first_message_timeout": 120.0,
     "read_timeout": 10.0,
@@ -105,6 +108,10 @@ def settings(args):
     result["max_partitions_per_tpm"] = parse_max_partitions(result["max_partitions_per_tpm"])
     result["max_connections"] = parse_count(result["max_connections"], "max_connections", minimum=1)
     result["max_connections_per_client"] = parse_count(result["max_connections_per_client"], "max_connections_per_client", minimum=0)
+
+
+    result["ek_certificate"] = parse_mode(result["ek_certificate"])
+    result["ek_ca"] = parse_paths(result["ek_ca"], "ek_ca")
     if result["enrollment"] not in ENROLLMENT_MODES:
         raise KcryptError("enrollment must be one of %s, not %r" % (", ".join(ENROLLMENT_MODES), result["enrollment"]))
     if result["nonce"] not in NONCE_MODES:
@@ -141,6 +148,17 @@ def parse_count(value, name, minimum):
     if number < minimum:
         raise KcryptError("%s must be at least %d, not %d" % (name, minimum, number))
     return number
+
+
+def parse_paths(value, key):
+    """A list of paths from a list, or one path as text."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise KcryptError("%s must be a path or a list of paths, not %r" % (key, value))
+    return list(value)
 
 
 def parse_listen(value):

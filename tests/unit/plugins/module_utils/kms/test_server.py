@@ -41,7 +41,7 @@ class FakePolicy:
         self.fail = None
         self.legacy_answer = {"passphrase": "static", "error": "", "generated_by": ""}
 
-    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False):
+    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False, ek_certificate=b"", ek_chain=()):
         self.calls.append(("issue", tpm_hash, pcrs, partition, defer_pcr_enrollment))
         if self.fail:
             raise self.fail  # pylint: disable=raising-bad-type
