@@ -12,7 +12,6 @@ node on another address must get its passphrase within the bound the limits prom
 
 from __future__ import annotations
 
-import os
 import resource
 import socket
 import threading

@@ -41,7 +41,7 @@ def _get(kms, tpm):
 
 
 def test_open_upgrade_report_close_then_known_good_values(tmp_path, swtpm_factory):
-    node1, node2, reference = (swtpm_factory(ek_cert=True, fresh=True) for _ in range(3))
+    node1, node2, reference = (swtpm_factory(ek_cert=True, fresh=True) for dummy in range(3))
     store_dir = tmp_path / "kms"
     store_dir.mkdir()
     store = open_store("sqlite://%s/kms.db" % store_dir)

@@ -88,20 +88,20 @@ class Mutator:
         elif kind == 5:
             data[position:position] = b"[" * rng.choice([2, 70, 5000, 60000])
         elif kind == 6:
-            data[position:position] = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 32)))
+            data[position:position] = bytes(rng.getrandbits(8) for dummy in range(rng.randint(1, 32)))
         else:
-            for _ in range(rng.randint(2, 10)):
+            for dummy in range(rng.randint(2, 10)):
                 data[rng.randrange(len(data))] = rng.getrandbits(8)
         return bytes(data)
 
     def json_value(self, depth=0):
         rng = self.rng
         if depth < 2 and rng.random() < 0.2:
-            return {self.key(): self.json_value(depth + 1) for _ in range(rng.randint(0, 3))}
+            return {self.key(): self.json_value(depth + 1) for dummy in range(rng.randint(0, 3))}
         if depth < 2 and rng.random() < 0.2:
-            return [self.json_value(depth + 1) for _ in range(rng.randint(0, 3))]
+            return [self.json_value(depth + 1) for dummy in range(rng.randint(0, 3))]
         if rng.random() < 0.3:
-            return base64.b64encode(bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 1, 16, 32, 256, 600])))).decode()
+            return base64.b64encode(bytes(rng.getrandbits(8) for dummy in range(rng.choice([0, 1, 16, 32, 256, 600])))).decode()
         return rng.choice(INTERESTING_JSON)
 
     def key(self):
@@ -185,7 +185,7 @@ class Mutator:
         if kind == 2:
             return request.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: " + rng.choice([b"7", b"", b"\xff", b"13, 8"]))
         if kind == 3:
-            return request[:-2] + b"X-" + bytes(rng.getrandbits(8) | 0x20 for _ in range(8)) + b": " + b"v" * rng.choice([1, 9000, 40000]) + b"\r\n\r\n"
+            return request[:-2] + b"X-" + bytes(rng.getrandbits(8) | 0x20 for dummy in range(8)) + b": " + b"v" * rng.choice([1, 9000, 40000]) + b"\r\n\r\n"
         if kind == 4:
             return request.replace(b"GET", rng.choice([b"POST", b"G\x00T", b"get", b"PRI"]), 1)
         return request.replace(b"HTTP/1.1", rng.choice([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9", b"HTTP/1.1\x00"]), 1)

@@ -87,7 +87,7 @@ class RawSocket:
         status = int(lines[0].split()[1])
         headers = {}
         for line in lines[1:]:
-            name, _, value = line.partition(":")
+            name, dummy, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         if status == 101:
             return status, headers, b""

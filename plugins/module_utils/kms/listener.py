@@ -295,7 +295,7 @@ class Listener:
             self._reading = False
 
     def _accept(self, sock):
-        for _ in range(ACCEPT_BATCH):
+        for dummy in range(ACCEPT_BATCH):
             if self.open >= self.limits.worker_connections:
                 self._pause()  # the kernel's backlog holds new connections until one of ours closes
                 return

@@ -108,8 +108,6 @@ def settings(args):
     result["max_partitions_per_tpm"] = parse_max_partitions(result["max_partitions_per_tpm"])
     result["max_connections"] = parse_count(result["max_connections"], "max_connections", minimum=1)
     result["max_connections_per_client"] = parse_count(result["max_connections_per_client"], "max_connections_per_client", minimum=0)
-
-
     result["ek_certificate"] = parse_mode(result["ek_certificate"])
     result["ek_ca"] = parse_paths(result["ek_ca"], "ek_ca")
     if result["enrollment"] not in ENROLLMENT_MODES:

@@ -204,7 +204,7 @@ def test_ek_with_an_unknown_key_algorithm_is_a_parse_error():
 
 def _ak_public(node, exponent=0, modulus=None, key_bits=2048):
     """The go-attestation AK's TPMT_PUBLIC with one parameter changed."""
-    public, _ = tss.TPMT_PUBLIC.unmarshal(node.ak_public_area(key_bits=key_bits))
+    public, dummy = tss.TPMT_PUBLIC.unmarshal(node.ak_public_area(key_bits=key_bits))
     public.parameters.rsaDetail.exponent = exponent
     if modulus is not None:
         public.unique.rsa = modulus

@@ -180,7 +180,7 @@ def test_what_a_node_sends_is_bounded_and_never_raises(pki, keys):
 
 def test_the_path_search_is_bounded_when_many_cas_share_a_name(pki, keys):
     """Eight forged intermediates with the issuer's name: each costs one signature check, then the search stops."""
-    forged = [ek_pki.ca_certificate("Vendor EK Intermediate CA", keys[6]) for _ in range(messages.MAX_EK_CHAIN)]
+    forged = [ek_pki.ca_certificate("Vendor EK Intermediate CA", keys[6]) for dummy in range(messages.MAX_EK_CHAIN)]
     search = ekc._PathSearch({}, {}, ek_pki.now())
     for ca in forged:
         search.untrusted.setdefault(ca.subject.public_bytes(), []).append((ca, ca.tbs_certificate_bytes))

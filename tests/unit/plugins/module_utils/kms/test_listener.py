@@ -10,11 +10,9 @@ The server is the real Challenger over a stub policy (as in test_server.py); con
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import ssl
-import threading
 import time
 import urllib.request
 
@@ -95,7 +93,7 @@ def _metric(kms, name, source="127.0.0.3"):
 def test_one_address_cannot_take_every_connection():
     """19,800 WebSockets from one address (issue 14.7): an address holds at most per_client connections."""
     with _kms(_limits(per_client=3)) as kms:
-        held = [raw_ws.RawSocket(kms.port) for _ in range(3)]
+        held = [raw_ws.RawSocket(kms.port) for dummy in range(3)]
         try:
             with raw_ws.RawSocket(kms.port) as extra:
                 assert extra.closed_by_server(5)  # closed at accept
@@ -119,7 +117,7 @@ def test_one_address_cannot_take_every_connection():
 def test_at_the_worker_connection_limit_new_connections_wait_in_the_backlog():
     """No accept() beyond the limit, so no EMFILE: the next connection is served as soon as one closes."""
     with _kms(_limits(worker_connections=4), request_timeout=30.0) as kms:
-        held = [raw_ws.RawSocket(kms.port) for _ in range(4)]
+        held = [raw_ws.RawSocket(kms.port) for dummy in range(4)]
         waiting = raw_ws.RawSocket(kms.port)  # the kernel completes the TCP handshake; the server does not accept
         try:
             waiting.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -207,11 +205,11 @@ def test_repeat_filter_passes_a_burst_then_reports_what_it_held_back():
     now = [0.0]
     repeat = log_limits.RepeatFilter(burst=3, window=10.0, clock=lambda: now[0])
     records = [logging.LogRecord("kcrypt.challenger", logging.ERROR, __file__, 1, "accept failed: %s", ("EMFILE",), None)
-               for _ in range(10)]
+               for dummy in range(10)]
     assert [repeat.filter(r) for r in records] == [True] * 3 + [False] * 7
     other = logging.LogRecord("kcrypt.challenger", logging.ERROR, __file__, 1, "another message", (), None)
     assert repeat.filter(other)  # counted apart
-    audit = [logging.LogRecord("kcrypt.audit", logging.WARNING, __file__, 1, "attestation %s", ("x",), None) for _ in range(20)]
+    audit = [logging.LogRecord("kcrypt.audit", logging.WARNING, __file__, 1, "attestation %s", ("x",), None) for dummy in range(20)]
     assert all(repeat.filter(r) for r in audit)  # one audit line per exchange, always
     now[0] = 10.5
     later = logging.LogRecord("kcrypt.challenger", logging.ERROR, __file__, 1, "accept failed: %s", ("EMFILE",), None)

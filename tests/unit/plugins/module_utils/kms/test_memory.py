@@ -25,7 +25,7 @@ def _pacer(clocks):
 
 def _cycles(count=20000):
     """Garbage that only the cyclic collector frees, enough to leave the young generation."""
-    for _ in range(count):
+    for dummy in range(count):
         node = []
         node.append(node)
 

@@ -188,7 +188,7 @@ def test_the_admin_window_plan_keeps_everything_else(tmp_path):
                 reg.plan_pcr_window(store, tpm_hash, *args, now=NOW)
         with pytest.raises(reg.RegistrationError, match="is not registered"):
             reg.plan_pcr_window(store, "e" * 64, ["7"], "1h", now=NOW)
-        plan, _ = reg.plan_pcr_window(store, tpm_hash, close_pcrs="all", now=NOW)
+        plan, dummy = reg.plan_pcr_window(store, tpm_hash, close_pcrs="all", now=NOW)
         reg.apply_plan(store, plan)
         volume = store.find_volume(tpm_hash)
         assert volume["spec"]["attestation"]["pcrValues"] == {"pcrs": {"0": OLD, "7": OLD, "11": ""}}

@@ -473,7 +473,7 @@ def test_pings_do_not_extend_the_wait_for_the_first_message(policy):
         started = time.monotonic()
         frames = []
         sock.sock.settimeout(0.25)
-        while time.monotonic() - started < 6 and not any(op == raw_ws.OP_CLOSE for op, _ in frames):
+        while time.monotonic() - started < 6 and not any(op == raw_ws.OP_CLOSE for op, dummy in frames):
             sock.send(raw_ws.frame(raw_ws.OP_PING, b"keepalive"))  # every 0.25 s, as a keep-alive would
             try:
                 while True:
@@ -507,7 +507,7 @@ def test_the_whole_exchange_has_a_deadline(policy, node):
 def test_a_flood_of_control_frames_is_refused(policy, caplog):
     with _budget_kms(policy) as kms, raw_ws.RawSocket(kms.port) as sock, caplog.at_level(logging.INFO, logger="kcrypt.audit"):
         assert sock.upgrade()[0] == 101
-        sock.send(b"".join(raw_ws.frame(raw_ws.OP_PING, b"x") for _ in range(server.MAX_CONTROL_FRAMES + 1)))
+        sock.send(b"".join(raw_ws.frame(raw_ws.OP_PING, b"x") for dummy in range(server.MAX_CONTROL_FRAMES + 1)))
         frames = sock.read_until_close()
         time.sleep(0.1)
     pongs = [f for f in frames if f[0] == raw_ws.OP_PONG]
