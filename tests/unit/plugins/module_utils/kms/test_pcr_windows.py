@@ -3,7 +3,7 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """PCR upgrade windows (issue 16 part 2): verify/relearn rules, registration of windows, the policy on SQLite.
 
-The same with swtpm PCR extends, through the server, on both stores: tests/integration/test_pcr_windows.py.
+The same with swtpm PCR extends, through the server, on both stores: tests/integration/test_pcr_window_swtpm.py.
 """
 
 from __future__ import annotations
