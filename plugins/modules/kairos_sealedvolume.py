@@ -308,22 +308,22 @@ def main():
             module.exit_json(changed=False, sealedvolume={}, secrets=[])
         try:
             if params["state"] == "absent":
-                plan = reg.plan_removal(store, params["tpm_hash"], params["name"])
+                def make_plan():
+                    return reg.plan_removal(store, params["tpm_hash"], params["name"])
             else:
-                plan = reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
-                                             quarantined=params["quarantined"], attestation=params["attestation"],
-                                             update_passphrase=params["update_passphrase"])
+                def make_plan():
+                    return reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
+                                                 quarantined=params["quarantined"], attestation=params["attestation"],
+                                                 update_passphrase=params["update_passphrase"])
+            # registrations run in parallel (one per node): a plan overtaken by another writer is made again
+            plan, stored = reg.plan_and_apply(store, make_plan, write=not module.check_mode)
             result = dict(changed=plan.changed, secrets=[action.summary() for action in plan.secrets])
             if module._diff:
                 result["diff"] = plan.diff()
             if plan.delete:
                 result["sealedvolume"] = reg.public_view(plan.before)
-                if plan.changed and not module.check_mode:
-                    reg.apply_plan(store, plan)
-            elif plan.changed and not module.check_mode:
-                result["sealedvolume"] = reg.public_view(reg.apply_plan(store, plan))
             else:
-                result["sealedvolume"] = reg.public_view(plan.after)
+                result["sealedvolume"] = reg.public_view(stored or plan.after)
         finally:
             store.close()
     except MissingDependencyError as exc:

@@ -175,11 +175,11 @@ def cmd_add(args):
     for wish in wishes:
         wish.passphrase = passphrase
     with _open(args, create=True) as store:
-        plan = reg.plan_registration(store, args.tpm_hash, wishes, name=args.name,
-                                     quarantined=True if args.quarantined else None,
-                                     update_passphrase=reg.UPDATE_ALWAYS if args.update_passphrase else reg.UPDATE_ON_CREATE,
-                                     merge_partitions=True)
-        stored = reg.apply_plan(store, plan)
+        plan, stored = reg.plan_and_apply(store, lambda: reg.plan_registration(
+            store, args.tpm_hash, wishes, name=args.name, quarantined=True if args.quarantined else None,
+            update_passphrase=reg.UPDATE_ALWAYS if args.update_passphrase else reg.UPDATE_ON_CREATE,
+            merge_partitions=True))
+        stored = stored or store.get_volume(st.volume_name(plan.after))
     out = _out(args)
     out.write("%s SealedVolume %s for TPM %s\n" % ("created" if plan.before is None else ("updated" if plan.changed else "unchanged"),
                                                    st.volume_name(stored), stored["spec"]["TPMHash"]))
