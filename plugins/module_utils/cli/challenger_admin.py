@@ -14,6 +14,7 @@ Private to the collection. ``cli/challenger.py`` mounts them with
     kcrypt-challenger import FILE|- [--replace]
     kcrypt-challenger quarantine|unquarantine NAME|TPM_HASH
     kcrypt-challenger delete NAME|TPM_HASH [--purge-secrets]
+    kcrypt-challenger reindex
 
 A static passphrase is read from a file or stdin (``-``; prompted twice on a terminal),
 never from the command line. Nothing secret is printed unless ``export --include-secrets``
@@ -82,6 +83,9 @@ def add_subcommands(subparsers, common=None):
     parser.add_argument("target", metavar="NAME|TPM_HASH")
     parser.add_argument("--purge-secrets", action="store_true",
                         help="also delete the Secrets its partitions use: the passphrases are gone for good")
+
+    command("reindex", cmd_reindex, "index every SealedVolume by its TPM hash (Kubernetes: label volumes that "
+                                    "other tools wrote, or whose TPMHash was edited by hand)")
     return subparsers
 
 
@@ -302,4 +306,22 @@ def cmd_delete(args):
         for secret in secrets:
             store.delete_secret(secret["metadata"]["name"])
             _out(args).write("Secret %s: deleted\n" % secret["metadata"]["name"])
+    return 0
+
+
+def cmd_reindex(args):
+    """Write back every volume the store's lookup index misses (the embedded store has none to fix)."""
+    fixed = 0
+    with _open(args) as store:
+        for volume in store.list_volumes():
+            if not store.needs_index(volume):
+                continue
+            try:
+                store.update_volume(volume)
+            except st.Conflict:
+                _out(args).write("SealedVolume %s changed meanwhile: run reindex again\n" % st.volume_name(volume))
+                continue
+            fixed += 1
+            _out(args).write("SealedVolume %s: indexed\n" % st.volume_name(volume))
+    _out(args).write("%d SealedVolume(s) indexed\n" % fixed)
     return 0

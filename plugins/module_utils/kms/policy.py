@@ -226,7 +226,7 @@ class Policy(object):
                 # Deviation: upstream fails with "secret not found" here; we generate it.
                 self._generate_for(volume, spec_partition, tpm_hash, partition, "re-enrollment data update: creating TOFU secret")
                 changed = True
-        if changed:
+        if changed or self.store.needs_index(volume):  # the write also indexes a volume other tools made
             self._update(volume)
         return self._read_passphrase(name, spec_partition)
 
