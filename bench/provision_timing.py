@@ -12,7 +12,8 @@ memory and the load average before the run; with two or more lab sizes, the marg
 more node between neighbouring sizes, (T_big - T_small) / (n_big - n_small), which leaves out
 the fixed part (KMS deployment, Ansible start-up).
 
-The controller's memory: ``main`` is the peak RSS of the ansible-playbook process (VmHWM);
+``ctl CPU`` is the CPU time of the ansible-playbook process itself (the strategy's loop, which
+is single-threaded; workers and modules not counted). The controller's memory: ``main`` is the peak RSS of the ansible-playbook process (VmHWM);
 ``all`` the peak, over samples every 0.5 s, of the summed PSS of ansible-playbook and its
 forked workers (PSS shares the pages forks have in common, so the sum is not inflated). Module
 processes (the "nodes") are not counted. ``--profile`` prints the slowest tasks of each run.
@@ -79,21 +80,31 @@ class ControllerMemory(threading.Thread):
         self.pid = pid
         self.main_peak_kib = 0
         self.all_peak_kib = 0
+        self.main_cpu = 0.0
+
+    def _cpu(self):
+        try:
+            with open("/proc/%d/stat" % self.pid) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return self.main_cpu
 
     def run(self):
         while _status_kib(self.pid, "VmHWM"):
+            self.main_cpu = self._cpu()
             self.main_peak_kib = max(self.main_peak_kib, _status_kib(self.pid, "VmHWM"))
             workers = [child for child in children(self.pid) if _is_controller(child)]
             self.all_peak_kib = max(self.all_peak_kib, _pss_kib(self.pid) + sum(_pss_kib(w) for w in workers))
             time.sleep(0.5)
 
 
-def run_playbook(path, variables, inventory, forks):
+def run_playbook(path, variables, inventory, forks, settings):
     """ansible-playbook as tests/support/playbook.py runs it, with the memory sampler attached."""
     playbook.ensure_collection_link()
     args = [os.path.join(playbook.BIN, "ansible-playbook"), os.path.join(ROOT, path), "-i", inventory,
             "-e", json.dumps(variables), "--forks", str(forks)]
-    env = playbook.environment({"KCRYPT_MDNS_INTERFACES": "127.0.0.1"})
+    env = playbook.environment(dict(settings, KCRYPT_MDNS_INTERFACES="127.0.0.1"))
     start = time.monotonic()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     memory = ControllerMemory(process.pid)
@@ -104,7 +115,7 @@ def run_playbook(path, variables, inventory, forks):
     run = playbook.Run(args, subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
     if run.rc != 0:
         raise SystemExit("%s failed: %r" % (path, run))
-    return {"seconds": seconds, "changed": run.changed, "main_mib": memory.main_peak_kib / 1024.0,
+    return {"seconds": seconds, "changed": run.changed, "main_mib": memory.main_peak_kib / 1024.0, "main_cpu": memory.main_cpu,
             "all_mib": memory.all_peak_kib / 1024.0, "run": run, "end": time.time()}
 
 
@@ -125,7 +136,7 @@ def kms_absent(inventory):
     playbook.playbook("playbooks/challenger.yml", variables, inventory=inventory)
 
 
-def one_size(count, forks, profile):
+def one_size(count, forks, profile, settings):
     base = tempfile.mkdtemp(prefix="kcrypt-bench-provision-")
     lab = {"lab_dir": base + "/lab", "lab_inventory_path": base + "/lab/inventory.yml",
            "lab_name": "kcrypt-bp-%d" % os.getpid(), "lab_node_count": count}
@@ -140,7 +151,7 @@ def one_size(count, forks, profile):
         for _ in ("first", "second"):
             load = os.getloadavg()[0]
             runs.append(dict(run_playbook("playbooks/provision.yml", {"challenger_port": port},
-                                          lab["lab_inventory_path"], forks), load=load))
+                                          lab["lab_inventory_path"], forks, settings), load=load))
     finally:
         if os.path.exists(lab["lab_inventory_path"]):
             kms_absent(lab["lab_inventory_path"])
@@ -159,18 +170,26 @@ def main():
     parser.add_argument("--nodes", type=int, nargs="+", default=[3, 10, 30, 100])
     parser.add_argument("--forks", type=int, default=20, help="ansible-playbook --forks (ansible.cfg's default is 20)")
     parser.add_argument("--profile", action="store_true", help="print the slowest tasks of each run")
+    parser.add_argument("--strategy", help="ANSIBLE_STRATEGY for provision.yml (linear, free)")
+    parser.add_argument("--pipelining", choices=("true", "false"), help="ANSIBLE_PIPELINING for provision.yml")
     args = parser.parse_args()
-    header = "%-6s %-6s %-7s %10s %10s %9s %14s %10s %9s %8s"
-    row = "%-6d %-6d %-7s %10.1f %10.2f %9d %14.0f %10.0f %9.1f %8.2f"
-    print(header % ("nodes", "forks", "run", "wall (s)", "s/node", "changed", "ctl main MiB", "ctl all MiB",
+    settings = {}
+    if args.strategy:
+        settings["ANSIBLE_STRATEGY"] = args.strategy
+    if args.pipelining:
+        settings["ANSIBLE_PIPELINING"] = args.pipelining
+    print("settings: forks %d%s" % (args.forks, "".join(", %s=%s" % item for item in sorted(settings.items()))))
+    header = "%-6s %-6s %-7s %10s %10s %9s %10s %14s %10s %9s %8s"
+    row = "%-6d %-6d %-7s %10.1f %10.2f %9d %10.1f %14.0f %10.0f %9.1f %8.2f"
+    print(header % ("nodes", "forks", "run", "wall (s)", "s/node", "changed", "ctl CPU s", "ctl main MiB", "ctl all MiB",
                     "lab_up s", "load"))
     firsts = {}
     for count in args.nodes:
-        runs, up = one_size(count, args.forks, args.profile)
+        runs, up = one_size(count, args.forks, args.profile, settings)
         firsts[count] = runs[0]["seconds"]
         for name, result in zip(("first", "second"), runs):
             print(row % (count, args.forks, name, result["seconds"], result["seconds"] / count, result["changed"],
-                         result["main_mib"], result["all_mib"], up, result["load"]))
+                         result["main_cpu"], result["main_mib"], result["all_mib"], up, result["load"]))
         sys.stdout.flush()
     sizes = sorted(firsts)
     for small, big in zip(sizes, sizes[1:]):

@@ -14,7 +14,8 @@ its passphrase. The WebSocket stays open throughout, as a real node's does. A re
 retried like upstream's client: ``--attempts`` tries, ``--retry-delay`` seconds apart (or the
 server's ``Retry-After`` when longer). Refusals are counted by kind: an HTTP status before the
 upgrade (503 when the KMS is at its connection cap), a close frame (1011), a timeout
-(``--timeout`` per message), a connection error (refused, reset).
+(``--timeout`` per message), a connection error (refused, reset). Each node connects from its own
+loopback address (127.1.0.1, 127.1.0.2, ...), as nodes are separate hosts.
 
 Per N and server worker count: a fresh challenger (SQLite store) whose N nodes are first enrolled
 (unmeasured, no delays), then the storm. Printed: the time until every node had its key, p50/p99/max
@@ -62,10 +63,17 @@ class Refused(Exception):
         self.kind, self.retry_after = kind, retry_after
 
 
+def source_address(number):
+    """Node ``number``'s own loopback address (127.1.0.1, 127.1.0.2, ...): real nodes are separate hosts,
+    so a per-address limit of the KMS sees one node per address, and no address runs out of ports."""
+    return "127.%d.%d.%d" % (1 + number // 62500, number // 250 % 250, number % 250 + 1)
+
+
 async def open_socket(host, port, node, timeout):
     """The upgrade, as bench.WebSocket.connect, but a refusal says what it was (and the Retry-After)."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=(node.source, 0)), timeout)
     except asyncio.TimeoutError:
         raise Refused("timeout", "connect timed out")
     except OSError as error:
@@ -147,10 +155,12 @@ def client_process(job, keys_needed, results, barrier, part):
     async def run():
         keys = soft_tpm.key_pool(keys_needed)
         index, count = part
-        nodes = [bench.Node(keys[i], keys[-1], job["nonce"]) for i in range(index, job["nodes"], count)]
+        numbers = range(index, job["nodes"], count)
+        nodes = [bench.Node(keys[i], keys[-1], job["nonce"]) for i in numbers]
         host, port = job["url"].split("://")[1].rsplit(":", 1)
-        for node in nodes:
+        for number, node in zip(numbers, nodes):
             node.prepare(host, int(port))
+            node.source = source_address(number)
         if job["kind"] == "enrol":  # first contacts, a bounded number at a time, no delays
             gate = asyncio.Semaphore(job["concurrency"])
             quick = dict(job, tpm_delay=0.0)
