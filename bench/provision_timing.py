@@ -153,10 +153,12 @@ def one_size(count, forks, profile, settings):
             runs.append(dict(run_playbook("playbooks/provision.yml", {"challenger_port": port},
                                           lab["lab_inventory_path"], forks, settings), load=load))
     finally:
-        if os.path.exists(lab["lab_inventory_path"]):
-            kms_absent(lab["lab_inventory_path"])
-        playbook.playbook("playbooks/lab_down.yml", lab, timeout=1800)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            if os.path.exists(lab["lab_inventory_path"]):
+                kms_absent(lab["lab_inventory_path"])
+        finally:
+            playbook.playbook("playbooks/lab_down.yml", lab, timeout=1800)
+            shutil.rmtree(base, ignore_errors=True)
     if profile:
         for name, result in zip(("first", "second"), runs):
             print("  %d nodes, %s run, slowest tasks:" % (count, name))

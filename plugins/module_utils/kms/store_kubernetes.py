@@ -51,9 +51,11 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import TPM_HASH_LABEL, safe_kube_name
 
-kclient = optional_import("kubernetes.client")
-kconfig = optional_import("kubernetes.config")
-urllib3 = optional_import("urllib3")
+# Imported when a Kubernetes store is opened (require), not with this file: the client is slow to
+# import, and the embedded store's users (the module, the server, the admin commands) never need it.
+kclient = optional_import("kubernetes.client", lazy=True)
+kconfig = optional_import("kubernetes.config", lazy=True)
+urllib3 = optional_import("urllib3", lazy=True)
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 LIST_PAGE = 500
