@@ -3,8 +3,7 @@
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-from __future__ import (absolute_import, division, print_function)
-__metaclass__ = type
+from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: kairos_luks_rekey
@@ -26,22 +25,6 @@ description:
     now serves the new key and that it opens the partition, then removes the old key slots.
     The C(kairos.kcrypt.rekey) playbook runs these steps.
 options:
-  partitions:
-    description:
-      - The encrypted partitions to re-key. Select each by label, device or UUID, as in M(kairos.kcrypt.kairos_luks_encrypt).
-    type: list
-    elements: dict
-    required: true
-    suboptions:
-      label:
-        description: The LUKS label (for example V(COS_PERSISTENT)). Alone, it selects the partition.
-        type: str
-      device:
-        description: The partition's device path.
-        type: path
-      uuid:
-        description: The LUKS UUID or the GPT partition UUID.
-        type: str
   new_passphrase:
     description:
       - The new key. Required with O(key_source=kms) and O(key_source=passphrase). Not used with O(key_source=tpm),
@@ -65,18 +48,19 @@ options:
     choices: [all, add, finish]
     default: all
 extends_documentation_fragment:
+  - kairos.kcrypt.partitions
   - kairos.kcrypt.key_source
+  - kairos.kcrypt.tpm
+  - kairos.kcrypt.offline_key
+  - kairos.kcrypt.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Check mode reads the current key and tests it, and changes no key slot, token or NV blob.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
     details:
       - With the same O(rekey_id) (or O(new_passphrase) for O(key_source=passphrase)).
@@ -169,23 +153,25 @@ nv_rewritten:
   type: bool
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import (
+    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, TPM_SPEC, generate_argspec, hide_secrets, run_or_fail,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, rekey
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITIONS_ARG
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():
-    spec = dict(
-        partitions=dict(PARTITIONS_ARG),
+    return generate_argspec(
+        PARTITIONS_SPEC,
+        KEY_SOURCE_SPEC,
+        TPM_SPEC,
+        OFFLINE_KEY_SPEC,
         new_passphrase=dict(type="str", no_log=True),
         rekey_id=dict(type="str"),
         step=dict(type="str", default="all", choices=list(rekey.STEPS)),
     )
-    spec.update(KEY_SOURCE_ARGS)
-    return spec
 
 
 def check_request(params, source):
@@ -219,35 +205,28 @@ def entry(device, outcome):
     }
 
 
-def run(params, source, check_mode, log):
-    """Returns (per-partition entries, nv_rewritten)."""
-    devices = rekey.resolve(encryption.selectors(params["partitions"]))
-    options = rekey.effective_options(source)
+def run(module):
+    """Re-key every partition; the result's fields."""
+    params = module.params
+    source = key_source.build(params)
+    hide_secrets(module, source)
+    check_request(params, source)
+    devices = rekey.encrypted_devices(encryption.selectors(params["partitions"]))
+    options = rekey.new_key_options(source)
     rekey_id = params["rekey_id"] or None
     if source.name == "tpm":
-        outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, check_mode, log)
+        outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, module.check_mode, module.debug)
     else:
         new_key = params["new_passphrase"].encode("utf-8") if params["new_passphrase"] else None
-        outcomes = rekey.rekey_with_source(devices, source, params["step"], new_key, rekey_id, options, check_mode)
+        outcomes = rekey.rekey_with_source(devices, source, params["step"], new_key, rekey_id, options, module.check_mode)
         rewritten = False
-    return [entry(d, outcomes[d.path]) for d in devices], rewritten
+    entries = [entry(d, outcomes[d.path]) for d in devices]
+    return {"changed": any(e["changed"] for e in entries) or rewritten, "partitions": entries, "nv_rewritten": rewritten}
 
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=KEY_SOURCE_REQUIRED_IF, supports_check_mode=True)
-    params = module.params
-    source = None
-    try:
-        source = key_source.build(params)
-        check_request(params, source)
-        entries, rewritten = run(params, source, module.check_mode, module.debug)
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        redact_secrets(module, source)
-        module.fail_json(msg=str(error))
-    redact_secrets(module, source)
-    module.exit_json(changed=any(e["changed"] for e in entries) or rewritten, partitions=entries, nv_rewritten=rewritten)
+    module.exit_json(**run_or_fail(module, run, module))
 
 
 if __name__ == "__main__":

@@ -37,21 +37,24 @@ options:
   partitions:
     description:
       - The complete list of the node's partitions. Partitions not listed are removed from the SealedVolume.
+      - If omitted, the stored partitions are kept (a new SealedVolume has none).
       - A partition is matched by any of O(partitions[].label), O(partitions[].device_name) and
         O(partitions[].uuid). Give at least one. An empty value never matches.
       - A Secret reference the KMS recorded for a listed partition is kept.
+      - A Secret belongs to one partition of one SealedVolume. The task fails if a partition would use a Secret
+        that another partition uses (one Secret with its own O(partitions[].secret_path) per partition is fine),
+        or would write a passphrase into a Secret labelled for another TPM or SealedVolume.
     type: list
     elements: dict
-    default: []
     suboptions:
       label:
-        description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT).
+        description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT). At most 255 bytes, printable.
         type: str
       device_name:
-        description: Kernel device name of the partition, for example V(vda5).
+        description: Kernel device name of the partition, for example V(vda5). At most 64 bytes.
         type: str
       uuid:
-        description: Partition UUID (GPT PARTUUID).
+        description: Partition UUID (GPT PARTUUID). At most 64 bytes; V(unknown) identifies nothing.
         type: str
       secret_name:
         description:
@@ -101,8 +104,32 @@ options:
           - Map of PCR index (0-23) to V(learn), V(relearn), V(ignore), or a 64-hex SHA-256 value to enforce.
           - PCRs not listed, or set to V(ignore), are never checked. An empty map checks no PCR.
           - Nodes send PCRs 0, 7 and 11.
+          - V(relearn) forgets the stored value, so the next contact learns it again. With
+            O(attestation.relearn_until) it opens an upgrade window instead, see there.
         type: dict
         default: {}
+      relearn_until:
+        description:
+          - Turns V(relearn) into an upgrade window that closes by itself, for example around an OS upgrade that
+            changes PCR 7.
+          - A time (V(2026-12-06T18:00:00Z)) or a duration from now (V(2h), V(90m), V(1d12h)).
+          - Until then the KMS still accepts the stored value. The node's first contact with a different value
+            is served and learns it, and the PCR is enforced again right after. Every re-learn is an audit
+            line with the old and the new value.
+          - If the window closes without such a contact, nothing changes. The old value stays enforced.
+          - A PCR in any other mode has no window, so V(learn) closes an open one and keeps the value.
+          - With a duration, a window that is still open keeps its deadline, so a second run changes nothing.
+            Give a time to move it.
+          - RV(pcr_windows) reports the windows. The C(kairos.kcrypt.pcr_window) playbook opens, reports and
+            closes them for a group of nodes.
+        type: str
+      relearn_to:
+        description:
+          - Map of PCR index to the known-good value of an already upgraded reference node.
+          - The window of such a PCR accepts only that value besides the stored one, and enforces it after the
+            first contact that shows it.
+          - Each PCR must be in V(relearn) mode, with O(attestation.relearn_until).
+        type: dict
   update_passphrase:
     description:
       - V(on_create) writes a static passphrase only when its Secret does not exist yet.
@@ -192,6 +219,16 @@ EXAMPLES = r"""
         "0": learn
         "7": "{{ expected_pcr7 }}"
 
+- name: Let the next boot after an OS upgrade re-learn PCR 7, for two hours at most
+  kairos.kcrypt.kairos_sealedvolume:
+    tpm_hash: "{{ tpm.tpm_hash }}"
+    attestation:
+      pcrs:
+        "0": learn
+        "7": relearn
+      relearn_until: 2h
+  delegate_to: kms.example.org
+
 - name: Quarantine a stolen node
   kairos.kcrypt.kairos_sealedvolume:
     tpm_hash: "{{ stolen_tpm_hash }}"
@@ -224,6 +261,18 @@ sealedvolume:
       TPMHash: 5640e37f...
       partitions:
         - label: COS_PERSISTENT
+pcr_windows:
+  description:
+    - The PCR upgrade windows of the SealedVolume after the task, by PCR index.
+    - C(state) is V(open), or V(expired) (the old value is enforced). C(value) is the enforced value, C(until) the
+      deadline, C(relearn_to) the only new value accepted, if any. A PCR whose window was used is not listed.
+  returned: always
+  type: dict
+  sample:
+    "7":
+      state: open
+      until: "2026-12-06T18:00:00Z"
+      value: 3d458cfe55cc03ea1f443f1562beec8df51c75e14a9fcf9a7234a13f198e7969
 secrets:
   description:
     - What happened to the Secret of each partition with a static passphrase. It holds names only, never a passphrase.
@@ -238,43 +287,58 @@ secrets:
       partition: label=COS_PERSISTENT
 """
 
-import os
-import shutil
-import tempfile
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import generate_argspec, run_or_fail
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
-
-
-def open_backend(params, check_mode, scratch_dir):
-    """The store to plan and write against; None when there is nothing to remove from."""
-    if params["backend"] == "kubernetes":
-        return open_store("kubernetes://", kubeconfig=params["kubeconfig"], context=params["context"],
-                          namespace=params["namespace"])
-    path = params["store_path"]
-    if not os.path.exists(path):
-        if params["state"] == "absent":
-            return None
-        if check_mode:  # plan against an empty store without creating the real one
-            path = os.path.join(scratch_dir, "kms.db")
-    return open_store("sqlite://" + path, key_file=params["key_file"] if path == params["store_path"] else None)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import DEFAULT_NAMESPACE, DEFAULT_SQLITE_PATH
 
 
 def wishes(params):
+    if params["partitions"] is None:
+        return None  # keep the stored partitions
     return [reg.PartitionWish(label=p["label"], device_name=p["device_name"], uuid=p["uuid"], secret_name=p["secret_name"],
                               secret_path=p["secret_path"], passphrase=p["passphrase"])
             for p in params["partitions"]]
 
 
+def run(params, check_mode):
+    """Plan the registration (or removal) and apply it unless checking; the result's fields."""
+    reg.validate_tpm_hash(params["tpm_hash"])
+    # a missing embedded store: nothing to remove; in check mode, plan against an empty one without creating it
+    if_missing = "none" if params["state"] == "absent" else ("empty" if check_mode else "create")
+    with store_factory.backend_store(params["backend"], store_path=params["store_path"], key_file=params["key_file"],
+                                     kubeconfig=params["kubeconfig"], context=params["context"],
+                                     namespace=params["namespace"], if_missing=if_missing) as store:
+        if store is None:
+            return {"changed": False, "sealedvolume": {}, "secrets": [], "pcr_windows": {}}
+        if params["state"] == "absent":
+            def make_plan():
+                return reg.plan_removal(store, params["tpm_hash"], params["name"])
+        else:
+            def make_plan():
+                return reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
+                                             quarantined=params["quarantined"], attestation=params["attestation"],
+                                             update_passphrase=params["update_passphrase"])
+        # registrations run in parallel (one per node): a plan overtaken by another writer is made again
+        plan, stored = reg.plan_and_apply(store, make_plan, write=not check_mode)
+        # the diff names Secrets, never a passphrase; Ansible shows it only in diff mode
+        result = {"changed": plan.changed, "secrets": [action.summary() for action in plan.secrets], "diff": plan.diff()}
+        if plan.delete:
+            result["sealedvolume"] = reg.public_view(plan.before)
+        else:
+            result["sealedvolume"] = reg.public_view(stored or plan.after)
+        result["pcr_windows"] = reg.pcr_window_report(result["sealedvolume"])
+        return result
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
+        argument_spec=generate_argspec(
             tpm_hash=dict(type="str", required=True),
             name=dict(type="str"),
-            partitions=dict(type="list", elements="dict", default=[], options=dict(
+            partitions=dict(type="list", elements="dict", options=dict(
                 label=dict(type="str"),
                 device_name=dict(type="str"),
                 uuid=dict(type="str"),
@@ -287,52 +351,21 @@ def main():
                 ek=dict(type="str", choices=["learn", "relearn", "enforce"], default="learn"),
                 ek_public_key=dict(type="str", no_log=False),
                 pcrs=dict(type="dict", default={}),
+                relearn_until=dict(type="str"),
+                relearn_to=dict(type="dict"),
             )),
             update_passphrase=dict(type="str", choices=["on_create", "always"], default="on_create", no_log=False),
             state=dict(type="str", choices=["present", "absent"], default="present"),
-            backend=dict(type="str", choices=["embedded", "kubernetes"], default="embedded"),
-            store_path=dict(type="path", default="/var/lib/kcrypt-challenger/kms.db"),
+            backend=dict(type="str", choices=list(store_factory.BACKENDS), default="embedded"),
+            store_path=dict(type="path", default=DEFAULT_SQLITE_PATH),
             key_file=dict(type="path", no_log=False),
             kubeconfig=dict(type="path"),
             context=dict(type="str"),
-            namespace=dict(type="str", default="kcrypt"),
+            namespace=dict(type="str", default=DEFAULT_NAMESPACE),
         ),
         supports_check_mode=True,
     )
-    params = module.params
-    scratch = tempfile.mkdtemp(prefix="kairos_sealedvolume-")
-    try:
-        reg.validate_tpm_hash(params["tpm_hash"])
-        store = open_backend(params, module.check_mode, scratch)
-        if store is None:
-            module.exit_json(changed=False, sealedvolume={}, secrets=[])
-        try:
-            if params["state"] == "absent":
-                def make_plan():
-                    return reg.plan_removal(store, params["tpm_hash"], params["name"])
-            else:
-                def make_plan():
-                    return reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
-                                                 quarantined=params["quarantined"], attestation=params["attestation"],
-                                                 update_passphrase=params["update_passphrase"])
-            # registrations run in parallel (one per node): a plan overtaken by another writer is made again
-            plan, stored = reg.plan_and_apply(store, make_plan, write=not module.check_mode)
-            result = dict(changed=plan.changed, secrets=[action.summary() for action in plan.secrets])
-            if module._diff:
-                result["diff"] = plan.diff()
-            if plan.delete:
-                result["sealedvolume"] = reg.public_view(plan.before)
-            else:
-                result["sealedvolume"] = reg.public_view(stored or plan.after)
-        finally:
-            store.close()
-    except MissingDependencyError as exc:
-        module.fail_json(msg=missing_required_lib(exc.library), exception=exc.traceback_text)
-    except KcryptError as exc:
-        module.fail_json(msg=str(exc))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    module.exit_json(**result)
+    module.exit_json(**run_or_fail(module, run, module.params, module.check_mode))
 
 
 if __name__ == "__main__":

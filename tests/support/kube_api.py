@@ -20,8 +20,14 @@ store, with the API server's rules:
   when it is stale, else the object is replaced and gets a new resourceVersion;
 * Secret ``stringData`` folded into base64 ``data``;
 * CustomResourceDefinitions: creating one registers its served versions, so the
-  CRD manifest must be applied before SealedVolumes can be used, as on a cluster;
+  CRD manifest must be applied before SealedVolumes can be used, as on a cluster; custom
+  objects are pruned by their version's structural schema on create and replace (fields the
+  schema does not know are dropped, as the API server does);
 * Namespaces (create, get, list, delete with their objects), which kmock's URL parser cannot read.
+
+Every request is appended to ``requests.jsonl`` in the work directory (method, path, query,
+bearer token, JSON body), so tests can check each call against RBAC and each written object
+against the CRD schema.
 
 Run it as a process: ``python tests/support/kube_api.py PORT_FILE`` writes the port
 into PORT_FILE once it listens and serves until SIGTERM. ``KubeAPI`` does that and
@@ -52,6 +58,7 @@ class KubeAPI:
         self.process = None
         self.port = None
         self.kubeconfig = os.path.join(work_dir, "kubeconfig")
+        self.request_log = os.path.join(work_dir, "requests.jsonl")
 
     @property
     def url(self):
@@ -63,8 +70,10 @@ class KubeAPI:
         if os.path.exists(port_file):
             os.unlink(port_file)
         log = open(os.path.join(self.work_dir, "kube-api.log"), "ab")
+        self.request_log = os.path.join(self.work_dir, "requests.jsonl")  # every request, for RBAC and schema checks
+        env = dict(os.environ, KUBE_API_REQUEST_LOG=self.request_log)
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), port_file],
-                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -82,11 +91,19 @@ class KubeAPI:
         self.write_kubeconfig(self.kubeconfig)
         return self
 
-    def write_kubeconfig(self, path, namespace="default"):
+    def requests(self):
+        """The recorded requests (dicts: method, path, query, token, body), oldest first."""
+        if not os.path.exists(self.request_log):
+            return []
+        with open(self.request_log) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def write_kubeconfig(self, path, namespace="default", token="kmock-test-token"):
+        """A kubeconfig for the emulator; ``token`` tells the request log which identity called."""
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
             "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "kmock-test-token"}}],
+            "users": [{"name": "tester", "user": {"token": token}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": namespace}}],
         }
         with open(path, "w") as handle:
@@ -130,18 +147,48 @@ def _emulator_class():
                 raise kmock.KubernetesError(status=400, reason="BadRequest", message="unsupported label selector %r" % term)
         return lambda labels: all(term(labels) for term in terms)
 
+    def prune(value, schema):
+        """What a structural schema keeps of ``value`` (the API server's pruning of unknown fields)."""
+        if not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+            return value
+        if isinstance(value, dict) and "properties" in schema:
+            return {key: prune(item, schema["properties"][key]) for key, item in value.items() if key in schema["properties"]}
+        if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+            return {key: prune(item, schema["additionalProperties"]) for key, item in value.items()}
+        if isinstance(value, list) and isinstance(schema.get("items"), dict):
+            return [prune(item, schema["items"]) for item in value]
+        return value
+
     class StrictEmulator(kmock.KubernetesEmulator):
         """Object requests are answered here from kmock's object store; the rest (discovery,
         watch, patch) by kmock. kmock's generic reaction matching costs ~30 ms per request,
         which made 200 concurrent enrolments take minutes; this path keeps the same semantics."""
 
         async def __call__(self, raw_request):
+            await self._record(raw_request)
             # kmock's URL parser cannot read /api/v1/namespaces[/NAME] (it takes "namespaces" for
             # the namespace marker), so Namespace objects, which tests create on real clusters, are served here.
             path = raw_request.path.rstrip("/")
             if path == "/api/v1/namespaces" or (path.startswith("/api/v1/namespaces/") and path.count("/") == 4):
                 return await self._namespace(raw_request, path[len("/api/v1/namespaces/"):] if path.count("/") == 4 else None)
             return await super().__call__(raw_request)
+
+        async def _record(self, raw_request):
+            """One JSON line per request in $KUBE_API_REQUEST_LOG: method, path, query, bearer token, body."""
+            path = os.environ.get("KUBE_API_REQUEST_LOG")
+            if not path:
+                return
+            body = None
+            if raw_request.method in ("POST", "PUT", "PATCH") and raw_request.can_read_body:
+                try:
+                    body = json.loads(await raw_request.read())  # aiohttp keeps the bytes for the handlers
+                except ValueError:
+                    body = None
+            auth = raw_request.headers.get("Authorization", "")
+            entry = {"method": raw_request.method, "path": raw_request.path, "query": dict(raw_request.query),
+                     "token": auth[len("Bearer "):] if auth.startswith("Bearer ") else "", "body": body}
+            with open(path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
         async def _namespace(self, raw_request, name):
             namespaces = self.__dict__.setdefault("_namespace_objects", {})
@@ -258,6 +305,7 @@ def _emulator_class():
                 if namespace:
                     metadata["namespace"] = namespace
                 fold_string_data(request.resource, body)
+                body = self._pruned(request.resource, body)
                 if request.resource.plural == "customresourcedefinitions":
                     self._register_crd(body)
                 if key in self.objects:
@@ -287,10 +335,22 @@ def _emulator_class():
             self._version = getattr(self, "_version", 0) + 1
             return str(self._version)
 
+        def _pruned(self, resource, body):
+            schema = self.__dict__.get("_schemas", {}).get((resource.group, resource.version, resource.plural))
+            if schema is None:
+                return body
+            kept = {key: body[key] for key in ("apiVersion", "kind", "metadata") if key in body}
+            kept.update(prune({k: v for k, v in body.items() if k not in kept}, schema))
+            return kept
+
         def _register_crd(self, crd):
             spec = crd.get("spec", {})
             names = spec.get("names", {})
+            schemas = self.__dict__.setdefault("_schemas", {})
             for version in spec.get("versions", []):
+                schema = (version.get("schema") or {}).get("openAPIV3Schema")
+                if schema:
+                    schemas[(spec["group"], version["name"], names["plural"])] = schema
                 if version.get("served"):
                     key = "%s/%s/%s" % (spec["group"], version["name"], names["plural"])
                     self.resources[key] = kmock.ResourceInfo(
@@ -323,6 +383,7 @@ def _emulator_class():
                         metadata[field] = current["metadata"][field]
                 metadata["resourceVersion"] = self._next()
                 fold_string_data(request.resource, body)
+                body = self._pruned(request.resource, body)
                 self.objects[key].create(body)
                 raw = self.objects[key].raw
                 if request.namespace:

@@ -12,6 +12,7 @@ is written; a plan never carries a passphrase in its diff or summary.
 from __future__ import annotations
 
 import copy
+import datetime
 import random
 import re
 import time
@@ -20,13 +21,18 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identi
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     PARTITION_LABEL,
     TPM_HASH_LABEL,
+    VOLUME_LABEL,
     label_value,
+    names_secret,
     object_name,
+    partition_secret_names,
     safe_kube_name,
     secret_ref,
+    volume_label_value,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
     AlreadyExists,
@@ -36,9 +42,17 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
     new_secret,
     new_volume,
     normalize_volume,
+    parse_rfc3339,
+    rfc3339,
     strip_server_fields,
     volume_name,
     yaml_text,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import (
+    RELEARN_TO,
+    RELEARN_UNTIL,
+    close_window,
+    open_windows,
 )
 
 x509 = optional_import("cryptography.x509")
@@ -47,6 +61,7 @@ serialization = optional_import("cryptography.hazmat.primitives.serialization")
 LEARN, RELEARN, ENFORCE, IGNORE = "learn", "relearn", "enforce", "ignore"
 UPDATE_ON_CREATE, UPDATE_ALWAYS = "on_create", "always"
 PCR_VALUE = re.compile(r"^[0-9a-f]{64}$")
+DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 MANAGED_BY = "kairos.kcrypt"
 # Plans re-made when another writer changed the store between plan and write (the same TPM
 # registered from two places at once); registrations of different TPMs never collide.
@@ -110,6 +125,9 @@ class PartitionWish(object):
         where = "partitions[%d]" % index
         if self.ref().is_empty():
             raise RegistrationError("%s has no identifier: give at least one of label, device_name, uuid" % where)
+        problem = self.ref().problem()  # the bounds a node's request must keep, so the node can be served
+        if problem:
+            raise RegistrationError("%s: %s" % (where, problem))
         if self.passphrase is not None:
             self.passphrase = validate_passphrase(self.passphrase, "%s.passphrase" % where)
             if not self.label and not self.secret_name:
@@ -167,15 +185,20 @@ def ek_pem_from_text(text, tpm_hash):
     return identity.public_key_pem(key)
 
 
-def attestation_after(existing, wish, tpm_hash):
+def attestation_after(existing, wish, tpm_hash, now=None):
     """The ``spec.attestation`` a wish leads to, given what the server stored (``existing``, may be None).
 
-    ``wish = {"ek": learn|relearn|enforce, "ek_public_key": PEM, "pcrs": {index: learn|relearn|ignore|hex}}``:
+    ``wish = {"ek": learn|relearn|enforce, "ek_public_key": PEM, "pcrs": {index: learn|relearn|ignore|hex},
+    "relearn_until": timestamp or duration, "relearn_to": {index: hex}}``:
     ``learn`` keeps a learned value (else "" = learn on next contact), ``relearn`` forgets it,
     ``enforce``/hex set the value, ``ignore`` (PCRs) drops the key = never checked.
+    With ``relearn_until``, ``relearn`` keeps the value and opens an upgrade window instead
+    (volume_attestation.py): until then a changed value is learned once, and only
+    ``relearn_to``'s value when one is given; a PCR in any other mode has no window.
     Timestamps the server wrote are kept.
     """
     existing = existing or {}
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     result = {}
     ek_mode = wish.get("ek") or LEARN
     if ek_mode == RELEARN and wish.get("ek_public_key"):
@@ -190,18 +213,38 @@ def attestation_after(existing, wish, tpm_hash):
         result["ekPublicKey"] = ""
     else:
         raise RegistrationError("attestation.ek must be learn, relearn or enforce, got %r" % ek_mode)
-    stored = ((existing.get("pcrValues") or {}).get("pcrs")) or {}
-    pcrs = {}
-    for index, mode in sorted((wish.get("pcrs") or {}).items(), key=lambda item: int(str(item[0])) if str(item[0]).isdigit() else -1):
-        key = str(index)
-        if not key.isdigit() or not 0 <= int(key) <= 23:
-            raise RegistrationError("attestation.pcrs: %r is not a PCR index (0-23)" % (index,))
-        key = str(int(key))
-        mode = str(mode).strip().lower()
+    stored_values = existing.get("pcrValues") or {}
+    stored = stored_values.get("pcrs") or {}
+    modes = {}
+    for index, mode in (wish.get("pcrs") or {}).items():
+        modes[_pcr_key(index, "attestation.pcrs")] = str(mode).strip().lower()
+    deadline = relearn_deadline(wish.get("relearn_until"), now)
+    targets = {}
+    for index, value in (wish.get("relearn_to") or {}).items():
+        key = _pcr_key(index, "attestation.relearn_to")
+        if modes.get(key) != RELEARN:
+            raise RegistrationError("attestation.relearn_to.%s: PCR %s is not in relearn mode in attestation.pcrs" % (key, key))
+        if deadline is None:
+            raise RegistrationError("attestation.relearn_to needs attestation.relearn_until (how long the window stays open)")
+        value = str(value).strip().lower()
+        if not PCR_VALUE.match(value):
+            raise RegistrationError("attestation.relearn_to.%s must be a SHA-256 value (64 hex), got %r" % (key, value))
+        targets[key] = value
+    still_open = open_windows(stored_values, now)
+    pcrs, until, to = {}, {}, {}
+    for key in sorted(modes, key=int):
+        mode = modes[key]
         if mode == LEARN:
             pcrs[key] = stored.get(key) or ""
+        elif mode == RELEARN and deadline is not None and stored.get(key):
+            pcrs[key] = stored[key]
+            window = still_open.get(key)
+            # a duration re-opens nothing: an open window keeps its deadline (a re-run is not a change)
+            until[key] = window.until if window is not None and deadline.duration else deadline.until
+            if key in targets:
+                to[key] = targets[key]
         elif mode == RELEARN:
-            pcrs[key] = ""
+            pcrs[key] = targets.get(key, "")  # nothing learned to restore: learn now, or enforce the known-good value
         elif mode == IGNORE:
             continue
         elif PCR_VALUE.match(mode):
@@ -211,10 +254,122 @@ def attestation_after(existing, wish, tpm_hash):
                                     % (key, mode))
     if pcrs:
         result["pcrValues"] = {"pcrs": pcrs}
+        if until:
+            result["pcrValues"][RELEARN_UNTIL] = until
+        if to:
+            result["pcrValues"][RELEARN_TO] = to
     for stamp in ("enrolledAt", "lastVerifiedAt"):
         if existing.get(stamp):
             result[stamp] = existing[stamp]
     return result
+
+
+def _pcr_key(index, where):
+    key = str(index).strip()
+    if not key.isdigit() or not 0 <= int(key) <= 23:
+        raise RegistrationError("%s: %r is not a PCR index (0-23)" % (where, index))
+    return str(int(key))
+
+
+class _Deadline(object):
+    def __init__(self, until, duration):
+        self.until = until  # RFC 3339, UTC
+        self.duration = duration  # given as a duration (relative to the run), not as a time
+
+
+def relearn_deadline(value, now):
+    """``relearn_until``: an RFC 3339 time or a duration from ``now`` (``2h``, ``90m``, ``1d12h``), in the future.
+    Returns a _Deadline, or None when not given."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    match = DURATION.match(text.lower())
+    if match and any(match.groups()):
+        days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        span = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        if not span:
+            raise RegistrationError("attestation.relearn_until %r is no time at all" % text)
+        return _Deadline(rfc3339(now + span), True)
+    moment = parse_rfc3339(text)
+    if moment is None:
+        raise RegistrationError("attestation.relearn_until must be a duration such as 2h, 90m or 1d12h, or a time such "
+                                "as 2026-12-06T18:00:00Z, got %r" % text)
+    if moment <= now:
+        raise RegistrationError("attestation.relearn_until %s is in the past; a window must close in the future" % text)
+    return _Deadline(rfc3339(moment), False)
+
+
+def pcr_window_report(volume, now=None):
+    """{index: {"state": "open"|"expired", "until", "value", "relearn_to"?}} of a volume's upgrade windows,
+    for results and playbook reports (an expired window changes nothing: its old value is enforced)."""
+    pcr_values = (((volume or {}).get("spec") or {}).get("attestation") or {}).get("pcrValues") or {}
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    opened = open_windows(pcr_values, now)
+    report = {}
+    for index, until in sorted((pcr_values.get(RELEARN_UNTIL) or {}).items(), key=lambda item: int(item[0])):
+        entry = {"state": "open" if index in opened else "expired", "until": until,
+                 "value": (pcr_values.get("pcrs") or {}).get(index, "")}
+        if (pcr_values.get(RELEARN_TO) or {}).get(index):
+            entry["relearn_to"] = pcr_values[RELEARN_TO][index]
+        report[index] = entry
+    return report
+
+
+def plan_pcr_window(store, tpm_hash, open_pcrs=(), until=None, relearn_to=None, close_pcrs=(), now=None):
+    """Open (or move) the upgrade windows of ``open_pcrs`` and close those of ``close_pcrs`` (``"all"``: every one),
+    leaving the rest of the TPM's registration as it is (other windows included). A PCR whose value is not
+    enforced (still to learn, or not checked) gets no window and is listed in the returned ``skipped``.
+
+    Returns (Plan, skipped {index: why}). Raises RegistrationError and writes nothing on bad input.
+    """
+    tpm_hash = validate_tpm_hash(tpm_hash)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    existing = store.find_volume(tpm_hash)
+    if existing is None:
+        raise RegistrationError("TPM %s is not registered" % tpm_hash)
+    open_keys = [_pcr_key(index, "pcrs to open") for index in open_pcrs]
+    targets = {_pcr_key(index, "relearn_to"): str(value).strip().lower() for index, value in (relearn_to or {}).items()}
+    for key, value in targets.items():
+        if key not in open_keys:
+            raise RegistrationError("relearn_to.%s: PCR %s is not among the PCRs to open" % (key, key))
+        if not PCR_VALUE.match(value):
+            raise RegistrationError("relearn_to.%s must be a SHA-256 value (64 hex), got %r" % (key, value))
+    deadline = relearn_deadline(until, now) if open_keys else None
+    if open_keys and deadline is None:
+        raise RegistrationError("opening a PCR window needs relearn_until (a time, or a duration such as 2h)")
+    after = copy.deepcopy(existing)
+    attestation = after["spec"].get("attestation")
+    pcr_values = (attestation or {}).get("pcrValues")
+    stored = (pcr_values or {}).get("pcrs") or {}
+    skipped = {}
+    if close_pcrs == "all":
+        closing = list((pcr_values or {}).get(RELEARN_UNTIL) or {})
+    else:
+        closing = [_pcr_key(index, "pcrs to close") for index in close_pcrs]
+    for key in closing:
+        if pcr_values:
+            close_window(pcr_values, key)
+    still_open = open_windows(pcr_values, now)
+    for key in open_keys:
+        if key not in stored:
+            skipped[key] = "not checked for this TPM"
+            continue
+        if not stored[key]:
+            skipped[key] = "not learned yet: the next contact learns it"
+            continue
+        window = still_open.get(key)
+        pcr_values.setdefault(RELEARN_UNTIL, {})[key] = window.until if window is not None and deadline.duration else deadline.until
+        if key in targets:
+            pcr_values.setdefault(RELEARN_TO, {})[key] = targets[key]
+        else:
+            (pcr_values.get(RELEARN_TO) or {}).pop(key, None)
+            if RELEARN_TO in pcr_values and not pcr_values[RELEARN_TO]:
+                del pcr_values[RELEARN_TO]
+    try:
+        normalize_volume(after)
+    except InvalidDocument as exc:
+        raise RegistrationError(str(exc))
+    return Plan(strip_server_fields(existing), after), skipped
 
 
 # ---------------------------------------------------------------------------
@@ -295,20 +450,21 @@ def plan_registration(store, tpm_hash, partitions, name=None, quarantined=None, 
     """Plan a registration (state present) against the store's current content.
 
     ``partitions``: PartitionWish list — the complete list (module), or partitions to add
-    when ``merge_partitions`` (CLI ``add``: existing ones are kept). ``quarantined``/``attestation``
-    None leave the stored value alone (None on create). Raises RegistrationError, writes nothing.
+    when ``merge_partitions`` (CLI ``add``: existing ones are kept); None keeps the stored ones.
+    ``quarantined``/``attestation`` None leave the stored value alone (None on create). Raises
+    RegistrationError, writes nothing.
     """
     tpm_hash = validate_tpm_hash(tpm_hash)
     if update_passphrase not in (UPDATE_ON_CREATE, UPDATE_ALWAYS):
         raise RegistrationError("update_passphrase must be on_create or always")
-    wishes = [wish.validate(index) for index, wish in enumerate(partitions)]
+    wishes = [wish.validate(index) for index, wish in enumerate(partitions or [])]
     existing = find_target(store, tpm_hash, name)
     name = volume_name(existing) if existing else (name or default_volume_name(tpm_hash))
     before = strip_server_fields(existing) if existing else None
     spec = copy.deepcopy(existing["spec"]) if existing else {"TPMHash": tpm_hash, "partitions": []}
     current = spec.get("partitions") or []
 
-    entries = list(current) if merge_partitions else []
+    entries = list(current) if merge_partitions or partitions is None else []
     for wish in wishes:
         matched = [p for p in current if wish.ref().matches(p)]
         entry = wish.entry(matched[0] if matched else None)
@@ -335,6 +491,7 @@ def plan_registration(store, tpm_hash, partitions, name=None, quarantined=None, 
         normalize_volume(after)
     except InvalidDocument as exc:
         raise RegistrationError(str(exc))
+    _check_secret_ownership(store, tpm_hash, after, current, wishes)
 
     secrets = []
     for wish in wishes:
@@ -346,21 +503,65 @@ def plan_registration(store, tpm_hash, partitions, name=None, quarantined=None, 
             check_object_name(secret_name, "Secret")
         except InvalidDocument as exc:
             raise RegistrationError(str(exc))
-        secrets.append(_secret_action(store, tpm_hash, secret_name, path, wish, update_passphrase))
+        secrets.append(_secret_action(store, tpm_hash, secret_name, path, wish, update_passphrase, name))
     return Plan(before, after, secrets)
 
 
-def _secret_action(store, tpm_hash, name, path, wish, update_passphrase):
+def _check_secret_ownership(store, tpm_hash, volume, registered, wishes):
+    """One Secret, one partition (kms/secret_ownership.py): refuse partitions that would share a Secret.
+
+    Only partitions this plan adds or changes are checked against the store (``registered``: the
+    partitions stored now), so re-running a registration costs no scan: an explicit ``secret_name``
+    must not be used by any other partition; an existing Secret under a derived name must not be
+    ambiguous, nor someone else's when a passphrase is to be written into it.
+    """
+    name = volume_name(volume)
+    partitions = volume["spec"]["partitions"]
+    for index, partition in enumerate(partitions):
+        for secret_name in sorted(partition_secret_names(name, partition)):
+            users = ownership.referrers([volume], secret_name)
+            if ownership.clash(users):
+                raise RegistrationError("%s and %s would use the same Secret %s; give one of them its own secret_name (or "
+                                        "both a secret_path of their own)" % (users[0].describe(), users[1].describe(), secret_name))
+    with_passphrase = [wish.ref() for wish in wishes if wish.passphrase is not None]
+    others = None
+    for index, partition in enumerate(partitions):
+        if partition in registered:
+            continue
+        secret_name = secret_ref(name, partition)[0]
+        if names_secret(partition):
+            if others is None:
+                others = [v for v in store.list_volumes() if volume_name(v) != name]
+            found = ownership.referrers(others, secret_name)
+            if ownership.clash(found + ownership.referrers([volume], secret_name)):
+                raise RegistrationError("Secret %s is already used by %s: a Secret belongs to one partition; choose "
+                                        "another secret_name" % (secret_name, found[0].describe()))
+            continue
+        existing = store.get_secret(secret_name)
+        if existing is None:
+            continue  # whoever creates it labels it: the other partition then gets a Secret of its own
+        verdict = ownership.verdict(store, tpm_hash, volume, index, secret_name, existing)
+        wants_passphrase = any(ref.matches(partition) for ref in with_passphrase)
+        if verdict.kind == ownership.AMBIGUOUS or (verdict.kind == ownership.FOREIGN and wants_passphrase):
+            raise RegistrationError("Secret %s, which partition %s would use, is not its: %s; set secret_name"
+                                    % (secret_name, _describe(partition), verdict.reason))
+
+
+def _describe(partition):
+    return PartitionRef(partition.get("label", ""), partition.get("deviceName", ""), partition.get("uuid", "")).describe()
+
+
+def _secret_action(store, tpm_hash, name, path, wish, update_passphrase, volume):
     existing = store.get_secret(name)
     partition = wish.describe()
     if existing is None:
         labels = {"app.kubernetes.io/name": "kcrypt-challenger", "app.kubernetes.io/component": "encryption-secret",
                   TPM_HASH_LABEL: safe_kube_name(tpm_hash), PARTITION_LABEL: label_value(wish.label),
-                  "app.kubernetes.io/managed-by": MANAGED_BY}
+                  VOLUME_LABEL: volume_label_value(volume), "app.kubernetes.io/managed-by": MANAGED_BY}
         return SecretAction(name, path, "create", partition, data={path: wish.passphrase}, existing=labels)
-    owner = (existing["metadata"].get("labels") or {}).get(TPM_HASH_LABEL)
-    if owner not in (None, safe_kube_name(tpm_hash)):
-        raise RegistrationError("Secret %s belongs to another TPM (label %s=%s); choose another secret_name" % (name, TPM_HASH_LABEL, owner))
+    owner = ownership.label_owner(existing, tpm_hash, volume)
+    if owner:
+        raise RegistrationError("Secret %s belongs to another TPM or SealedVolume (%s); choose another secret_name" % (name, owner))
     if existing["data"].get(path) == wish.passphrase:
         return SecretAction(name, path, "unchanged", partition)
     if update_passphrase == UPDATE_ALWAYS:

@@ -8,16 +8,27 @@ challenger what its systemd unit gives it elsewhere: one background instance wit
 PID file, output appended to a log file, the service user's identity, and a restart
 after a failure (``Restart=on-failure``, with back-off) but not after a clean stop.
 
-    kcrypt_supervise.py start   --pidfile P --logfile L [--user U] [--group G] -- COMMAND...
+    kcrypt_supervise.py start   --pidfile P --logfile L [--user U] [--group G] [--open-files N] -- COMMAND...
     kcrypt_supervise.py stop    --pidfile P
     kcrypt_supervise.py restart --pidfile P --logfile L [...] -- COMMAND...
     kcrypt_supervise.py status  --pidfile P
 
 Every call prints one JSON object (``changed``, ``running``, ``pid``, ``child_pid``).
+
+Why a program and not a module (unlike the role's TLS and Kubernetes steps, which are the
+kairos_challenger_tls and kairos_k8s_objects modules): the supervisor is a daemon that
+must outlive the Ansible task and be restartable by the handler, an operator or a boot
+script, so it runs from a file installed on the host; an Ansible module only lives in a
+temporary directory for the length of one task. ``start``/``stop``/``restart``/``status``
+stay in this same file, so the rule that decides which process is the service (below)
+exists once.
 ``start`` does nothing when the instance of that PID file runs already. The PID file
 holds the supervisor's PID; ``<pidfile>.child`` the server's. A PID is trusted only
 while that process's command line still names the PID file, so a stale file (after a
 reboot, with the PID reused) is never mistaken for the service.
+
+``--open-files N`` is systemd's ``LimitNOFILE=N``: the server starts with N as its soft and hard
+RLIMIT_NOFILE (set before the privileges are dropped, so it may be raised above the supervisor's own).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import grp
 import json
 import os
 import pwd
+import resource
 import signal
 import subprocess
 import sys
@@ -105,6 +117,18 @@ def identity(user, group):
     return entry.pw_uid, gid, groups
 
 
+def set_open_files(limit):
+    """LimitNOFILE=limit for this process and what it runs; as much as allowed when not privileged."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (ValueError, OSError):
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+        except (ValueError, OSError):
+            pass  # keep the inherited limit; the server logs the one it got
+
+
 def supervise(args):
     """The daemon: run the command, restart it after failures, stop it on SIGTERM."""
     ident = identity(args.user, args.group)
@@ -122,6 +146,8 @@ def supervise(args):
 
     def drop_privileges():
         os.setsid()
+        if args.open_files:
+            set_open_files(args.open_files)
         if ident:
             uid, gid, groups = ident
             os.setgroups(groups)
@@ -256,6 +282,8 @@ def main(argv=None):
     parser.add_argument("--user", default="")
     parser.add_argument("--group", default="")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--open-files", dest="open_files", type=int, default=0,
+                        help="RLIMIT_NOFILE of the server (soft and hard), like systemd's LimitNOFILE")
     args = parser.parse_args(argv)
     args.pidfile = os.path.abspath(args.pidfile)
     args.command = command

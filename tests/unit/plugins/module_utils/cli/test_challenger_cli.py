@@ -59,6 +59,17 @@ def test_flags_override_the_config_file(tmp_path):
         ("workers: 0\n", "workers must be between 1 and 64, not 0"),
         ("workers: 65\n", "workers must be between 1 and 64"),
         ("workers: many\n", "workers must be a number or auto, not 'many'"),
+        ("protocols: []\n", "protocols must list one or both of attestation, legacy"),
+        ("protocols: [attestation, v0.1]\n", "protocols must list one or both of attestation, legacy"),
+        ("protocols: legacy;attestation\n", "protocols must list one or both"),
+        ("max_partitions_per_tpm: 0\n", "max_partitions_per_tpm must be a whole number from 1 to 1024, not 0"),
+        ("max_partitions_per_tpm: 2.5\n", "max_partitions_per_tpm must be a whole number"),
+        ("max_partitions_per_tpm: lots\n", "max_partitions_per_tpm must be a number"),
+        ("max_connections: 0\n", "max_connections must be at least 1, not 0"),
+        ("max_connections: lots\n", "max_connections must be a number or auto"),
+        ("max_connections_per_client: -1\n", "max_connections_per_client must be at least 0"),
+        ("first_message_timeout: 0\n", "first_message_timeout must be a positive number"),
+        ("exchange_timeout: 30\n", r"exchange_timeout \(30s\) must be at least first_message_timeout \(120s\)"),
     ],
 )
 def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
@@ -66,6 +77,17 @@ def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(KcryptError, match=message):
         _settings(["serve", "--config", str(path)])
+
+
+def test_connection_budget_settings(tmp_path):
+    config = _settings(["serve"])
+    assert (config["request_timeout"], config["first_message_timeout"], config["read_timeout"], config["exchange_timeout"]) == (10, 120, 10, 150)
+    assert config["max_connections"] is None and config["max_connections_per_client"] is None  # auto
+    path = tmp_path / "config.yaml"
+    path.write_text("max_connections: 5000\nmax_connections_per_client: 0\nfirst_message_timeout: 60\n")
+    config = _settings(["serve", "--config", str(path), "--max-connections", "auto", "--request-timeout", "5"])
+    assert (config["max_connections"], config["max_connections_per_client"]) == (None, 0)
+    assert (config["first_message_timeout"], config["request_timeout"]) == (60.0, 5.0)
 
 
 def test_named_config_must_exist(tmp_path):
@@ -77,6 +99,22 @@ def test_workers():
     assert _settings(["serve"])["workers"] == 1
     assert _settings(["serve", "--workers", "3"])["workers"] == 3
     assert _settings(["serve", "--workers", "auto"])["workers"] == len(os.sched_getaffinity(0))
+
+
+def test_protocols_and_partition_cap():
+    config = _settings(["serve"])
+    assert config["protocols"] == ["attestation", "legacy"] and config["max_partitions_per_tpm"] == 16
+    assert _settings(["serve", "--protocols", "legacy,attestation"])["protocols"] == ["attestation", "legacy"]
+    assert _settings(["serve", "--protocols", "attestation"])["protocols"] == ["attestation"]
+    assert _settings(["serve", "--max-partitions-per-tpm", "4"])["max_partitions_per_tpm"] == 4
+
+
+def test_protocols_from_the_role_s_config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("protocols:\n- legacy\nmax_partitions_per_tpm: 8\n")  # what the role's to_nice_yaml writes
+    config = _settings(["serve", "--config", str(path)])
+    assert config["protocols"] == ["legacy"] and config["max_partitions_per_tpm"] == 8
+    assert _settings(["serve", "--config", str(path), "--protocols", "attestation,legacy"])["protocols"] == ["attestation", "legacy"]
 
 
 def test_parse_listen():
