@@ -314,21 +314,21 @@ def run(params, check_mode):
         if store is None:
             return {"changed": False, "sealedvolume": {}, "secrets": [], "pcr_windows": {}}
         if params["state"] == "absent":
-            plan = reg.plan_removal(store, params["tpm_hash"], params["name"])
+            def make_plan():
+                return reg.plan_removal(store, params["tpm_hash"], params["name"])
         else:
-            plan = reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
-                                         quarantined=params["quarantined"], attestation=params["attestation"],
-                                         update_passphrase=params["update_passphrase"])
+            def make_plan():
+                return reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
+                                             quarantined=params["quarantined"], attestation=params["attestation"],
+                                             update_passphrase=params["update_passphrase"])
+        # registrations run in parallel (one per node): a plan overtaken by another writer is made again
+        plan, stored = reg.plan_and_apply(store, make_plan, write=not check_mode)
         # the diff names Secrets, never a passphrase; Ansible shows it only in diff mode
         result = {"changed": plan.changed, "secrets": [action.summary() for action in plan.secrets], "diff": plan.diff()}
         if plan.delete:
             result["sealedvolume"] = reg.public_view(plan.before)
-            if plan.changed and not check_mode:
-                reg.apply_plan(store, plan)
-        elif plan.changed and not check_mode:
-            result["sealedvolume"] = reg.public_view(reg.apply_plan(store, plan))
         else:
-            result["sealedvolume"] = reg.public_view(plan.after)
+            result["sealedvolume"] = reg.public_view(stored or plan.after)
         result["pcr_windows"] = reg.pcr_window_report(result["sealedvolume"])
         return result
 

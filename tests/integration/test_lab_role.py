@@ -23,6 +23,7 @@ import time
 import pytest
 import yaml
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import luks
 from support import playbook
 from support.lab import HELPER, force_remove, leftovers, load_helper
 from support.process import alive, stop
@@ -131,6 +132,38 @@ class TestLab:
         assert sorted(facts["ansible_facts"]["ansible_interfaces"]) == ["eth0", "lo"]
         node3 = read_inventory(lab)["hosts"]["node3"]
         assert facts["ansible_facts"]["ansible_eth0"]["ipv4"]["address"] == node3["kcrypt_lab_address"]
+
+    def test_nodes_encrypt_in_place_in_parallel_like_separate_machines(self, lab):
+        """Each node has its own /run/cryptsetup and /run/lock (a private mount namespace per module run).
+
+        The host holds both locks an in-place encryption of a COS_PERSISTENT volume takes: cryptsetup's
+        per-UUID reencryption lock (cryptsetup refuses with "Reencryption process is already running"
+        when it sees it taken) and kcrypt's turn-taking lock (kcrypt would wait for it). Every node
+        still encrypts, none waiting for the host or another node, as separate machines would.
+        """
+        import fcntl
+
+        uuid = luks.uuid_for_label("COS_PERSISTENT")
+        os.makedirs("/run/cryptsetup", mode=0o700, exist_ok=True)
+        held = [os.open(path, os.O_RDWR | os.O_CREAT, 0o600) for path in (
+            "/run/lock/kcrypt-reencrypt-%s.lock" % uuid, "/run/cryptsetup/LN_LUKS2-reencryption-%s" % uuid)]
+        try:
+            for descriptor in held:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            args = json.dumps({"partitions": [{"device": "{{ kcrypt_lab_partitions.COS_PERSISTENT }}"}],
+                               "mode": "in_place", "key_source": "passphrase", "passphrase": "lab-parallel-test",
+                               "pbkdf": {"algorithm": "pbkdf2", "iteration_count": 1000}})
+            results = playbook.adhoc("kcrypt_nodes", "kairos.kcrypt.kairos_luks_encrypt", args,
+                                     lab["vars"]["lab_inventory_path"], timeout=240)
+        finally:
+            for descriptor in held:
+                os.close(descriptor)
+        assert sorted(results) == ["node1", "node2", "node3"]
+        for name, result in results.items():
+            assert result.get("changed") and not result.get("failed"), (name, result)
+            assert [p["luks_uuid"] for p in result["partitions"]] == [uuid]
+            # kcrypt took its turn in the node's own /run/lock (cryptsetup removes its lock files after use)
+            assert (lab["dir"] / "nodes" / name / "run" / "lock" / ("kcrypt-reencrypt-%s.lock" % uuid)).exists(), name
 
     def test_mdns_between_host_and_netns_node(self, lab):
         """An announcement on the lab bridge (the host side) resolves inside a node's namespace."""

@@ -66,6 +66,53 @@ def test_module_end_to_end(store_target, repo_root, subprocess_env, tmp_path):
         assert len(policy.issue_passphrase(tpm_hash, ek_pem, {"0": "aa"}, PartitionRef(label="COS_OEM"))) == 44  # TOFU
 
 
+FLEET = 40
+
+
+def test_parallel_registrations_all_land_once(store_target, repo_root, subprocess_env, tmp_path):
+    """40 kairos_sealedvolume runs at once (one Ansible fork each, real processes) on one store.
+
+    Pairs of hosts register the same TPM at the same moment (the same node listed twice): each
+    pair must end up as one SealedVolume. Every other registration is present with its own passphrase,
+    none is lost, none duplicated; a second run changes nothing.
+    """
+    ensure_collection_link(repo_root)
+    hosts = {}
+    for number in range(FLEET):
+        tpm_hash = os.urandom(32).hex()
+        hosts["node%02d" % number] = {"tpm_hash": tpm_hash, "passphrase": "fleet-%s" % tpm_hash[:24]}
+        if number % 10 == 0:  # a twin right after it in the inventory starts at the same moment
+            hosts["node%02d-twin" % number] = dict(hosts["node%02d" % number])
+    inventory = tmp_path / "fleet.json"
+    inventory.write_text(json.dumps({"fleet": {"hosts": hosts, "vars": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "store_args": store_args(store_target)}}}))
+    command = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", str(inventory),
+               "--forks", str(len(hosts)), os.path.join(PLAYBOOKS, "register_fleet.yml")]
+
+    def run():
+        return subprocess.run(command, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, check=False, timeout=600)
+
+    first = run()
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
+    assert "failed=0" in first.stdout
+    with store_target.open() as store:
+        volumes = store.list_volumes()
+        by_hash = {}
+        for volume in volumes:
+            by_hash.setdefault(volume["spec"]["TPMHash"], []).append(volume)
+        assert sorted(by_hash) == sorted({h["tpm_hash"] for h in hosts.values()})  # none lost
+        assert all(len(found) == 1 for found in by_hash.values()), [n for n in by_hash.values() if len(n) > 1]
+        policy = Policy(store)
+        for host in hosts.values():
+            (volume,) = by_hash[host["tpm_hash"]]
+            assert [p["label"] for p in volume["spec"]["partitions"]] == ["COS_PERSISTENT", "COS_OEM"]
+            served = policy.legacy_get_pass(host["tpm_hash"], PartitionRef(label="COS_PERSISTENT"))
+            assert served["passphrase"] == host["passphrase"]
+    second = run()
+    assert second.returncode == 0 and "changed=1" not in second.stdout, second.stdout[-6000:]
+
+
 def test_pcr_upgrade_windows(store_target, repo_root, subprocess_env, tmp_path):
     """relearn_until/relearn_to: opened, idempotent with a duration, moved in check mode (not written), refused in
     the past, closed by learn; pcr_windows reports them; on every backend."""

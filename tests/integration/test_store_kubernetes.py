@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -79,32 +80,97 @@ def test_store_url_describes_the_api_without_credentials(kube_api):
         assert "token" not in store.url
 
 
+class ListCounter(object):
+    """Wraps the store's CustomObjectsApi: records the label selector and item count of every list."""
+
+    def __init__(self, api):
+        self._api, self.lists = api, []
+
+    def __getattr__(self, name):
+        return getattr(self._api, name)
+
+    def list_namespaced_custom_object(self, *args, **kwargs):
+        response = self._api.list_namespaced_custom_object(*args, **kwargs)
+        self.lists.append((kwargs.get("label_selector", ""), len(json.loads(response.data)["items"])))
+        return response
+
+
+def kubectl_volume(kube_api, namespace, name, tpm_hash, labels=None):
+    """A SealedVolume made the way kubectl or upstream's server make it (no tpm-hash label unless given)."""
+    api = config.new_client_from_config(config_file=kube_api.kubeconfig)
+    try:
+        metadata = {"name": name, "labels": labels} if labels else {"name": name}
+        client.CustomObjectsApi(api).create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
+            "apiVersion": st.API_VERSION, "kind": "SealedVolume", "metadata": metadata,
+            "spec": {"TPMHash": tpm_hash, "partitions": [{"label": "L"}]}})
+    finally:
+        api.close()
+
+
 def test_tpm_hash_label_is_the_lookup_index(kube_api):
+    """A known TPM costs one list of its own volumes; the namespace is never listed whole."""
     namespace = "kcrypt-label-index"
     url = "kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)
-    other = "e" * 64
+    hashes = ["%064x" % (0xD00 + n) for n in range(20)]
     with store_factory.open_store(url) as store:
-        created = store.create_volume(st.new_volume("ours", HASH, [{"label": "L"}]))
-        assert created["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(HASH)
-        # a volume of another tool, unlabelled, and one whose label was edited to lie about its TPM
-        api = config.new_client_from_config(config_file=kube_api.kubeconfig)
-        try:
-            objects = client.CustomObjectsApi(api)
-            objects.create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
-                "apiVersion": st.API_VERSION, "kind": "SealedVolume", "metadata": {"name": "theirs"},
-                "spec": {"TPMHash": other, "partitions": [{"label": "L"}]}})
-            objects.create_namespaced_custom_object(st.GROUP, st.VERSION, namespace, st.PLURAL, {
-                "apiVersion": st.API_VERSION, "kind": "SealedVolume",
-                "metadata": {"name": "liar", "labels": {TPM_HASH_LABEL: safe_kube_name(other)}},
-                "spec": {"TPMHash": "f" * 64, "partitions": [{"label": "L"}]}})
-        finally:
-            api.close()
-        assert st.volume_name(store.find_volume(HASH)) == "ours"
+        for number, tpm_hash in enumerate(hashes):
+            created = store.create_volume(st.new_volume("node-%02d" % number, tpm_hash, [{"label": "L"}]))
+            assert created["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(tpm_hash)
+        store.custom = counter = ListCounter(store.custom)
+        assert st.volume_name(store.find_volume(hashes[7])) == "node-07"
+        assert counter.lists == [("%s=%s" % (TPM_HASH_LABEL, safe_kube_name(hashes[7])), 1)]
+        counter.lists[:] = []
+        assert store.find_volume("e" * 64) is None  # unknown: its label, then the unlabelled volumes (none)
+        assert counter.lists == [("%s=%s" % (TPM_HASH_LABEL, safe_kube_name("e" * 64)), 0), ("!" + TPM_HASH_LABEL, 0)]
+
+
+def test_volume_without_the_label_is_found_and_labelled_at_its_first_attestation(kube_api):
+    """Upstream's server and kubectl write no tpm-hash label on SealedVolumes: found, then indexed."""
+    namespace = "kcrypt-label-backfill"
+    url = "kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)
+    other = "e" * 64
+    kubectl_volume(kube_api, namespace, "theirs", other)
+    kubectl_volume(kube_api, namespace, "bystander", "f" * 64)
+    with store_factory.open_store(url) as store:
+        store.create_volume(st.new_volume("ours", HASH, [{"label": "L"}]))
+        store.custom = counter = ListCounter(store.custom)
+        before = store.get_volume("theirs")["metadata"]["resourceVersion"]
+        assert [st.volume_name(v) for v in store.volumes_for(other)] == ["theirs"]
+        assert counter.lists[-1] == ("!" + TPM_HASH_LABEL, 2)  # only the two unlabelled volumes were read
+        assert store.get_volume("theirs")["metadata"]["resourceVersion"] == before  # a lookup writes nothing
+        assert store.needs_index(store.get_volume("theirs")) and not store.needs_index(store.get_volume("ours"))
+
+        Policy(store).issue_passphrase(other, "PEM", {"0": "aa"}, PartitionRef(label="L"))  # its TPM proved itself
+        assert store.get_volume("theirs")["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(other)
+        counter.lists[:] = []
+        assert st.volume_name(store.find_volume(other)) == "theirs"
+        assert counter.lists == [("%s=%s" % (TPM_HASH_LABEL, safe_kube_name(other)), 1)]
+        assert "labels" not in store.get_volume("bystander")["metadata"]  # no other TPM's volume was touched
+
+
+def test_a_lying_label_is_not_trusted_and_reindex_repairs_it(kube_api, capsys):
+    """A label naming another TPM (spec.TPMHash edited by hand) never hands out that volume; reindex fixes it."""
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import challenger
+
+    namespace = "kcrypt-label-liar"
+    url = "kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)
+    other, edited = "e" * 64, "f" * 64
+    kubectl_volume(kube_api, namespace, "theirs", other)
+    kubectl_volume(kube_api, namespace, "liar", edited, labels={TPM_HASH_LABEL: safe_kube_name(other)})
+    with store_factory.open_store(url) as store:
         assert [st.volume_name(v) for v in store.volumes_for(other)] == ["theirs"]  # the lying label is not trusted
-        assert st.volume_name(store.find_volume("f" * 64)) == "liar"
+        assert store.find_volume(edited) is None  # until the index is repaired
+    assert challenger.main(["reindex", "--store", url]) == 0
+    out = capsys.readouterr().out
+    assert "SealedVolume liar: indexed" in out and "SealedVolume theirs: indexed" in out and "2 SealedVolume(s)" in out
+    with store_factory.open_store(url) as store:
+        assert st.volume_name(store.find_volume(edited)) == "liar"
+        assert st.volume_name(store.find_volume(other)) == "theirs"
         theirs = store.get_volume("theirs")
         theirs["spec"]["quarantined"] = True
         assert store.update_volume(theirs)["metadata"]["labels"][TPM_HASH_LABEL] == safe_kube_name(other)
+    assert challenger.main(["reindex", "--store", url]) == 0
+    assert "0 SealedVolume(s) indexed" in capsys.readouterr().out
 
 
 API_VERBS = {

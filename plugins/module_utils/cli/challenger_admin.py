@@ -14,6 +14,7 @@ Private to the collection. ``cli/challenger.py`` mounts them with
     kcrypt-challenger import FILE|- [--replace]
     kcrypt-challenger quarantine|unquarantine NAME|TPM_HASH
     kcrypt-challenger delete NAME|TPM_HASH [--purge-secrets]
+    kcrypt-challenger reindex
     kcrypt-challenger pcr-window open TPM_HASH --pcr 7 [--pcr 0] --until 2h|TIME [--to 7=HEX] [--dry-run]
     kcrypt-challenger pcr-window close TPM_HASH [--pcr 7 ...] [--dry-run]     (no --pcr: every window)
     kcrypt-challenger pcr-window status TPM_HASH
@@ -102,6 +103,8 @@ def add_subcommands(subparsers, common=None):
     parser.add_argument("--purge-secrets", action="store_true",
                         help="also delete the Secrets its partitions use: the passphrases are gone for good")
 
+    command("reindex", cmd_reindex, "index every SealedVolume by its TPM hash (Kubernetes: label volumes that "
+                                    "other tools wrote, or whose TPMHash was edited by hand)")
     command("check", cmd_check, "report Secrets that are not exactly one partition's (shared or ambiguous names); "
                                 "exit 1 if there is any")
     return subparsers
@@ -197,11 +200,11 @@ def cmd_add(args):
     for wish in wishes:
         wish.passphrase = passphrase
     with _open(args, create=True) as store:
-        plan = reg.plan_registration(store, args.tpm_hash, wishes, name=args.name,
-                                     quarantined=True if args.quarantined else None,
-                                     update_passphrase=reg.UPDATE_ALWAYS if args.update_passphrase else reg.UPDATE_ON_CREATE,
-                                     merge_partitions=True)
-        stored = reg.apply_plan(store, plan)
+        plan, stored = reg.plan_and_apply(store, lambda: reg.plan_registration(
+            store, args.tpm_hash, wishes, name=args.name, quarantined=True if args.quarantined else None,
+            update_passphrase=reg.UPDATE_ALWAYS if args.update_passphrase else reg.UPDATE_ON_CREATE,
+            merge_partitions=True))
+        stored = stored or store.get_volume(st.volume_name(plan.after))
     out = _out(args)
     out.write("%s SealedVolume %s for TPM %s\n" % ("created" if plan.before is None else ("updated" if plan.changed else "unchanged"),
                                                    st.volume_name(stored), stored["spec"]["TPMHash"]))
@@ -395,6 +398,24 @@ def cmd_delete(args):
         for secret in secrets:
             store.delete_secret(secret["metadata"]["name"])
             _out(args).write("Secret %s: deleted\n" % secret["metadata"]["name"])
+    return 0
+
+
+def cmd_reindex(args):
+    """Write back every volume the store's lookup index misses (the embedded store has none to fix)."""
+    fixed = 0
+    with _open(args) as store:
+        for volume in store.list_volumes():
+            if not store.needs_index(volume):
+                continue
+            try:
+                store.update_volume(volume)
+            except st.Conflict:
+                _out(args).write("SealedVolume %s changed meanwhile: run reindex again\n" % st.volume_name(volume))
+                continue
+            fixed += 1
+            _out(args).write("SealedVolume %s: indexed\n" % st.volume_name(volume))
+    _out(args).write("%d SealedVolume(s) indexed\n" % fixed)
     return 0
 
 

@@ -27,10 +27,18 @@ REQUIREMENTS = {
 }
 
 _FAILED = {}
+_LAZY = {}  # import name -> the LazyModule standing for it, until require() or first use imports it
 
 
-def optional_import(name):
-    """Import ``name`` and return it, or return None and remember why not."""
+def optional_import(name, lazy=False):
+    """Import ``name`` and return it, or return None and remember why not.
+
+    ``lazy``: return a stand-in that imports on first use (or at ``require``), for a library that
+    is slow to import and needed on one path only (the ``kubernetes`` client costs ~0.5 s of CPU:
+    every SQLite registration and every start of the server would pay it for nothing).
+    """
+    if lazy:
+        return _LAZY.setdefault(name, LazyModule(name))
     try:
         return importlib.import_module(name)
     except (ImportError, OSError):  # OSError: a C library the binding needs is absent
@@ -38,8 +46,32 @@ def optional_import(name):
         return None
 
 
+class LazyModule(object):
+    """A module imported at its first attribute access, or by ``require``."""
+
+    def __init__(self, name):
+        self.name = name
+        self.module = None
+
+    def load(self):
+        """The module, or None (the failure is recorded for ``require``)."""
+        if self.module is None:
+            self.module = optional_import(self.name)
+        return self.module
+
+    def __getattr__(self, attribute):
+        module = self.load()
+        if module is None:
+            top = self.name.split(".")[0]
+            raise MissingDependencyError(REQUIREMENTS.get(top, top), "here", _FAILED.get(top))
+        return getattr(module, attribute)
+
+
 def require(name, reason):
-    """Raise MissingDependencyError if ``name`` could not be imported earlier."""
+    """Raise MissingDependencyError if ``name`` cannot be imported (a lazy import is tried now)."""
     top = name.split(".")[0]
+    for lazy in list(_LAZY.values()):
+        if lazy.name.split(".")[0] == top:
+            lazy.load()
     if top in _FAILED:
         raise MissingDependencyError(REQUIREMENTS.get(top, top), reason, _FAILED[top])

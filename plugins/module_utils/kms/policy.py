@@ -270,7 +270,7 @@ class Policy(object):
             changed = learn_attestation(spec["attestation"], ek_pem, pcrs) or changed
             relearned = relearn_pcrs(spec["attestation"], pcrs)  # changed inside an upgrade window
             changed = changed or bool(relearned)
-        if changed:
+        if changed or self.store.needs_index(volume):  # the write also indexes a volume other tools made
             self._update(volume)
         for pcr, old, new, until in relearned:
             audit_log.info("pcr-relearn volume=%s tpm_hash=%s pcr=%s old=%s new=%s window_until=%s", name, tpm_hash,

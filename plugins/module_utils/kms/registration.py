@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import random
 import re
+import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
@@ -61,10 +63,17 @@ UPDATE_ON_CREATE, UPDATE_ALWAYS = "on_create", "always"
 PCR_VALUE = re.compile(r"^[0-9a-f]{64}$")
 DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 MANAGED_BY = "kairos.kcrypt"
+# Plans re-made when another writer changed the store between plan and write (the same TPM
+# registered from two places at once); registrations of different TPMs never collide.
+APPLY_ATTEMPTS = 5
 
 
 class RegistrationError(KcryptError):
     """The registration request is invalid or conflicts with the store; nothing was written."""
+
+
+class StoreChanged(RegistrationError):
+    """Another writer changed the store after the plan was made (plan again)."""
 
 
 # ---------------------------------------------------------------------------
@@ -586,7 +595,28 @@ def apply_plan(store, plan):
             return store.update_volume(plan.after)
         return store.get_volume(volume_name(plan.after))
     except (AlreadyExists, Conflict) as exc:
-        raise RegistrationError("the store changed while registering (%s); run again" % exc)
+        raise StoreChanged("the store changed while registering (%s); run again" % exc)
+
+
+def plan_and_apply(store, make_plan, write=True, attempts=APPLY_ATTEMPTS):
+    """``make_plan()`` and, when ``write`` and it changes something, apply it; plan again when a
+    concurrent writer got there first.
+
+    Returns ``(plan, stored)``: the plan that was written (or would be, ``write=False``) and the
+    stored volume (None when nothing was written, or after a removal).
+    """
+    attempt = 1
+    while True:
+        plan = make_plan()
+        if not (write and plan.changed):
+            return plan, None
+        try:
+            return plan, apply_plan(store, plan)
+        except StoreChanged:
+            if attempt >= attempts:
+                raise
+            time.sleep(random.uniform(0, 0.05 * attempt))  # spread the writers that collided
+            attempt += 1
 
 
 def plan_removal(store, tpm_hash, name=None):

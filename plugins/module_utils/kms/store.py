@@ -100,6 +100,14 @@ class Store(object):
         """Every SealedVolume whose ``spec.TPMHash`` equals ``tpm_hash`` exactly, in name order."""
         return [v for v in self.list_volumes() if volume_tpm_hash(v) == tpm_hash]
 
+    def needs_index(self, volume):
+        """True when ``update_volume(volume)`` would make the volume cheaper to find (a backend's index).
+
+        The embedded store indexes every write itself; the Kubernetes store labels volumes
+        that other tools wrote without its tpm-hash label.
+        """
+        return False
+
     def find_volume(self, tpm_hash):
         """The first SealedVolume of this TPM, or None (spec §3.2 ``findVolumeForTPM``)."""
         volumes = self.volumes_for(tpm_hash)

@@ -14,9 +14,17 @@ Creates of the same name from two replicas: one wins, the other gets 409 Already
 
 Looking a TPM up must not read every SealedVolume on every boot of a large fleet, and
 ``spec.TPMHash`` is not a selectable field. So every volume this store writes carries the
-label ``kcrypt.kairos.io/tpm-hash: SafeKubeName(hash)`` (its index, as SQLite's column),
-and ``volumes_for`` asks for that label first; only when no labelled volume of the TPM
-exists (a first contact, or a volume written by other tools) does it scan the namespace.
+label ``kcrypt.kairos.io/tpm-hash: SafeKubeName(hash)`` (its index, as SQLite's column; the
+same label upstream puts on its Secrets), and ``volumes_for`` asks for that label. Volumes
+written by other tools (upstream's server, kubectl, GitOps) lack it: when the label finds
+nothing, the lookup lists only the volumes *without* the label (``!kcrypt.kairos.io/tpm-hash``),
+which is empty once every volume has been labelled. The server labels such a volume at the
+first attestation of its TPM (``needs_index``: the policy then writes it back), the admin
+tools whenever they write one, and ``kcrypt-challenger reindex`` all at once. Nothing here
+lists the whole namespace per lookup: a known TPM costs one small list, an unknown one two.
+
+A label that no longer matches ``spec.TPMHash`` (the hash edited by hand, label kept) is
+never trusted, and such a volume is found again only after ``reindex`` (docs/store.md).
 """
 
 from __future__ import annotations
@@ -45,9 +53,11 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import TPM_HASH_LABEL, safe_kube_name
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import RELEARN_TO, RELEARN_UNTIL
 
-kclient = optional_import("kubernetes.client")
-kconfig = optional_import("kubernetes.config")
-urllib3 = optional_import("urllib3")
+# Imported when a Kubernetes store is opened (require), not with this file: the client is slow to
+# import, and the embedded store's users (the module, the server, the admin commands) never need it.
+kclient = optional_import("kubernetes.client", lazy=True)
+kconfig = optional_import("kubernetes.config", lazy=True)
+urllib3 = optional_import("urllib3", lazy=True)
 
 
 class CRDPruned(StoreError):
@@ -167,17 +177,27 @@ class KubernetesStore(Store):
         return sorted(volumes, key=lambda v: v["metadata"]["name"])
 
     def volumes_for(self, tpm_hash):
-        """Labelled volumes of the TPM first (cheap); a full scan only when there is none.
+        """The TPM's labelled volumes (one small list); if none, its volumes among the unlabelled ones.
 
         With several volumes for one TPM (an operator error the admin tools refuse),
         labelled ones are preferred over unlabelled ones, then name order applies.
         """
-        if tpm_hash:
-            labelled = [v for v in self.list_volumes(label_selector="%s=%s" % (TPM_HASH_LABEL, safe_kube_name(tpm_hash)))
-                        if v["spec"].get("TPMHash") == tpm_hash]  # a hand-edited label must not mislead
-            if labelled:
-                return labelled
-        return [v for v in self.list_volumes() if v["spec"].get("TPMHash") == tpm_hash]
+        if not tpm_hash:
+            return []
+        labelled = [v for v in self.list_volumes(label_selector="%s=%s" % (TPM_HASH_LABEL, safe_kube_name(tpm_hash)))
+                    if v["spec"].get("TPMHash") == tpm_hash]  # a hand-edited label must not mislead
+        if labelled:
+            return labelled
+        return [v for v in self.list_volumes(label_selector="!" + TPM_HASH_LABEL) if v["spec"].get("TPMHash") == tpm_hash]
+
+    def needs_index(self, volume):
+        """True when the volume lacks the tpm-hash label of its spec (``update_volume`` sets it)."""
+        return (volume["metadata"].get("labels") or {}).get(TPM_HASH_LABEL) != self._index_label(volume)
+
+    @staticmethod
+    def _index_label(volume):
+        tpm_hash = volume["spec"].get("TPMHash", "")
+        return safe_kube_name(tpm_hash) if tpm_hash else None
 
     @staticmethod
     def _volume(item):
@@ -204,9 +224,9 @@ class KubernetesStore(Store):
         """A SealedVolume body with the tpm-hash index label set to match its spec."""
         body = self._body(doc, keep_version)
         labels = dict(body["metadata"].get("labels") or {})
-        tpm_hash = doc["spec"].get("TPMHash", "")
-        if tpm_hash:
-            labels[TPM_HASH_LABEL] = safe_kube_name(tpm_hash)
+        index = self._index_label(doc)
+        if index:
+            labels[TPM_HASH_LABEL] = index
         else:
             labels.pop(TPM_HASH_LABEL, None)
         body["metadata"]["labels"] = labels

@@ -240,10 +240,11 @@ REENCRYPT_LOCK_DIR = "/run/lock"
 def reencryption_lock(luks_uuid):
     """Take turns with other kcrypt processes on this machine re-encrypting a device with this LUKS UUID.
 
-    cryptsetup locks an in-place (re)encryption by LUKS UUID and refuses a second one at the same time
-    ("Reencryption process is already running"). Our UUIDs derive from the label, as upstream's, so
-    simulated nodes sharing a machine (the lab, tests) share them: waiting here turns that refusal
-    into taking turns.
+    cryptsetup locks an in-place (re)encryption by LUKS UUID (in /run/cryptsetup) and refuses a second
+    one at the same time ("Reencryption process is already running"). Our UUIDs derive from the label,
+    as upstream's, so devices with the same label on one machine share them: waiting here turns that
+    refusal into taking turns. (Lab nodes each have their own /run/cryptsetup and /run/lock, so they
+    encrypt in parallel like separate machines; see roles/lab.)
     """
     if not luks_uuid:
         yield

@@ -14,7 +14,8 @@ The lab directory is the lab's only memory:
                                     so teardown finds everything even after a failed run
     <lab_dir>/nodes/<name>/tpm/     swtpm state; swtpm.pid, swtpm.log, swtpm.port next to it
     <lab_dir>/nodes/<name>/disk.img the node's disk; attached loop devices are found with losetup -j
-    <lab_dir>/nodes/<name>/python   interpreter wrapper running Python inside the node's netns
+    <lab_dir>/nodes/<name>/python   interpreter wrapper running Python as the node: in its netns (if any),
+                                    with its own /run/cryptsetup and /run/lock (run/ next to it)
 
     <lab_dir>/kms/                  a KMS deployed for the lab (playbooks/provision.yml puts the
                                     challenger's code, settings, store, log and PID files there)
@@ -39,6 +40,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -51,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 SWTPM_NETNS_PORT = 2321  # inside a node's own namespace any port is free; use the customary one
 FIRST_NODE_HOST = 10  # node addresses start at <network>.10; .1 is the host side of the bridge
 PARTITION_LABELS = {"oem": "COS_OEM", "persistent": "COS_PERSISTENT"}
-REQUIRED_TOOLS = ("swtpm", "swtpm_setup", "sfdisk", "mkfs.ext4", "losetup", "partx", "ip")
+REQUIRED_TOOLS = ("swtpm", "swtpm_setup", "sfdisk", "mkfs.ext4", "losetup", "partx", "ip", "unshare", "mount")
 
 
 class LabError(Exception):
@@ -240,7 +242,7 @@ def node_status(record):
     status["netns_exists"] = bool(record["netns"]) and record["netns"] in netns_names()
     status["netns_ready"] = status["netns_exists"] and netns_ready(record)
     status["veth_exists"] = bool(record["veth"]) and link_exists(record["veth"])
-    status["interpreter"] = os.path.join(record["dir"], "python") if record["netns"] else record["python"]
+    status["interpreter"] = os.path.join(record["dir"], "python")
     return status
 
 
@@ -384,8 +386,7 @@ def cmd_plan(lab, args):
             os.makedirs(record["dir"], mode=0o700, exist_ok=True)
             changed |= write_file(os.path.join(record["dir"], "node.json"),
                                   json.dumps(record, indent=2, sort_keys=True) + "\n")
-            if record["netns"]:
-                changed |= write_file(os.path.join(record["dir"], "python"), python_wrapper(record), 0o755)
+            changed |= write_file(os.path.join(record["dir"], "python"), python_wrapper(record), 0o755)
         else:
             changed |= old != record
         records[node["name"]] = record
@@ -409,12 +410,35 @@ def check_network_is_ours(lab, network, records):
                                % (network, interface, link["ifname"]))
 
 
+# Directories of /run a node keeps to itself. cryptsetup locks an in-place encryption by LUKS
+# UUID in /run/cryptsetup, kcrypt waits for its turn in /run/lock (luks.reencryption_lock), and
+# lab nodes share UUIDs (they derive from the label): with their own directories they encrypt in
+# parallel, as separate machines do.
+PRIVATE_RUN_DIRS = ("/run/cryptsetup", "/run/lock")
+
+
 def python_wrapper(record):
+    """The node's interpreter: Python in a private mount namespace with the node's own PRIVATE_RUN_DIRS.
+
+    ``unshare --mount --propagation private`` makes a mount namespace for each run of the
+    wrapper (it ends with the process, nothing to clean up); the bind mounts of
+    ``<node dir>/run/*`` are seen only there. A node with a network namespace enters it first.
+    """
+    script = " && ".join('mkdir -p %s && mount --bind "$%d" %s' % (target, number, target)
+                         for number, target in enumerate(PRIVATE_RUN_DIRS, start=1))
+    sources = " ".join(shlex.quote(os.path.join(record["dir"], "run", os.path.basename(target)))
+                       for target in PRIVATE_RUN_DIRS)
+    netns = "ip netns exec %s " % shlex.quote(record["netns"]) if record["netns"] else ""
     return (
         "#!/bin/sh\n"
-        "# Written by the kairos.kcrypt lab: runs Python inside lab node %s's network namespace,\n"
-        "# so Ansible modules for this node run there (ansible_python_interpreter).\n"
-        "exec ip netns exec %s %s \"$@\"\n" % (record["name"], record["netns"], record["python"])
+        "# Written by the kairos.kcrypt lab: runs Python as lab node %s (ansible_python_interpreter),\n"
+        "# %swith its own %s, like a separate machine.\n"
+        "for dir in %s; do mkdir -p \"$dir\"; done\n"
+        "exec %sunshare --mount --propagation private /bin/sh -c '%s && shift %d && exec \"$@\"' kcrypt-lab-node \\\n"
+        "    %s %s \"$@\"\n"
+        % (record["name"], "in its network namespace %s, " % record["netns"] if record["netns"] else "",
+           " and ".join(PRIVATE_RUN_DIRS), sources, netns, script, len(PRIVATE_RUN_DIRS), sources,
+           shlex.quote(record["python"]))
     )
 
 

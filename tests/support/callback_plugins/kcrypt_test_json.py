@@ -18,6 +18,7 @@ description:
 """
 
 import json
+import time
 
 from ansible.plugins.callback import CallbackBase
 
@@ -37,7 +38,8 @@ class CallbackModule(CallbackBase):
     def _task(self, task):
         if not self.plays:
             self.plays.append({"play": {"name": "ad hoc"}, "tasks": []})
-        self.plays[-1]["tasks"].append({"task": {"name": task.get_name()}, "hosts": {}})
+        # the start time lets benchmarks tell where a run's time goes
+        self.plays[-1]["tasks"].append({"task": {"name": task.get_name(), "started": time.time()}, "hosts": {}})
 
     def v2_playbook_on_task_start(self, task, is_conditional):
         self._task(task)

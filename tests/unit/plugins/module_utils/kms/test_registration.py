@@ -218,6 +218,44 @@ def test_parse_partition_spec():
         reg.parse_partition_spec("label=x,colour=blue")
 
 
+def test_plan_overtaken_by_another_writer_is_made_again(store):
+    """Two registrations of the same TPM at once: the second plan is stale when it is written, and is re-made."""
+    calls = []
+
+    def make_plan():
+        plan = reg.plan_registration(store, HASH, [P(label="COS_PERSISTENT"), P(label="COS_OEM")])
+        if not calls:  # another writer registers the TPM between this plan and its write
+            reg.apply_plan(store, reg.plan_registration(store, HASH, [P(label="COS_PERSISTENT")]))
+        calls.append(plan)
+        return plan
+
+    stale = reg.plan_registration(store, "b" * 64, [P(label="L")])
+    reg.apply_plan(store, reg.plan_registration(store, "b" * 64, [P(label="M")]))
+    with pytest.raises(reg.StoreChanged):  # a stale plan alone fails (what the module did before)
+        reg.apply_plan(store, stale)
+    plan, stored = reg.plan_and_apply(store, make_plan)
+    assert len(calls) == 2 and calls[0].before is None and calls[1].before is not None
+    assert [p["label"] for p in stored["spec"]["partitions"]] == ["COS_PERSISTENT", "COS_OEM"]
+    assert [st.volume_name(v) for v in store.volumes_for(HASH)] == [st.volume_name(stored)]  # one volume, not two
+
+
+def test_plan_and_apply_gives_up_after_its_attempts(store):
+    def make_plan():
+        plan = reg.plan_registration(store, HASH, [P(label="COS_PERSISTENT")])
+        for volume in store.volumes_for(HASH):  # every plan is overtaken
+            store.delete_volume(st.volume_name(volume))
+        store.create_volume(st.new_volume(reg.default_volume_name(HASH), HASH, [{"label": "X"}]))
+        return plan
+
+    with pytest.raises(reg.StoreChanged, match="run again"):
+        reg.plan_and_apply(store, make_plan, attempts=3)
+
+
+def test_plan_and_apply_in_check_mode_writes_nothing(store):
+    plan, stored = reg.plan_and_apply(store, lambda: reg.plan_registration(store, HASH, [P(label="L")]), write=False)
+    assert plan.changed and stored is None and store.list_volumes() == []
+
+
 class CountingStore(object):
     """Counts the full scans (list_volumes) a registration costs."""
 
