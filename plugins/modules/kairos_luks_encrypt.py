@@ -122,12 +122,25 @@ options:
     description:
       - Also add a recovery key in a second key slot. It is a random 256-bit key in the format that
         systemd-cryptenroll uses for recovery keys.
-      - The new key is returned once, in RV(partitions[].recovery_key), and never again. Store it somewhere
-        safe, such as a vault.
-      - "The task must set C(no_log: true) so the key stays out of logs. The module refuses to run otherwise."
+      - O(recovery_escrow) says where the key is kept.
       - A partition that already has a recovery key is left as it is.
+        M(kairos.kcrypt.kairos_luks_rekey) with O(kairos.kcrypt.kairos_luks_rekey#module:recovery_key=true) replaces it.
     type: bool
     default: false
+  recovery_escrow:
+    description:
+      - Where a new recovery key is kept. The key is always escrowed or returned before it becomes the partition's
+        recovery key, so the kept key opens the partition.
+      - V(controller) returns the new key once, in RV(partitions[].recovery_key), and never again. Store it somewhere
+        safe, such as a vault. The task must set C(no_log) to V(true) so the key stays out of logs; the module refuses to run otherwise.
+      - V(kms) escrows the key in the kairos.kcrypt KMS named by O(challenger_server) (with O(certificate), O(mdns)),
+        whatever O(key_source) is. The node proves its TPM as it does to get a key, and the KMS stores the key for
+        this partition of the node's own SealedVolume, which must exist (a node that gets its keys from the KMS has one).
+        The KMS never serves it to a node. An administrator reads it with C(kcrypt-challenger recovery show) or
+        M(kairos.kcrypt.kairos_recovery_key), and every read is audited. The result never holds the key.
+    type: str
+    choices: [controller, kms]
+    default: controller
 extends_documentation_fragment:
   - kairos.kcrypt.key_source
 attributes:
@@ -135,7 +148,8 @@ attributes:
     description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
-      - Check mode makes all the checks of a real run. It creates no NV blob, no TPM key and no KMS enrolment.
+      - Check mode makes all the checks of a real run. It creates no NV blob, no TPM key, no KMS enrolment and
+        escrows no recovery key.
       - With O(key_source=kms), it asks the KMS only for partitions that are already encrypted, to test their
         key. A booting node makes the same request.
   diff_mode:
@@ -181,6 +195,16 @@ EXAMPLES = r"""
     recovery_key: true
   no_log: true
   register: encrypted
+
+- name: Encrypt with a KMS key and escrow a recovery key in the same KMS
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - label: COS_PERSISTENT
+    mode: in_place
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+    recovery_key: true
+    recovery_escrow: kms
 
 - name: Preview what would change
   kairos.kcrypt.kairos_luks_encrypt:
@@ -235,17 +259,17 @@ partitions:
       description: Whether this partition changed.
       type: bool
     recovery_key_added:
-      description: Whether a recovery key was added now.
+      description: Whether a recovery key was added now (or would be, in check mode).
       type: bool
     recovery_key:
       description: The new recovery key. Only present when it was added by this run. Store it now.
       type: str
-      returned: when a recovery key was added
+      returned: when a recovery key was added with O(recovery_escrow=controller)
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITIONS_ARG
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
@@ -273,6 +297,7 @@ def argument_spec():
             mutually_exclusive=[("iteration_time", "iteration_count")],
         ),
         recovery_key=dict(type="bool", default=False, no_log=False),
+        recovery_escrow=dict(type="str", default="controller", choices=["controller", "kms"]),
     )
     spec.update(KEY_SOURCE_ARGS)
     return spec
@@ -321,14 +346,15 @@ def main():
             wipe=params["wipe"],
             options=luks_options(params),
             recovery_key=params["recovery_key"],
+            recovery_escrow=recovery.build_escrow(params["recovery_escrow"] if params["recovery_key"] else "controller", params),
         )
         source = key_source.build(params)
         plans = encryption.plan(request, source)
         redact_secrets(module, source)
-        if any(p.add_recovery_key for p in plans) and not module.no_log:
+        if any(p.add_recovery_key for p in plans) and request.recovery_escrow.returns_key and not module.no_log:
             module.fail_json(
-                msg="recovery_key=true returns the new recovery key in the result: set 'no_log: true' on the task "
-                "so it stays out of logs. Nothing was changed."
+                msg="recovery_key=true with recovery_escrow=controller returns the new recovery key in the result: set "
+                "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). Nothing was changed."
             )
         diff = {"before": state_text(plans, "before"), "after": state_text(plans, "after")}
         if module.check_mode:

@@ -28,6 +28,9 @@ Behaviour follows upstream's clients (spec §2.A "Client behaviour", §2.B):
   (``x509: certificate signed by unknown authority``) in the message;
 * ``mdns``: the ``.local`` host is resolved with mdns.resolve_url and dialled as
   ``ip:port`` with the original ``Host`` header (spec §7).
+
+``escrow_recovery_key`` stores a partition's recovery key in a kairos.kcrypt KMS (``/recovery-escrow``,
+ours): the newest protocol's messages 1-3, the proof carrying the key, with the same retries.
 """
 
 from __future__ import annotations
@@ -189,6 +192,9 @@ class _KmsExchange:
             raise _Fatal(self._certificate_error(url, error)) from None
         except websocket.WebSocketBadStatusException as error:
             ws.close()
+            if error.status_code == 404 and path == messages.RECOVERY_ESCROW_PATH:
+                raise _Fatal("%s answers 404: this KMS cannot escrow recovery keys (it is not a kairos.kcrypt challenger, "
+                             "or an older one); keep the recovery key on the controller (recovery_escrow=controller)" % url) from None
             hint = "is challenger_server the KMS origin, without a path?"
             if error.status_code == 404:  # the two protocol generations do not negotiate (checklist 50)
                 hint += (" A KMS of the other protocol generation answers 404 too: set protocol to %s"
@@ -237,7 +243,7 @@ class _KmsExchange:
             raise KcryptError("sending the %s to the KMS failed: %s" % (what, error or type(error).__name__)) from None
 
 
-def _retry(config, attempt, log, describe):
+def _retry(config, attempt, log, describe, failed="no passphrase for"):
     """Call ``attempt()`` up to ``config.attempts`` times; AttestationRejected and _Fatal end at once."""
     last = None
     for number in range(1, int(config.attempts) + 1):
@@ -252,8 +258,8 @@ def _retry(config, attempt, log, describe):
             log("attempt %d/%d failed: %s" % (number, config.attempts, error))
         if number < int(config.attempts):
             time.sleep(config.retry_delay)
-    raise KcryptError("no passphrase for %s from %s after %d attempts; last error: %s"
-                      % (describe, config.challenger_server, config.attempts, last))
+    raise KcryptError("%s %s from %s after %d attempts; last error: %s"
+                      % (failed, describe, config.challenger_server, config.attempts, last))
 
 
 class _Attestation(_KmsExchange):
@@ -268,8 +274,9 @@ class _Attestation(_KmsExchange):
         self.init = messages.write_json(messages.init_message(ek.spki_der, params, config.defer_pcr_enrollment))
         log("TPM hash %s, transient AK created" % ek.tpm_hash)
 
-    def attempt(self):
-        ws = self.connect(messages.ATTESTATION_PATH)
+    def _exchange(self, path, proof_message, parse_response):
+        """Messages 1 to 4 on ``path``: ``proof_message(secret, pcr_quote)`` makes message 3, ``parse_response`` reads 4."""
+        ws = self.connect(path)
         try:
             self.send(ws, self.init, "attestation init")
             challenge = messages.load_json_object(self.receive(ws, "challenge"), "attestation.AttestationChallenge")
@@ -281,18 +288,36 @@ class _Attestation(_KmsExchange):
             quote, signature = self.tpm.quote(self.ak, messages.QUOTE_PCRS, qualifying_data=secret)
             pcrs = self.tpm.pcr_read(messages.QUOTE_PCRS)
             pcr_quote = messages.PCRQuote(messages.QUOTE_VERSION, quote, signature, pcrs)
-            self.send(ws, messages.write_json(messages.proof_message(secret, pcr_quote)), "proof")
-            response = messages.load_json_object(self.receive(ws, "response"), "attestation.AttestationResponse")
-            passphrase, error = messages.parse_response(response)
+            self.send(ws, messages.write_json(proof_message(secret, pcr_quote)), "proof")
+            return parse_response(messages.load_json_object(self.receive(ws, "response"), "attestation.AttestationResponse"))
         except messages.ProtocolError as error:
             raise KcryptError("the KMS sent a malformed message: %s" % error) from None
         finally:
             ws.close()
+
+    def attempt(self):
+        passphrase, error = self._exchange(messages.ATTESTATION_PATH, messages.proof_message, messages.parse_response)
         if error:
             raise AttestationRejected("attestation failed: %s" % error)
         if not passphrase:
             raise KcryptError("server returned empty passphrase without error message")
         return passphrase
+
+
+class _Escrow(_Attestation):
+    """``/recovery-escrow``: the newest protocol's proof, carrying the recovery key of the partition."""
+
+    def __init__(self, config, partition, log, tpm, recovery_key):
+        super().__init__(config, partition, log, tpm)
+        self.recovery_key = recovery_key
+
+    def attempt(self):
+        error = self._exchange(messages.RECOVERY_ESCROW_PATH,
+                               lambda secret, pcr_quote: messages.escrow_message(secret, pcr_quote, self.recovery_key),
+                               messages.parse_escrow_response)
+        if error:
+            raise AttestationRejected("the KMS refused to escrow the recovery key: %s" % error)
+        return True
 
 
 class _Legacy(_KmsExchange):
@@ -373,6 +398,29 @@ class _Legacy(_KmsExchange):
         raise KcryptError(error or "the KMS returned neither a passphrase nor an error")
 
 
+def _prepared(config):
+    try:
+        config.validate()
+    except _Fatal as error:
+        raise KcryptError(str(error)) from None
+    return dataclasses.replace(config, certificate=certificate_pem(config.certificate))
+
+
+def escrow_recovery_key(config, partition, recovery_key, log=None):
+    """Store ``recovery_key`` (bytes) for ``partition`` in the kairos.kcrypt KMS of ``config``.
+
+    The KMS keeps it for administrators and never serves it to a node. Raises AttestationRejected
+    when the KMS refuses (not retried), KcryptError when every attempt failed or the KMS has no escrow.
+    """
+    if not messages.MIN_RECOVERY_KEY_SIZE <= len(recovery_key) <= messages.MAX_RECOVERY_KEY_SIZE:
+        raise KcryptError("a recovery key must be %d to %d bytes" % (messages.MIN_RECOVERY_KEY_SIZE, messages.MAX_RECOVERY_KEY_SIZE))
+    log = _logger(log)
+    config = _prepared(config)
+    with TPM(config.tpm_device) as tpm:
+        exchange = _Escrow(config, partition, log, tpm, recovery_key)
+        return _retry(config, exchange.attempt, log, partition.describe(), failed="could not escrow the recovery key of")
+
+
 def get_passphrase(config, partition, log=None):
     """The passphrase bytes for ``partition`` (a PartitionRef) from the KMS in ``config``.
 
@@ -380,11 +428,7 @@ def get_passphrase(config, partition, log=None):
     when every attempt failed (the message says why the last one did).
     """
     log = _logger(log)
-    try:
-        config.validate()
-    except _Fatal as error:
-        raise KcryptError(str(error)) from None
-    config = dataclasses.replace(config, certificate=certificate_pem(config.certificate))
+    config = _prepared(config)
     with TPM(config.tpm_device) as tpm:
         exchange = (_Legacy if config.protocol == PROTOCOL_LEGACY else _Attestation)(config, partition, log, tpm)
         return _retry(config, exchange.attempt, log, partition.describe())

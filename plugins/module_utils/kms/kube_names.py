@@ -15,7 +15,11 @@ import re
 DEFAULT_SECRET_PATH = "passphrase"
 TPM_HASH_LABEL = "kcrypt.kairos.io/tpm-hash"
 PARTITION_LABEL = "kcrypt.kairos.io/partition"
-
+# Recovery keys (escrowed by nodes, read only by administrators): their own label, key and name suffix
+SECRET_TYPE_LABEL = "kcrypt.kairos.io/secret-type"
+RECOVERY_SECRET_TYPE = "recovery-key"
+RECOVERY_SECRET_KEY = "recovery-key"
+RECOVERY_NAME_SUFFIX = "-recovery"
 
 
 def _is_alnum(char):
@@ -111,6 +115,24 @@ def secret_labels(tpm_hash, partition_label):
         PARTITION_LABEL: label_value(partition_label),
         "kcrypt.kairos.io/managed-by": "kcrypt-challenger",
     }
+
+
+def recovery_secret_name(volume, partition_suffix):
+    """The recovery-key Secret of one partition of a SealedVolume: ``<volume>-<partition>-recovery``.
+
+    It lives in the store's recovery space (its own SQLite table, its own Kubernetes namespace), and the
+    suffix keeps it apart from passphrase Secrets even where both are listed together (an export, a reader).
+    """
+    return object_name("%s-%s" % (volume, partition_suffix)) + RECOVERY_NAME_SUFFIX  # at most 72 characters
+
+
+def recovery_secret_labels(tpm_hash, partition_label, volume):
+    """Labels of a recovery-key Secret: the TOFU Secret's, with their own component and secret type."""
+    labels = secret_labels(tpm_hash, partition_label)
+    labels["app.kubernetes.io/component"] = RECOVERY_SECRET_TYPE
+    labels[SECRET_TYPE_LABEL] = RECOVERY_SECRET_TYPE
+    labels["kcrypt.kairos.io/sealedvolume"] = label_value(volume)
+    return labels
 
 
 def tofu_volume_names(tpm_hash):

@@ -31,6 +31,7 @@ import random
 import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     DEFAULT_SECRET_PATH,
     TPM_HASH_LABEL,
@@ -280,6 +281,12 @@ class Policy(object):
         if path not in secret["data"]:
             raise PolicyRejection("passphrase not found in secret at key: %s" % path)
         return secret["data"][path]
+
+    # -- recovery-key escrow (ours) ------------------------------------------
+
+    def escrow_recovery_key(self, tpm_hash, ek_pem, pcrs, partition, recovery_key):
+        """``/recovery-escrow`` after the TPM proof: kms/recovery.py. Returns the recovery Secret's name."""
+        return recovery.escrow(self.store, tpm_hash, ek_pem, pcrs, partition, recovery_key)
 
     # -- legacy protocol (spec §2.B) ----------------------------------------
 

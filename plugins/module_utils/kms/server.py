@@ -7,6 +7,8 @@ Private to the collection. Endpoints, all on one port:
 
 * ``/tpm-attestation`` — newest protocol (WebSocket, four JSON messages);
 * ``/getPass`` and ``/postPass`` — legacy protocol (Bearer TPM token, binary frames);
+* ``/recovery-escrow`` — ours: a node stores the recovery key of one of its partitions after the
+  newest protocol's TPM proof (kms/recovery.py; nothing serves a recovery key back);
 * ``/healthz`` (process alive), ``/readyz`` (store reachable), ``/metrics`` (Prometheus).
 
 Why aiohttp: one well-kept library gives HTTP/1.1, WebSocket (RFC 6455, with
@@ -64,6 +66,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.metrics import (
     PROTOCOL_ATTESTATION,
     PROTOCOL_LEGACY_GET,
     PROTOCOL_LEGACY_POST,
+    PROTOCOL_RECOVERY_ESCROW,
     Metrics,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import PolicyRejection
@@ -74,6 +77,7 @@ web = optional_import("aiohttp.web")
 ATTESTATION_PATH = messages.ATTESTATION_PATH
 GET_PASS_PATH = messages.GET_PASS_PATH
 POST_PASS_PATH = messages.POST_PASS_PATH
+RECOVERY_ESCROW_PATH = messages.RECOVERY_ESCROW_PATH
 
 DEFAULT_READ_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024  # real messages are < 4 KiB
@@ -175,6 +179,7 @@ class Challenger:
         app.router.add_get(ATTESTATION_PATH, self.handle_attestation)
         app.router.add_get(GET_PASS_PATH, self.handle_get_pass)
         app.router.add_get(POST_PASS_PATH, self.handle_post_pass)
+        app.router.add_get(RECOVERY_ESCROW_PATH, self.handle_recovery_escrow)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_get("/metrics", self.handle_metrics)
@@ -187,7 +192,7 @@ class Challenger:
     async def handle_repeated_slashes(self, request):
         path = re.sub("/{2,}", "/", request.path)
         handler = {ATTESTATION_PATH: self.handle_attestation, GET_PASS_PATH: self.handle_get_pass,
-                   POST_PASS_PATH: self.handle_post_pass}.get(path)
+                   POST_PASS_PATH: self.handle_post_pass, RECOVERY_ESCROW_PATH: self.handle_recovery_escrow}.get(path)
         if handler is None or path == request.path:
             raise web.HTTPNotFound()
         return await handler(request)
@@ -265,23 +270,29 @@ class Challenger:
 
     # -- newest protocol (spec §2.A) -------------------------------------------
 
+    async def _prove(self, exchange, session):
+        """Messages 1 to 3 of the newest protocol: init, challenge, proof. Returns (VerifiedAttestation, proof frame)."""
+        ws = exchange.ws
+        init = await self._read(ws, "attestation init", "WebSocket read: reading attestation init: ", _json_error)
+        try:
+            challenge = session.challenge(init)
+        except attestation.StageError as error:
+            raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
+        await ws.send_str(messages.write_json(challenge))
+        proof = await self._read(ws, "proof", "Proof read: reading proof: ", _json_error)
+        try:
+            verified = session.verify(proof)
+        except attestation.StageError as error:
+            kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
+            raise _Abort(kind, str(error), message=_json_error(str(error))) from None
+        exchange.extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
+        return verified, proof
+
     async def handle_attestation(self, request):
         session = attestation.AttestationSession(self.nonce_mode)
         async with _AuditedExchange(self, request, PROTOCOL_ATTESTATION, session=session) as exchange:
             ws = exchange.ws
-            init = await self._read(ws, "attestation init", "WebSocket read: reading attestation init: ", _json_error)
-            try:
-                challenge = session.challenge(init)
-            except attestation.StageError as error:
-                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
-            await ws.send_str(messages.write_json(challenge))
-            proof = await self._read(ws, "proof", "Proof read: reading proof: ", _json_error)
-            try:
-                verified = session.verify(proof)
-            except attestation.StageError as error:
-                kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
-                raise _Abort(kind, str(error), message=_json_error(str(error))) from None
-            exchange.extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
+            verified, _proof = await self._prove(exchange, session)
             try:
                 passphrase = await self._store(
                     self.policy.issue_passphrase, verified.tpm_hash, verified.ek_pem, verified.pcrs, exchange.partition,
@@ -295,6 +306,31 @@ class Challenger:
             if not passphrase:
                 raise self._internal_error("issuing a passphrase", KcryptError("the store returned an empty passphrase"))
             await ws.send_str(messages.write_json(messages.response_message(passphrase=passphrase)))
+        return exchange.ws
+
+    # -- recovery-key escrow (ours) ------------------------------------------------
+
+    async def handle_recovery_escrow(self, request):
+        """The newest protocol's proof, the quote always bound to the activation secret (only our clients
+        call this endpoint, and they always bind it), then the recovery key of one partition of the
+        TPM's own SealedVolume is stored. A failed proof or policy check stores nothing."""
+        session = attestation.AttestationSession(attestation.NONCE_REQUIRED)
+        async with _AuditedExchange(self, request, PROTOCOL_RECOVERY_ESCROW, session=session) as exchange:
+            verified, proof = await self._prove(exchange, session)
+            try:
+                key = messages.parse_escrow_key(messages.load_json_object(proof, "recovery escrow"))
+            except messages.ProtocolError as error:
+                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
+            try:
+                name = await self._store(self.policy.escrow_recovery_key, verified.tpm_hash, verified.ek_pem,
+                                         verified.pcrs, exchange.partition, key)
+            except PolicyRejection as error:
+                text = "%s: %s" % (attestation.STAGE_VERIFY, error)
+                raise _Abort(OUTCOME_REJECTED, text, message=_json_error(text)) from None
+            except Exception as error:  # the store failed: close with 1011 so the node retries
+                raise self._internal_error("escrowing a recovery key of TPM %s" % verified.tpm_hash, error) from None
+            exchange.extra += " secret=%s" % name
+            await exchange.ws.send_str(messages.write_json(messages.escrow_response()))
         return exchange.ws
 
     # -- legacy protocol (spec §2.B) ---------------------------------------------

@@ -6,11 +6,13 @@
 Used by the kairos.kcrypt ``challenger`` role, where kubernetes.core may not be installed.
 Reads a JSON list of objects (``kind: List`` documents are expanded) on stdin:
 
-    kcrypt_k8s_apply.py [--kubeconfig F] [--context C] [--namespace NS] [--delete] [--check] < objects.json
+    kcrypt_k8s_apply.py [--kubeconfig F] [--context C] [--namespace NS] [--namespace-map FROM=TO ...]
+                        [--delete] [--check] < objects.json
 
 * ``--namespace`` puts every namespaced object (and the ServiceAccount subjects of
   RoleBindings) into NS, like kustomize's ``namespace:``; the manifests under
-  deploy/kubernetes are written for namespace ``kcrypt``.
+  deploy/kubernetes are written for namespace ``kcrypt``. ``--namespace-map FROM=TO`` puts the
+  objects of manifest namespace FROM into TO instead (the recovery-key namespace ``kcrypt-recovery``).
 * apply: an object that does not exist is created; one that exists is patched (JSON merge
   patch) only when a field of the wanted object differs from the live one, so a second run
   reports no change. Fields the API server adds (defaults, status) are left alone.
@@ -88,9 +90,12 @@ class Applier:
 
     def place(self, obj, resource):
         obj = json.loads(json.dumps(obj))
-        if self.args.namespace:
-            if resource.namespaced:
-                obj["metadata"]["namespace"] = self.args.namespace
+        mapped = dict(item.split("=", 1) for item in self.args.namespace_map or [])
+        if resource.namespaced and obj["metadata"].get("namespace") in mapped:
+            obj["metadata"]["namespace"] = mapped[obj["metadata"]["namespace"]]
+        elif resource.namespaced and self.args.namespace:
+            obj["metadata"]["namespace"] = self.args.namespace
+        if self.args.namespace:  # the service accounts live in the main namespace
             for subject in obj.get("subjects") or []:
                 if subject.get("kind") == "ServiceAccount":
                     subject["namespace"] = self.args.namespace
@@ -140,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--kubeconfig", default="")
     parser.add_argument("--context", default="")
     parser.add_argument("--namespace", default="")
+    parser.add_argument("--namespace-map", action="append", metavar="FROM=TO")
     parser.add_argument("--delete", action="store_true")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
