@@ -55,7 +55,6 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names impor
     RECOVERY_SECRET_TYPE,
     SECRET_TYPE_LABEL,
     TPM_HASH_LABEL,
-    label_value,
     safe_kube_name,
 )
 
@@ -296,12 +295,12 @@ class KubernetesStore(Store):
     def record_audit_event(self, event):
         """A v1 Event on the recovery Secret (``kubectl describe secret`` shows it), the whole record in an annotation."""
         event = audit_event(**event)
-        stamp = event["time"]
+        stamp = event["time"][:19] + "Z"  # firstTimestamp/lastTimestamp hold seconds
         body = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": "%s.%s" % (event["secret"] or "recovery", uuid.uuid4().hex[:16]),
                          "namespace": self.recovery_namespace,
-                         "labels": {SECRET_TYPE_LABEL: RECOVERY_SECRET_TYPE, TPM_HASH_LABEL: label_value(event["tpm_hash"])},
+                         "labels": {SECRET_TYPE_LABEL: RECOVERY_SECRET_TYPE, TPM_HASH_LABEL: safe_kube_name(event["tpm_hash"] or "-")},
                          "annotations": {AUDIT_ANNOTATION: json.dumps(event, sort_keys=True)}},
             "involvedObject": {"apiVersion": "v1", "kind": "Secret", "namespace": self.recovery_namespace, "name": event["secret"]},
             "reason": AUDIT_EVENT_REASON, "type": "Normal", "count": 1,
