@@ -21,7 +21,7 @@ import stat
 import pytest
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names, recovery as kms_recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 from support import playbook
 from support.loopdisk import decrypt_to_image, luks_json, opens_with, read_file, sh, write_file
@@ -243,6 +243,27 @@ class TestProvisionTofu:
         assert run.changed == 0, run
         for host, line in summary(run).items():
             assert " unchanged " in line and "the key opens every partition" in line, line
+
+
+    def test_recovery_keys_escrowed_in_the_kms(self, tofu_lab):
+        """node_recovery_escrow=kms: each node escrows its recovery key in the lab KMS; none reaches the output."""
+        extra = {"node_recovery_key": True, "node_recovery_escrow": "kms"}
+        run = tofu_lab.provision(extra)
+        assert run.rc == 0, run
+        results = node_results(run, tofu_lab.hosts)
+        assert set(results) == set(tofu_lab.hosts)
+        store = open_store(tofu_lab.store_path, create=False)
+        try:
+            for host, result in results.items():
+                (found,) = kms_recovery.reveal(store, result["tpm_hash"], "pytest")
+                assert found["escrowed"] and found["partition"] == "COS_PERSISTENT"
+                assert opens_with(tofu_lab.partition(host), found["recovery_key"])
+                assert found["recovery_key"].decode() not in str(run.data) + run.stderr
+            assert len(store.audit_events()) == len(tofu_lab.hosts)
+        finally:
+            store.close()
+        again = tofu_lab.provision(extra)
+        assert again.rc == 0 and again.changed == 0, again
 
 
 STATIC = "static passphrase of node2 " + secrets.token_hex(8)
