@@ -244,7 +244,6 @@ class TestProvisionTofu:
         for host, line in summary(run).items():
             assert " unchanged " in line and "the key opens every partition" in line, line
 
-
     def test_recovery_keys_escrowed_in_the_kms(self, tofu_lab):
         """node_recovery_escrow=kms: each node escrows its recovery key in the lab KMS; none reaches the output."""
         extra = {"node_recovery_key": True, "node_recovery_escrow": "kms"}

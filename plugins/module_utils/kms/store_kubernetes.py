@@ -304,8 +304,8 @@ class KubernetesStore(Store):
                          "annotations": {AUDIT_ANNOTATION: json.dumps(event, sort_keys=True)}},
             "involvedObject": {"apiVersion": "v1", "kind": "Secret", "namespace": self.recovery_namespace, "name": event["secret"]},
             "reason": AUDIT_EVENT_REASON, "type": "Normal", "count": 1,
-            "message": "%s: %s of SealedVolume %s partition %s, by %s" % (event["action"], event["secret"], event["sealedvolume"],
-                                                                      event["partition"], event["actor"]),
+            "message": "%s: %s of SealedVolume %s partition %s, by %s" % (
+                event["action"], event["secret"], event["sealedvolume"], event["partition"], event["actor"]),
             "firstTimestamp": stamp, "lastTimestamp": stamp,
             "source": {"component": "kcrypt-challenger"}, "reportingComponent": "kcrypt.kairos.io/recovery",
         }

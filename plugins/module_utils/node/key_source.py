@@ -29,6 +29,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DE
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
+
 def partition_ref(device, label):
     """What the KMS is told about a partition (spec §2.A headers): its label, kernel name and GPT UUID."""
     return PartitionRef(label=label or device.kairos_label, device_name=device.name, uuid=device.partuuid)
