@@ -131,9 +131,28 @@ def test_escrowed_key_opens_the_partition_and_is_never_served_to_a_node(kms_stor
         assert recovery.kept_slots(header) == header.recovery_slots and len(header.recovery_slots) == 1
         assert luks.test_passphrase(device, key, keyslot=header.recovery_slots[0])
 
-        # Both protocols, asked for the partition by its label, name and UUID, and by every name the
-        # recovery Secret goes by, serve the partition's passphrase or a new TOFU one, never the recovery key.
+        # A partition whose Secret an administrator named after the recovery Secret, on a registration without
+        # attestation (a legacy node's): the legacy /getPass does not find it, so the node /postPasses a passphrase,
+        # which lands among the passphrase Secrets; the newest protocol then serves that. The recovery key is
+        # neither served nor overwritten.
         secret_name = found["secret"]
+        volume = kms_store.find_volume(node.tpm_hash)
+        volume["spec"]["partitions"].append({"label": "POINTED", "secret": {"name": secret_name, "path": RECOVERY_SECRET_KEY}})
+        volume["spec"].pop("attestation")
+        kms_store.update_volume(volume)
+        for protocol_name in ("legacy", "attestation"):
+            config = key_source.build(node_params(kms_thread.url, node, kms_protocol=protocol_name)).config
+            try:
+                value = kms_client.get_passphrase(config, PartitionRef(label="POINTED"))
+            except KcryptError as error:
+                value = str(error).encode()
+            assert key not in value
+        posted = kms_store.get_secret(secret_name)  # the node's /postPass: a passphrase Secret of the same name
+        assert posted["data"]["generated_by"] == b"tpm" and key not in posted["data"][RECOVERY_SECRET_KEY]
+        assert reveal(kms_store, node, label)["recovery_key"] == key
+        # Both protocols, asked for the partition by its label, name and UUID, and by every name the recovery
+        # Secret goes by (label "<label>-recovery" even makes a TOFU passphrase Secret, or reuses the posted one,
+        # of the recovery Secret's very name), serve a passphrase or refuse, never the recovery key.
         asks = [PartitionRef(label=label), PartitionRef(device_name=blockdev.probe(device).name),
                 PartitionRef(label=secret_name), PartitionRef(label=RECOVERY_SECRET_KEY), PartitionRef(device_name=secret_name),
                 PartitionRef(uuid=secret_name), PartitionRef(label=label + "-recovery")]
@@ -147,20 +166,6 @@ def test_escrowed_key_opens_the_partition_and_is_never_served_to_a_node(kms_stor
                     assert key.decode() not in str(error)
         assert passphrase in served and key not in served and all(key not in value for value in served)
 
-        assert reveal(kms_store, node, label)["recovery_key"] == key
-        # A partition whose Secret an administrator named after the recovery Secret: the passphrase paths do not
-        # find it (the newest protocol refuses, the legacy one has the node /postPass a passphrase under that
-        # name among the passphrase Secrets); the recovery key is neither served nor overwritten.
-        volume = kms_store.find_volume(node.tpm_hash)
-        volume["spec"]["partitions"].append({"label": "POINTED", "secret": {"name": secret_name, "path": RECOVERY_SECRET_KEY}})
-        kms_store.update_volume(volume)
-        for protocol_name in ("attestation", "legacy"):
-            config = key_source.build(node_params(kms_thread.url, node, kms_protocol=protocol_name)).config
-            try:
-                value = kms_client.get_passphrase(config, PartitionRef(label="POINTED"))
-            except KcryptError as error:
-                value = str(error).encode()
-            assert key not in value
         assert reveal(kms_store, node, label)["recovery_key"] == key
         assert luks.test_passphrase(device, key)
 
