@@ -27,7 +27,7 @@ import pytest
 import websocket
 from kubernetes import client as kclient, config as kconfig
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import challenger as challenger_cli
+from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import challenger as challenger_cli, kcrypt as kcrypt_cli
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kms_client
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
@@ -35,6 +35,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, recovery as kms_recovery, server, store, store_factory
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import RECOVERY_SECRET_KEY, SECRET_TYPE_LABEL
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, key_source, luks, recovery
+from support import playbook
 from support.challenger import ChallengerThread, connect
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
@@ -395,6 +396,37 @@ def source_key_offline(params, kms_store, node, device, label):
     volume = kms_store.find_volume(node.tpm_hash)
     entry = [p for p in volume["spec"]["partitions"] if p.get("label") == label][0]
     return kms_store.get_secret(entry["secret"]["name"])["data"][entry["secret"].get("path", "passphrase")]
+
+
+# -- ad hoc and from the CLI ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kms_store", ["sqlite"], indirect=True)
+def test_ad_hoc_module_and_cli_escrow(kms_store, node, loop_disks):
+    """``ansible -m kairos.kcrypt.kairos_luks_encrypt`` and ``kcrypt encrypt`` escrow by themselves."""
+    disk = loop_disks([("one", 40), ("two", 40)])
+    labels = [unique_label(), unique_label()]
+    for device, label in zip(disk.partitions, labels):
+        make_ext4(device, label)
+    with kms(kms_store) as kms_thread:
+        args = dict(node_params(kms_thread.url, node), partitions=[{"label": labels[0]}], mode="in_place",
+                    recovery_key=True, recovery_escrow="kms", pbkdf={"algorithm": "pbkdf2", "iteration_count": 1000})
+        results = playbook.adhoc("localhost", "kairos.kcrypt.kairos_luks_encrypt", json.dumps(args),
+                                 os.path.join(ROOT, "inventory", "localhost.yml"))
+        result = results["localhost"]
+        assert result.get("changed") and not result.get("failed"), result
+        assert result["partitions"][0]["recovery_key_added"] and "recovery_key" not in result["partitions"][0]
+
+        out = io.StringIO()
+        code = kcrypt_cli.main(["--json", "encrypt", "--mode", "in_place", "--label", labels[1], "--key-source", "kms",
+                                "--challenger-server", kms_thread.url, "--tpm-device", node.tcti, "--kms-attempts", "2",
+                                "--recovery-key", "--recovery-escrow", "kms", "--pbkdf-algorithm", "pbkdf2",
+                                "--pbkdf-iteration-count", "1000"], out=out, err=io.StringIO())
+        assert code == 0, out.getvalue()
+    for device, label in zip(disk.partitions, labels):
+        key = reveal(kms_store, node, label)["recovery_key"]
+        assert key.decode() not in json.dumps(result) + out.getvalue()
+        assert opens_with(device, key)
 
 
 # -- the controller escrow stays available ---------------------------------------------------------
