@@ -19,18 +19,14 @@ lab=${KCRYPT_LAB_DIR:-$(mktemp -d /tmp/kcrypt-lab.XXXXXX)}
 inventory="$lab/inventory.yml"
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 lab_vars=(-e "lab_dir=$lab" -e "lab_inventory_path=$inventory")
-kms_off=(-i "$inventory" -e @playbooks/vars/lab_challenger.yml -e challenger_state=absent -e challenger_purge=true)
 
 teardown() {
   if [ "${KCRYPT_KEEP_LAB:-0}" = 1 ]; then
-    echo "provision.sh: kept the lab in $lab (inventory $inventory). Remove it with:"
-    echo "  ansible-playbook playbooks/challenger.yml ${kms_off[*]}"
+    echo "provision.sh: kept the lab and its KMS in $lab (inventory $inventory). Remove both with:"
     echo "  ansible-playbook playbooks/lab_down.yml ${lab_vars[*]}"
     return
   fi
-  echo "provision.sh: removing the KMS and the lab in $lab"
-  [ -f "$inventory" ] && ansible-playbook playbooks/challenger.yml "${kms_off[@]}" >/dev/null \
-    || echo "provision.sh: removing the KMS failed" >&2
+  echo "provision.sh: removing the lab and its KMS in $lab"
   ansible-playbook playbooks/lab_down.yml "${lab_vars[@]}" >/dev/null || echo "provision.sh: lab_down failed" >&2
   [ -n "${KCRYPT_LAB_DIR:-}" ] || rm -rf "$lab"
 }

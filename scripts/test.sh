@@ -32,13 +32,35 @@ fi
 step "ansible-test sanity"
 ./scripts/sanity.sh >/tmp/kcrypt-sanity.log 2>&1 || { grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity.log; status=1; }
 grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity.log || echo "sanity: clean"
-# Modules run on managed nodes with other Pythons: compile and import checks on each one available.
-for v in 3.9 3.10 3.12 3.13; do
-  ls "$HOME"/.pyenv/versions/$v.*/bin/python$v >/dev/null 2>&1 || command -v "python$v" >/dev/null || continue
+# Modules run on managed nodes with other Pythons: compile and import checks on each of these.
+# Debian 12 ships only 3.11; the others come from pyenv in the build machine's image (~/.pyenv/versions),
+# as scripts/sanity.sh puts them on PATH. No reachable registry offers CPython builds, so a machine
+# without one skips it, and says so; KCRYPT_SANITY_PYTHONS_REQUIRED=1 (.ci/run) makes that a failure.
+python_for() {  # a working interpreter of version $1, or nothing
+  local py
+  for py in "$HOME"/.pyenv/versions/"$1".*/bin/python"$1" "$(command -v "python$1" || true)"; do
+    [ -x "$py" ] && [ "$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$1" ] \
+      && { echo "$py"; return; }
+  done
+}
+checked=() skipped=()
+for v in ${KCRYPT_SANITY_PYTHONS:-3.9 3.10 3.12 3.13}; do
+  py=$(python_for "$v")
+  if [ -z "$py" ]; then
+    skipped+=("$v (no working python$v in ~/.pyenv/versions or on PATH)")
+    continue
+  fi
   SANITY_PYTHON=$v ./scripts/sanity.sh --test compile --test import >/tmp/kcrypt-sanity-$v.log 2>&1 \
     || { grep -E "^(ERROR|FATAL)" /tmp/kcrypt-sanity-$v.log; status=1; }
-  echo "sanity compile+import on Python $v: $(grep -qE '^(ERROR|FATAL)' /tmp/kcrypt-sanity-$v.log && echo FAILED || echo clean)"
+  result=$(grep -qE '^(ERROR|FATAL)' /tmp/kcrypt-sanity-$v.log && echo FAILED || echo clean)
+  echo "sanity compile+import on Python $v ($py): $result"
+  checked+=("$v")
 done
+echo "sanity compile+import: checked ${checked[*]:-none} (and 3.11 above); skipped ${skipped[*]:-none}"
+if [ ${#skipped[@]} -gt 0 ] && [ "${KCRYPT_SANITY_PYTHONS_REQUIRED:-0}" = 1 ]; then
+  echo "sanity: Python versions missing and KCRYPT_SANITY_PYTHONS_REQUIRED=1" >&2
+  status=1
+fi
 
 step "ansible-lint (production profile)"
 ansible-lint -q || status=1

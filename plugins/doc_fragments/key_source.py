@@ -1,7 +1,11 @@
 # -*- coding: utf-8 -*-
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Options of the node modules that say where a partition's LUKS key comes from."""
+"""Options of the node modules that say where a partition's LUKS key comes from.
+
+module_utils/ansible_common.py KEY_SOURCE_SPEC; modules that take it also take the kairos.kcrypt.tpm
+and kairos.kcrypt.offline_key fragments (the TPM and the offline passphrase of V(tpm)).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ options:
       - V(kms) is Kairos' online mode. The node proves its TPM to the kcrypt challenger at
         O(challenger_server) and gets one passphrase per partition. A new TPM may be enrolled on first use.
       - V(passphrase) uses O(passphrase).
+      - V(tpm) and V(kms) use the TPM at O(tpm_device).
       - V(auto) decides as a Kairos node does, from its configuration (C(#cloud-config) files in C(/oem),
         C(/sysroot/oem) and C(/run/cos/oem), and the kernel command line). If C(kcrypt.challenger.challenger_server)
         is set or C(kcrypt.challenger.mdns) is true, it uses V(kms), otherwise V(tpm). The configured
@@ -30,25 +35,18 @@ options:
     description:
       - The LUKS passphrase when O(key_source=passphrase). It is used as is, with no trailing newline added or removed.
     type: str
-  tpm_device:
+  tpm_layout:
     description:
-      - The TPM to use. Give a device path such as V(/dev/tpmrm0), a swtpm socket path, or a TCTI string
-        such as V(swtpm:host=127.0.0.1,port=2321).
-      - Empty means the E(KCRYPT_TPM_DEVICE) environment variable, then V(/dev/tpmrm0), then V(/dev/tpm0).
-      - Used by O(key_source=tpm), and by O(key_source=kms) for the attestation.
+      - How a missing key at O(c_index) and a new offline NV index are created. Existing keys and indices
+        are always used as they are, and blobs of both layouts are always read.
+      - V(go-tpm) is what newest Kairos writes (tpm-helpers on go-tpm, kcrypt-discovery-challenger
+        v0.12 and later), with NV name algorithm SHA-256 and a key template whose C(unique) is 256 zero bytes.
+      - V(tpmk) is what Kairos clients up to v0.11 wrote, with NV name algorithm SHA-1 and an empty C(unique).
+        Choose it when older Kairos tools on the node may re-create the key.
+      - The two templates give different keys from the same TPM, so a blob needs the key it was made with.
+      - Unset means V(go-tpm). Used by O(key_source=tpm), and by O(key_source=kms) with the legacy protocol.
     type: str
-  nv_index:
-    description:
-      - TPM NV index of the offline passphrase blob (Kairos C(kcrypt.nv_index)).
-      - Hex, octal or decimal, as in the Kairos configuration. The default is V(0x1500000).
-    type: str
-  c_index:
-    description:
-      - Persistent handle of the TPM RSA key that encrypts the offline passphrase (Kairos C(kcrypt.c_index)).
-        The key is created there if it is absent.
-      - Unlike upstream Kairos, a non-default handle is honoured when encrypting as well as when decrypting.
-      - The default is V(0x81000008).
-    type: str
+    choices: [go-tpm, tpmk]
   challenger_server:
     description:
       - URL of the kcrypt challenger (KMS), for example V(https://kms.example.com:8082).
@@ -91,9 +89,6 @@ options:
       - Seconds to wait between KMS attempts.
     type: float
     default: 1.0
-requirements:
-  - tpm2-pytss >= 2.1 and the tpm2-tss libraries (key sources V(tpm) and V(kms))
-  - cryptography >= 41
 notes:
   - Keys are passed to C(cryptsetup) on stdin, never on its command line, and never appear in results.
 """

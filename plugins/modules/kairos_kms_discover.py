@@ -55,8 +55,8 @@ options:
     description:
       - Network interfaces (names such as V(eth0)) or IPv4 addresses to send mDNS queries on.
       - V(all) sends them on every interface, as upstream's client does.
-      - When empty, the environment variable C(KCRYPT_MDNS_INTERFACES) on the managed host is used,
-        then V(127.0.0.1).
+      - When empty, the environment variable E(KCRYPT_MDNS_INTERFACES) on the managed host is used,
+        then every interface.
     type: list
     elements: str
     default: []
@@ -125,12 +125,15 @@ host_header:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import generate_argspec, run_or_fail
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import run_or_fail
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 
 def discover(params):
     """Resolve the KMS and describe where it is (upstream's queryMDNS for a challenger URL)."""
+    if params["timeout"] <= 0:
+        raise KcryptError("timeout must be a positive number of seconds")
     if params["challenger_server"]:
         host = mdns.url_host(params["challenger_server"])
     else:
@@ -147,20 +150,18 @@ def discover(params):
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
+        argument_spec=generate_argspec(
             host=dict(type="str"),
             challenger_server=dict(type="str"),
             scheme=dict(type="str", choices=["http", "https"], default="http"),
             interfaces=dict(type="list", elements="str", default=[]),
-            timeout=dict(type="float", default=15.0),
-            service_type=dict(type="str", default="_kcrypt._tcp"),
+            timeout=dict(type="float", default=mdns.DEFAULT_TIMEOUT),
+            service_type=dict(type="str", default=mdns.SERVICE_TYPE),
         ),
         mutually_exclusive=[("host", "challenger_server")],
         required_one_of=[("host", "challenger_server")],
         supports_check_mode=True,
     )
-    if module.params["timeout"] <= 0:
-        module.fail_json(msg="timeout must be a positive number of seconds")
     result = run_or_fail(module, discover, module.params)
     module.exit_json(changed=False, **result)
 

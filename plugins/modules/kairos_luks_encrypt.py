@@ -26,30 +26,6 @@ description:
   - Every check (lookup, key, in use, size, device-mapper) runs for all partitions before anything changes.
     When a check fails, nothing is changed.
 options:
-  partitions:
-    description:
-      - The partitions to encrypt. The list can mix selectors, as Kairos' C(install.encrypted_partitions) does.
-    type: list
-    elements: dict
-    required: true
-    suboptions:
-      label:
-        description:
-          - The partition label.
-          - When used alone, it selects the partition by its filesystem or LUKS label, as Kairos does with
-            C(blkid). For C(COS_OEM) and C(COS_PERSISTENT), the GPT partition names C(oem) and C(persistent)
-            also match. A label found on more than one device is an error.
-          - With O(partitions[].device) or O(partitions[].uuid), it is the label the LUKS header gets.
-            Without it, the partition keeps its current label.
-        type: str
-      device:
-        description:
-          - The partition's device path, for example V(/dev/vdb1).
-        type: path
-      uuid:
-        description:
-          - Selects the partition by the UUID of its filesystem or LUKS header, or else by its GPT partition UUID.
-        type: str
   mode:
     description:
       - V(format) creates a new LUKS2 container and ext4 filesystem, and destroys the content.
@@ -127,25 +103,15 @@ options:
         M(kairos.kcrypt.kairos_luks_rekey) with O(kairos.kcrypt.kairos_luks_rekey#module:recovery_key=true) replaces it.
     type: bool
     default: false
-  recovery_escrow:
-    description:
-      - Where a new recovery key is kept. The key is always escrowed or returned before it becomes the partition's
-        recovery key, so the kept key opens the partition.
-      - V(controller) returns the new key once, in RV(partitions[].recovery_key), and never again. Store it somewhere
-        safe, such as a vault. The task must set C(no_log) to V(true) so the key stays out of logs; the module refuses to run otherwise.
-      - V(kms) escrows the key in the kairos.kcrypt KMS named by O(challenger_server) (with O(certificate), O(mdns)),
-        whatever O(key_source) is. The node proves its TPM as it does to get a key, and the KMS stores the key for
-        this partition of the node's own SealedVolume, which must exist (a node that gets its keys from the KMS has one).
-        The KMS never serves it to a node. An administrator reads it with C(kcrypt-challenger recovery show) or
-        M(kairos.kcrypt.kairos_recovery_key), and every read is audited. The result never holds the key.
-    type: str
-    choices: [controller, kms]
-    default: controller
 extends_documentation_fragment:
+  - kairos.kcrypt.partitions
   - kairos.kcrypt.key_source
+  - kairos.kcrypt.tpm
+  - kairos.kcrypt.offline_key
+  - kairos.kcrypt.recovery_escrow
+  - kairos.kcrypt.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Check mode makes all the checks of a real run. It creates no NV blob, no TPM key, no KMS enrolment and
@@ -153,10 +119,8 @@ attributes:
       - With O(key_source=kms), it asks the KMS only for partitions that are already encrypted, to test their
         key. A booting node makes the same request.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: full
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
 requirements:
   - cryptsetup >= 2.4, blkid, e2fsprogs (e2fsck, resize2fs, dumpe2fs, mkfs.ext4)
@@ -267,18 +231,27 @@ partitions:
       returned: when a recovery key was added with O(recovery_escrow=controller)
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import (
+    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, RECOVERY_ESCROW_SPEC, TPM_SPEC, generate_argspec, hide_secrets,
+    run_or_fail,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITIONS_ARG
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
+
+# The options that say how to format, by the names LuksOptions.from_options takes.
+LUKS_OPTIONS = ("type", "cipher", "keysize", "hash", "sector_size", "pbkdf")
 
 
 def argument_spec():
-    spec = dict(
-        partitions=dict(PARTITIONS_ARG),
-        mode=dict(type="str", required=True, choices=["format", "in_place"]),
+    return generate_argspec(
+        PARTITIONS_SPEC,
+        KEY_SOURCE_SPEC,
+        TPM_SPEC,
+        OFFLINE_KEY_SPEC,
+        RECOVERY_ESCROW_SPEC,
+        mode=dict(type="str", required=True, choices=list(encryption.MODES)),
         wipe=dict(type="bool", default=False),
         type=dict(type="str", default="luks2", choices=["luks2"]),
         cipher=dict(type="str"),
@@ -288,7 +261,7 @@ def argument_spec():
         pbkdf=dict(
             type="dict",
             options=dict(
-                algorithm=dict(type="str", choices=["argon2id", "argon2i", "pbkdf2"]),
+                algorithm=dict(type="str", choices=list(luks.PBKDF_ALGORITHMS)),
                 iteration_time=dict(type="float"),
                 iteration_count=dict(type="int"),
                 memory=dict(type="int"),
@@ -297,26 +270,6 @@ def argument_spec():
             mutually_exclusive=[("iteration_time", "iteration_count")],
         ),
         recovery_key=dict(type="bool", default=False, no_log=False),
-        recovery_escrow=dict(type="str", default="controller", choices=["controller", "kms"]),
-    )
-    spec.update(KEY_SOURCE_ARGS)
-    return spec
-
-
-def luks_options(params):
-    pbkdf = params["pbkdf"] or {}
-    iteration_time = pbkdf.get("iteration_time")
-    return luks.LuksOptions(
-        type=params["type"],
-        cipher=params["cipher"],
-        key_size=params["keysize"],
-        hash=params["hash"],
-        sector_size=params["sector_size"],
-        pbkdf=pbkdf.get("algorithm"),
-        iter_time_ms=int(round(iteration_time * 1000)) if iteration_time is not None else None,
-        iterations=pbkdf.get("iteration_count"),
-        memory_kib=pbkdf.get("memory"),
-        parallel=pbkdf.get("parallel"),
     )
 
 
@@ -330,44 +283,39 @@ def state_text(plans, when):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=argument_spec(),
-        required_if=KEY_SOURCE_REQUIRED_IF,
-        supports_check_mode=True,
-    )
+def run(module, results):
+    """Plan every partition, then encrypt them (or, in check mode, predict); fills ``results`` as it goes."""
     params = module.params
-    results = []
-    source = None
-    try:
-        request = encryption.EncryptRequest(
-            partitions=encryption.selectors(params["partitions"]),
-            mode=params["mode"],
-            wipe=params["wipe"],
-            options=luks_options(params),
-            recovery_key=params["recovery_key"],
-            recovery_escrow=recovery.build_escrow(params["recovery_escrow"] if params["recovery_key"] else "controller", params),
+    request = encryption.EncryptRequest(
+        partitions=encryption.selectors(params["partitions"]),
+        mode=params["mode"],
+        wipe=params["wipe"],
+        options=luks.LuksOptions.from_options(**{name: params[name] for name in LUKS_OPTIONS}),
+        recovery_key=params["recovery_key"],
+        recovery_escrow=recovery.build_escrow(params["recovery_escrow"] if params["recovery_key"] else "controller", params),
+    )
+    source = key_source.build(params)
+    hide_secrets(module, source)
+    plans = encryption.plan(request, source)
+    if any(p.add_recovery_key for p in plans) and request.recovery_escrow.returns_key and not module.no_log:
+        raise KcryptError(
+            "recovery_key=true with recovery_escrow=controller returns the new recovery key in the result: set "
+            "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). Nothing was changed."
         )
-        source = key_source.build(params)
-        plans = encryption.plan(request, source)
-        redact_secrets(module, source)
-        if any(p.add_recovery_key for p in plans) and request.recovery_escrow.returns_key and not module.no_log:
-            module.fail_json(
-                msg="recovery_key=true with recovery_escrow=controller returns the new recovery key in the result: set "
-                "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). Nothing was changed."
-            )
-        diff = {"before": state_text(plans, "before"), "after": state_text(plans, "after")}
-        if module.check_mode:
-            results = [encryption.result(item, source) for item in plans]
-        else:
-            encryption.apply(plans, request, source, results=results)
-        redact_secrets(module, source)
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        redact_secrets(module, source)
-        module.fail_json(msg=str(error), changed=any(r["changed"] for r in results), partitions=results)
-    module.exit_json(changed=any(p.changes for p in plans), partitions=results, diff=diff)
+    diff = {"before": state_text(plans, "before"), "after": state_text(plans, "after")}
+    if module.check_mode:
+        results.extend(encryption.result(item, source) for item in plans)
+    else:
+        encryption.apply(plans, request, source, results=results)
+    return {"changed": any(p.changes for p in plans), "partitions": results, "diff": diff}
+
+
+def main():
+    module = AnsibleModule(argument_spec=argument_spec(), required_if=KEY_SOURCE_REQUIRED_IF, supports_check_mode=True)
+    results = []
+    outcome = run_or_fail(module, run, module, results,
+                          failure=lambda: {"changed": any(r["changed"] for r in results), "partitions": results})
+    module.exit_json(**outcome)
 
 
 if __name__ == "__main__":

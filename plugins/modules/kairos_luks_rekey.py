@@ -3,8 +3,7 @@
 # Copyright (c) kairos.kcrypt contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
-from __future__ import (absolute_import, division, print_function)
-__metaclass__ = type
+from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: kairos_luks_rekey
@@ -30,22 +29,6 @@ description:
     added and kept first (returned, or escrowed in the KMS with O(recovery_escrow=kms)); only then are the old
     recovery-key slots removed. Rotate it after every use of the recovery key.
 options:
-  partitions:
-    description:
-      - The encrypted partitions to re-key. Select each by label, device or UUID, as in M(kairos.kcrypt.kairos_luks_encrypt).
-    type: list
-    elements: dict
-    required: true
-    suboptions:
-      label:
-        description: The LUKS label (for example V(COS_PERSISTENT)). Alone, it selects the partition.
-        type: str
-      device:
-        description: The partition's device path.
-        type: path
-      uuid:
-        description: The LUKS UUID or the GPT partition UUID.
-        type: str
   new_passphrase:
     description:
       - The new key. Required with O(key_source=kms) and O(key_source=passphrase). Not used with O(key_source=tpm),
@@ -78,28 +61,21 @@ options:
       - Needs O(rekey_id) with every key source.
     type: bool
     default: false
-  recovery_escrow:
-    description:
-      - Where the new recovery key is kept, as O(kairos.kcrypt.kairos_luks_encrypt#module:recovery_escrow).
-      - V(controller) returns it once in RV(partitions[].recovery_key); the task must set C(no_log) to V(true).
-      - V(kms) escrows it in the kairos.kcrypt KMS named by O(challenger_server), replacing the escrowed key of the
-        partition; it is never returned.
-    type: str
-    choices: [controller, kms]
-    default: controller
 extends_documentation_fragment:
+  - kairos.kcrypt.partitions
   - kairos.kcrypt.key_source
+  - kairos.kcrypt.tpm
+  - kairos.kcrypt.offline_key
+  - kairos.kcrypt.recovery_escrow
+  - kairos.kcrypt.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - Check mode reads the current key and tests it, and changes no key slot, token or NV blob. It escrows nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
     details:
       - With the same O(rekey_id) (or O(new_passphrase) for O(key_source=passphrase)).
@@ -209,25 +185,28 @@ nv_rewritten:
   type: bool
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import (
+    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, RECOVERY_ESCROW_SPEC, TPM_SPEC, generate_argspec, hide_secrets,
+    run_or_fail,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery, rekey
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITIONS_ARG
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():
-    spec = dict(
-        partitions=dict(PARTITIONS_ARG),
+    return generate_argspec(
+        PARTITIONS_SPEC,
+        KEY_SOURCE_SPEC,
+        TPM_SPEC,
+        OFFLINE_KEY_SPEC,
+        RECOVERY_ESCROW_SPEC,
         new_passphrase=dict(type="str", no_log=True),
         rekey_id=dict(type="str"),
         step=dict(type="str", default="all", choices=list(rekey.STEPS) + ["recovery"]),
         recovery_key=dict(type="bool", default=False, no_log=False),
-        recovery_escrow=dict(type="str", default="controller", choices=["controller", "kms"]),
     )
-    spec.update(KEY_SOURCE_ARGS)
-    return spec
 
 
 def check_request(params, source):
@@ -291,54 +270,48 @@ def current_key(params, source, fresh):
     return key_for
 
 
-def run(params, source, check_mode, log, fresh=None, escrow=None):
-    """Returns (per-partition entries, nv_rewritten)."""
-    devices = rekey.resolve(encryption.selectors(params["partitions"]))
-    options = rekey.effective_options(source)
+def run(module):
+    """Re-key every partition (and rotate its recovery key); the result's fields."""
+    params = module.params
+    source = key_source.build(params)
+    hide_secrets(module, source)
+    check_request(params, source)
+    escrow = recovery.build_escrow(params["recovery_escrow"] if rotates_recovery(params) else "controller", params)
+    if rotates_recovery(params) and escrow.returns_key and not module.no_log:
+        raise KcryptError("rotating the recovery key with recovery_escrow=controller returns the new key in the result: set "
+                          "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). "
+                          "Nothing was changed.")
+    fresh = None
+    if source.name != "passphrase":
+        fresh = key_source.build(params)
+        hide_secrets(module, fresh)
+    devices = rekey.encrypted_devices(encryption.selectors(params["partitions"]))
+    options = rekey.new_key_options(source)
     rekey_id = params["rekey_id"] or None
-    empty = {"added": False, "removed_slots": []}
     if params["step"] == "recovery":
-        outcomes, rewritten = {d.path: empty for d in devices}, False
+        outcomes, rewritten = {d.path: {"added": False, "removed_slots": []} for d in devices}, False
     elif source.name == "tpm":
-        outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, check_mode, log)
+        outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, module.check_mode, module.debug)
     else:
         new_key = params["new_passphrase"].encode("utf-8") if params["new_passphrase"] else None
-        outcomes = rekey.rekey_with_source(devices, source, params["step"], new_key, rekey_id, options, check_mode)
+        outcomes = rekey.rekey_with_source(devices, source, params["step"], new_key, rekey_id, options, module.check_mode)
         rewritten = False
     recovered = {}
     if rotates_recovery(params):
-        if check_mode and any(o["added"] for o in outcomes.values()):
+        if module.check_mode and any(o["added"] for o in outcomes.values()):
             # the main key is not really added in check mode, so the key after the round cannot open anything yet
             recovered = {d.path: {"rotated": not recovery.round_done(luks.read_header(d.path), rekey_id),
                                   "removed_slots": [], "recovery_key": None} for d in devices}
         else:
-            recovered = rekey.rotate_recovery(devices, current_key(params, source, fresh), escrow, rekey_id, options, check_mode)
-    return [entry(d, outcomes[d.path], recovered.get(d.path)) for d in devices], rewritten
+            recovered = rekey.rotate_recovery(devices, current_key(params, source, fresh), escrow, rekey_id, options,
+                                              module.check_mode)
+    entries = [entry(d, outcomes[d.path], recovered.get(d.path)) for d in devices]
+    return {"changed": any(e["changed"] for e in entries) or rewritten, "partitions": entries, "nv_rewritten": rewritten}
 
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=KEY_SOURCE_REQUIRED_IF, supports_check_mode=True)
-    params = module.params
-    source = fresh = None
-    try:
-        source = key_source.build(params)
-        check_request(params, source)
-        escrow = recovery.build_escrow(params["recovery_escrow"] if rotates_recovery(params) else "controller", params)
-        if rotates_recovery(params) and escrow.returns_key and not module.no_log:
-            raise KcryptError("rotating the recovery key with recovery_escrow=controller returns the new key in the result: set "
-                              "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). "
-                              "Nothing was changed.")
-        fresh = key_source.build(params) if source.name != "passphrase" else None
-        entries, rewritten = run(params, source, module.check_mode, module.debug, fresh, escrow)
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        redact_secrets(module, source)
-        redact_secrets(module, fresh)
-        module.fail_json(msg=str(error))
-    redact_secrets(module, source)
-    redact_secrets(module, fresh)
-    module.exit_json(changed=any(e["changed"] for e in entries) or rewritten, partitions=entries, nv_rewritten=rewritten)
+    module.exit_json(**run_or_fail(module, run, module))
 
 
 if __name__ == "__main__":

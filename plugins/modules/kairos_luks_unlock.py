@@ -76,17 +76,17 @@ options:
     default: 1.0
 extends_documentation_fragment:
   - kairos.kcrypt.key_source
+  - kairos.kcrypt.tpm
+  - kairos.kcrypt.offline_key
+  - kairos.kcrypt.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
     details:
       - In check mode, the key is fetched and tested against each partition that would be opened. Nothing is opened.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
 requirements:
   - cryptsetup, blkid, device-mapper (dm_mod and dm_crypt)
@@ -149,22 +149,27 @@ partitions:
       type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import (
+    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITION_SELECTOR_OPTIONS, TPM_SPEC, generate_argspec, hide_secrets,
+    run_or_fail,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import key_source, unlock
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import redact_secrets
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import KEY_SOURCE_ARGS, KEY_SOURCE_REQUIRED_IF, PARTITION_SELECTOR_ARGS
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node.encryption import Selector
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
 
 
 def argument_spec():
-    partition_options = dict(PARTITION_SELECTOR_ARGS, name=dict(type="str"))
-    spec = dict(
+    return generate_argspec(
+        KEY_SOURCE_SPEC,
+        TPM_SPEC,
+        OFFLINE_KEY_SPEC,
+        # the selectors of kairos.kcrypt.partitions, plus a mapping name (which alone selects a mapping to close)
         partitions=dict(
             type="list",
             elements="dict",
-            options=partition_options,
+            options=generate_argspec(PARTITION_SELECTOR_OPTIONS, name=dict(type="str")),
             mutually_exclusive=[("device", "uuid")],
             required_one_of=[("label", "device", "uuid", "name")],
         ),
@@ -174,8 +179,6 @@ def argument_spec():
         attempts=dict(type="int", default=unlock.DEFAULT_ATTEMPTS),
         retry_delay=dict(type="float", default=1.0),
     )
-    spec.update(KEY_SOURCE_ARGS)
-    return spec
 
 
 def targets(params):
@@ -188,43 +191,43 @@ def targets(params):
     return result
 
 
+def run(module, plans):
+    """Open or close the partitions (or, in check mode, predict); ``plans`` is filled as soon as they are known."""
+    params = module.params
+    if params["state"] == "closed":
+        if params["all"]:
+            raise KcryptError("all=true is only for state=opened; list the partitions to close")
+        plans.extend(unlock.plan_close(targets(params)))
+        results = [p.as_result(predicted=True) for p in plans] if module.check_mode else unlock.apply_close(plans)
+    else:
+        if params["attempts"] < 1:
+            raise KcryptError("attempts must be at least 1")
+        source = key_source.build(params)
+        hide_secrets(module, source)
+        plans.extend(unlock.plan_open(None if params["all"] else targets(params)))
+        if module.check_mode:
+            unlock.verify_keys(plans, source)
+            results = [p.as_result(predicted=True) for p in plans]
+        else:
+            results = unlock.apply_open(
+                plans, source, keyslot=params["keyslot"], attempts=params["attempts"], retry_delay=params["retry_delay"]
+            )
+    changed = any(p.changes for p in plans) if module.check_mode else any(p.done for p in plans)
+    return {"changed": changed, "partitions": results}
+
+
 def main():
     module = AnsibleModule(
         argument_spec=argument_spec(),
-        required_if=KEY_SOURCE_REQUIRED_IF,
-        required_one_of=[("partitions", "all")],
+        # not required_one_of: all's default (false) would count as given
+        required_if=KEY_SOURCE_REQUIRED_IF + [("all", False, ("partitions",))],
         mutually_exclusive=[("partitions", "all")],
         supports_check_mode=True,
     )
-    params = module.params
-    source = None
     plans = []
-    try:
-        if params["state"] == "closed":
-            if params["all"]:
-                module.fail_json(msg="all=true is only for state=opened; list the partitions to close")
-            plans = unlock.plan_close(targets(params))
-            results = [p.as_result(predicted=True) for p in plans] if module.check_mode else unlock.apply_close(plans)
-        else:
-            if params["attempts"] < 1:
-                module.fail_json(msg="attempts must be at least 1")
-            source = key_source.build(params)
-            plans = unlock.plan_open(None if params["all"] else targets(params))
-            if module.check_mode:
-                unlock.verify_keys(plans, source)
-                results = [p.as_result(predicted=True) for p in plans]
-            else:
-                results = unlock.apply_open(
-                    plans, source, keyslot=params["keyslot"], attempts=params["attempts"], retry_delay=params["retry_delay"]
-                )
-            redact_secrets(module, source)
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        redact_secrets(module, source)
-        module.fail_json(msg=str(error), changed=any(p.done for p in plans), partitions=[p.as_result() for p in plans])
-    changed = any(p.changes for p in plans) if module.check_mode else any(p.done for p in plans)
-    module.exit_json(changed=changed, partitions=results)
+    outcome = run_or_fail(module, run, module, plans,
+                          failure=lambda: {"changed": any(p.done for p in plans), "partitions": [p.as_result() for p in plans]})
+    module.exit_json(**outcome)
 
 
 if __name__ == "__main__":

@@ -146,9 +146,10 @@ recovery_keys:
       returned: with O(reveal=true), for partitions with an escrowed key
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import generate_argspec, run_or_fail
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 
@@ -167,9 +168,26 @@ def view(item):
     return result
 
 
+def run(module):
+    """Read (audited) the recovery keys the options name; the result's fields."""
+    params = module.params
+    if params["reveal"] and not module.no_log:
+        raise KcryptError("reveal=true returns recovery keys in the result: set 'no_log: true' on the task so they stay "
+                          "out of logs. Nothing was read.")
+    store = open_backend(params)
+    try:
+        actor = recovery.local_actor("kairos.kcrypt.kairos_recovery_key")
+        found = recovery.reveal(store, params["tpm_hash"] or params["name"], actor, partition=params["partition"],
+                                show_key=params["reveal"], reason=params["reason"])
+    finally:
+        store.close()
+    # the keys are the result the task asked for: no_log on the task (checked above) keeps them out of logs
+    return {"changed": False, "recovery_keys": [view(item) for item in found]}
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
+        argument_spec=generate_argspec(
             tpm_hash=dict(type="str"),
             name=dict(type="str"),
             partition=dict(type="str"),
@@ -187,25 +205,7 @@ def main():
         mutually_exclusive=[("tpm_hash", "name")],
         supports_check_mode=True,
     )
-    params = module.params
-    if params["reveal"] and not module.no_log:
-        module.fail_json(msg="reveal=true returns recovery keys in the result: set 'no_log: true' on the task so they stay "
-                             "out of logs. Nothing was read.")
-    found = []
-    try:
-        store = open_backend(params)
-        try:
-            actor = recovery.local_actor("kairos.kcrypt.kairos_recovery_key")
-            found = recovery.reveal(store, params["tpm_hash"] or params["name"], actor, partition=params["partition"],
-                                    show_key=params["reveal"], reason=params["reason"])
-        finally:
-            store.close()
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        module.fail_json(msg=str(error))
-    # the keys are the result the task asked for: no_log on the task (checked above) keeps them out of logs
-    module.exit_json(changed=False, recovery_keys=[view(item) for item in found])
+    module.exit_json(**run_or_fail(module, run, module))
 
 
 if __name__ == "__main__":

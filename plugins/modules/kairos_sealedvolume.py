@@ -40,18 +40,21 @@ options:
       - A partition is matched by any of O(partitions[].label), O(partitions[].device_name) and
         O(partitions[].uuid). Give at least one. An empty value never matches.
       - A Secret reference the KMS recorded for a listed partition is kept.
+      - A Secret belongs to one partition of one SealedVolume. The task fails if a partition would use a Secret
+        that another partition uses (one Secret with its own O(partitions[].secret_path) per partition is fine),
+        or would write a passphrase into a Secret labelled for another TPM or SealedVolume.
     type: list
     elements: dict
     default: []
     suboptions:
       label:
-        description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT).
+        description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT). At most 255 bytes, printable.
         type: str
       device_name:
-        description: Kernel device name of the partition, for example V(vda5).
+        description: Kernel device name of the partition, for example V(vda5). At most 64 bytes.
         type: str
       uuid:
-        description: Partition UUID (GPT PARTUUID).
+        description: Partition UUID (GPT PARTUUID). At most 64 bytes; V(unknown) identifies nothing.
         type: str
       secret_name:
         description:
@@ -238,29 +241,12 @@ secrets:
       partition: label=COS_PERSISTENT
 """
 
-import os
-import shutil
-import tempfile
+from ansible.module_utils.basic import AnsibleModule
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import generate_argspec, run_or_fail
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
-
-
-def open_backend(params, check_mode, scratch_dir):
-    """The store to plan and write against; None when there is nothing to remove from."""
-    if params["backend"] == "kubernetes":
-        return open_store("kubernetes://", kubeconfig=params["kubeconfig"], context=params["context"],
-                          namespace=params["namespace"])
-    path = params["store_path"]
-    if not os.path.exists(path):
-        if params["state"] == "absent":
-            return None
-        if check_mode:  # plan against an empty store without creating the real one
-            path = os.path.join(scratch_dir, "kms.db")
-    return open_store("sqlite://" + path, key_file=params["key_file"] if path == params["store_path"] else None)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import DEFAULT_NAMESPACE, DEFAULT_SQLITE_PATH
 
 
 def wishes(params):
@@ -269,9 +255,38 @@ def wishes(params):
             for p in params["partitions"]]
 
 
+def run(params, check_mode):
+    """Plan the registration (or removal) and apply it unless checking; the result's fields."""
+    reg.validate_tpm_hash(params["tpm_hash"])
+    # a missing embedded store: nothing to remove; in check mode, plan against an empty one without creating it
+    if_missing = "none" if params["state"] == "absent" else ("empty" if check_mode else "create")
+    with store_factory.backend_store(params["backend"], store_path=params["store_path"], key_file=params["key_file"],
+                                     kubeconfig=params["kubeconfig"], context=params["context"],
+                                     namespace=params["namespace"], if_missing=if_missing) as store:
+        if store is None:
+            return {"changed": False, "sealedvolume": {}, "secrets": []}
+        if params["state"] == "absent":
+            plan = reg.plan_removal(store, params["tpm_hash"], params["name"])
+        else:
+            plan = reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
+                                         quarantined=params["quarantined"], attestation=params["attestation"],
+                                         update_passphrase=params["update_passphrase"])
+        # the diff names Secrets, never a passphrase; Ansible shows it only in diff mode
+        result = {"changed": plan.changed, "secrets": [action.summary() for action in plan.secrets], "diff": plan.diff()}
+        if plan.delete:
+            result["sealedvolume"] = reg.public_view(plan.before)
+            if plan.changed and not check_mode:
+                reg.apply_plan(store, plan)
+        elif plan.changed and not check_mode:
+            result["sealedvolume"] = reg.public_view(reg.apply_plan(store, plan))
+        else:
+            result["sealedvolume"] = reg.public_view(plan.after)
+        return result
+
+
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
+        argument_spec=generate_argspec(
             tpm_hash=dict(type="str", required=True),
             name=dict(type="str"),
             partitions=dict(type="list", elements="dict", default=[], options=dict(
@@ -290,49 +305,16 @@ def main():
             )),
             update_passphrase=dict(type="str", choices=["on_create", "always"], default="on_create", no_log=False),
             state=dict(type="str", choices=["present", "absent"], default="present"),
-            backend=dict(type="str", choices=["embedded", "kubernetes"], default="embedded"),
-            store_path=dict(type="path", default="/var/lib/kcrypt-challenger/kms.db"),
+            backend=dict(type="str", choices=list(store_factory.BACKENDS), default="embedded"),
+            store_path=dict(type="path", default=DEFAULT_SQLITE_PATH),
             key_file=dict(type="path", no_log=False),
             kubeconfig=dict(type="path"),
             context=dict(type="str"),
-            namespace=dict(type="str", default="kcrypt"),
+            namespace=dict(type="str", default=DEFAULT_NAMESPACE),
         ),
         supports_check_mode=True,
     )
-    params = module.params
-    scratch = tempfile.mkdtemp(prefix="kairos_sealedvolume-")
-    try:
-        reg.validate_tpm_hash(params["tpm_hash"])
-        store = open_backend(params, module.check_mode, scratch)
-        if store is None:
-            module.exit_json(changed=False, sealedvolume={}, secrets=[])
-        try:
-            if params["state"] == "absent":
-                plan = reg.plan_removal(store, params["tpm_hash"], params["name"])
-            else:
-                plan = reg.plan_registration(store, params["tpm_hash"], wishes(params), name=params["name"],
-                                             quarantined=params["quarantined"], attestation=params["attestation"],
-                                             update_passphrase=params["update_passphrase"])
-            result = dict(changed=plan.changed, secrets=[action.summary() for action in plan.secrets])
-            if module._diff:
-                result["diff"] = plan.diff()
-            if plan.delete:
-                result["sealedvolume"] = reg.public_view(plan.before)
-                if plan.changed and not module.check_mode:
-                    reg.apply_plan(store, plan)
-            elif plan.changed and not module.check_mode:
-                result["sealedvolume"] = reg.public_view(reg.apply_plan(store, plan))
-            else:
-                result["sealedvolume"] = reg.public_view(plan.after)
-        finally:
-            store.close()
-    except MissingDependencyError as exc:
-        module.fail_json(msg=missing_required_lib(exc.library), exception=exc.traceback_text)
-    except KcryptError as exc:
-        module.fail_json(msg=str(exc))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    module.exit_json(**result)
+    module.exit_json(**run_or_fail(module, run, module.params, module.check_mode))
 
 
 if __name__ == "__main__":

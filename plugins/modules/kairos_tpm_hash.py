@@ -88,7 +88,7 @@ tpm_device:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import TPM_ARGUMENT_SPEC, run_or_fail
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import TPM_SPEC, generate_argspec, run_or_fail
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_pcr_list
 
 
@@ -107,9 +107,10 @@ def read_identity(tpm_device, pcrs):
 
 
 def main():
-    argument_spec = dict(TPM_ARGUMENT_SPEC)
-    argument_spec["pcrs"] = {"type": "list", "elements": "int", "default": []}
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(
+        argument_spec=generate_argspec(TPM_SPEC, pcrs={"type": "list", "elements": "int", "default": []}),
+        supports_check_mode=True,
+    )
     result = run_or_fail(module, read_identity, module.params["tpm_device"], module.params["pcrs"])
     module.exit_json(changed=False, **result)
 

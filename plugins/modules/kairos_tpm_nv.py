@@ -26,21 +26,6 @@ options:
     type: str
     choices: [check, read, cleanup]
     default: check
-  tpm_device:
-    description:
-      - The TPM to use. Give a device path such as V(/dev/tpmrm0), a swtpm socket path, or a TCTI string
-        such as V(swtpm:host=127.0.0.1,port=2321).
-      - Empty means the E(KCRYPT_TPM_DEVICE) environment variable, then V(/dev/tpmrm0), then V(/dev/tpm0).
-    type: str
-    default: ""
-  nv_index:
-    description: The NV index (Kairos C(kcrypt.nv_index)), in hex, octal or decimal.
-    type: str
-    default: "0x1500000"
-  c_index:
-    description: Persistent handle of the RSA key that decrypts the blob (Kairos C(kcrypt.c_index)). Used by V(read).
-    type: str
-    default: "0x81000008"
   confirm:
     description:
       - Must be V(true) for O(operation=cleanup). It plays the role of C(--i-know-what-i-am-doing).
@@ -52,19 +37,17 @@ options:
       - "The task must set C(no_log: true). The module refuses to return the passphrase otherwise."
     type: bool
     default: false
+extends_documentation_fragment:
+  - kairos.kcrypt.tpm
+  - kairos.kcrypt.offline_key
+  - kairos.kcrypt.attributes
 attributes:
   check_mode:
-    description: Can run in check_mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   idempotent:
-    description: When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
     support: full
-requirements:
-  - tpm2-pytss >= 2.1 and the tpm2-tss libraries
-  - cryptography >= 41
 seealso:
   - module: kairos.kcrypt.kairos_luks_encrypt
 author:
@@ -101,6 +84,11 @@ size:
   description: Size of the blob in bytes. A Kairos blob has 256.
   returned: when O(operation=check)
   type: int
+c_index:
+  description: The handle of the key that decrypts the blob, in hex.
+  returned: when O(operation=read)
+  type: str
+  sample: "0x81000008"
 decryptable:
   description: Whether the key at O(c_index) decrypts the blob.
   returned: when O(operation=read)
@@ -115,45 +103,44 @@ passphrase:
   type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import OFFLINE_KEY_SPEC, TPM_SPEC, generate_argspec, run_or_fail
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import nv_area
-from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import TPM_ARGS
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, MissingDependencyError
+
+
+def run(module):
+    """(changed, result) of the requested operation."""
+    params = module.params
+    if params["operation"] == "check":
+        return False, nv_area.check(params["tpm_device"], params["nv_index"])
+    if params["operation"] == "read":
+        if params["return_passphrase"] and not module.no_log:
+            raise KcryptError("return_passphrase=true puts the passphrase in the result: set 'no_log: true' on the task")
+        status, passphrase = nv_area.read(params["tpm_device"], params["nv_index"], params["c_index"])
+        result = dict(status)
+        if passphrase is not None and params["return_passphrase"]:
+            result["passphrase"] = passphrase.decode("utf-8", "replace")
+        elif passphrase is not None:
+            module.no_log_values.add(passphrase.decode("utf-8", "replace"))
+        return False, result
+    cleaned = nv_area.cleanup(params["tpm_device"], params["nv_index"], params["confirm"], module.check_mode)
+    return cleaned["existed"], {"nv_index": cleaned["nv_index"], "exists": cleaned["existed"]}
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            TPM_ARGS,
+        argument_spec=generate_argspec(
+            TPM_SPEC,
+            OFFLINE_KEY_SPEC,
             operation=dict(type="str", default="check", choices=["check", "read", "cleanup"]),
             confirm=dict(type="bool", default=False),
             return_passphrase=dict(type="bool", default=False, no_log=False),
         ),
         supports_check_mode=True,
     )
-    params = module.params
-    changed = False
-    try:
-        if params["operation"] == "check":
-            result = nv_area.check(params["tpm_device"], params["nv_index"])
-        elif params["operation"] == "read":
-            if params["return_passphrase"] and not module.no_log:
-                module.fail_json(msg="return_passphrase=true puts the passphrase in the result: set 'no_log: true' on the task")
-            status, passphrase = nv_area.read(params["tpm_device"], params["nv_index"], params["c_index"])
-            result = dict(status)
-            if passphrase is not None and params["return_passphrase"]:
-                result["passphrase"] = passphrase.decode("utf-8", "replace")
-            elif passphrase is not None:
-                module.no_log_values.add(passphrase.decode("utf-8", "replace"))
-        else:
-            cleaned = nv_area.cleanup(params["tpm_device"], params["nv_index"], params["confirm"], module.check_mode)
-            changed = cleaned["existed"]
-            result = {"nv_index": cleaned["nv_index"], "exists": cleaned["existed"]}
-    except MissingDependencyError as error:
-        module.fail_json(msg=missing_required_lib(error.library), exception=error.traceback_text)
-    except KcryptError as error:
-        module.fail_json(msg=str(error))
+    changed, result = run_or_fail(module, run, module)
     module.exit_json(changed=changed, **result)
 
 

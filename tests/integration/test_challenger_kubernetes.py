@@ -66,9 +66,7 @@ def deploy(cluster, check=False, **overrides):
 def applied(run):
     results = run.task_results("Apply (or delete) the challenger's Kubernetes objects")
     assert results, run
-    import json
-
-    return json.loads(results[-1]["stdout"])
+    return results[-1]
 
 
 # the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)

@@ -180,7 +180,8 @@ class TestChallengerOnThisHost:
 
     def test_settings_change_restarts_through_the_handler(self, kms):
         child = read_pid(kms["pidfile"] + ".child")
-        run = deploy(kms, challenger_log_level="debug", challenger_workers=2)
+        run = deploy(kms, challenger_log_level="debug", challenger_workers=2, challenger_protocols=["attestation"],
+                     challenger_max_partitions_per_tpm=4)
         assert run.changed > 0
         handler = run.task_results("Restart the supervised challenger")
         assert handler and handler[-1].get("changed"), run
@@ -189,10 +190,15 @@ class TestChallengerOnThisHost:
         assert new_child and new_child != child
         config = open(kms["vars"]["challenger_config_dir"] + "/config.yaml").read()
         assert "log_level: debug" in config and "workers: 2" in config
+        assert "protocols:\n- attestation\nmax_partitions_per_tpm: 4\n" in config
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the legacy protocol is off
+            get(kms["url"] + "/getPass")
+        assert refused.value.code == 404 and "legacy protocol is disabled" in refused.value.read().decode()
         # from here on the server runs as a supervisor of two workers, all as the service user
         workers = children(new_child)
         assert len(workers) == 2 and {uid_of(pid) for pid in workers} == {pwd.getpwnam(kms["user"]).pw_uid}
-        kms["vars"].update(challenger_log_level="debug", challenger_workers=2)
+        kms["vars"].update(challenger_log_level="debug", challenger_workers=2, challenger_protocols=["attestation"],
+                           challenger_max_partitions_per_tpm=4)
 
     def test_generated_tls(self, kms):
         run = deploy(kms, challenger_tls="generate")

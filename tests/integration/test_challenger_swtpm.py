@@ -173,6 +173,17 @@ def test_legacy_static_passphrase(kms_store, node):
             client.get_passphrase(_config(kms, node, protocol="legacy"), PERSISTENT)
 
 
+def test_a_disabled_protocol_is_named_in_the_node_s_error(kms_store, node):
+    kms_store.create_volume(store.new_volume("legacy-node", node.identity.tpm_hash, partitions=[{"label": "COS_PERSISTENT"}]))
+    challenger = server.Challenger(policy.Policy(kms_store), protocols=("attestation",),
+                                   store_calls="inline" if kms_store.url.startswith("sqlite:") else "thread")
+    with ChallengerThread(challenger) as kms:
+        with pytest.raises(KcryptError, match=r'HTTP 404 "/getPass: the legacy protocol is disabled on this KMS, which '
+                                              r'serves attestation \(kcrypt-challenger --protocols attestation\)" '
+                                              r'\(is challenger_server .* set protocol to attestation for a v0.12\+ KMS\)$'):
+            client.get_passphrase(_config(kms, node, protocol="legacy", attempts=1), PERSISTENT)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tls_with_pinned_ca_and_unknown_ca(tmp_path, node, workers):
     pki = make_pki(str(tmp_path))

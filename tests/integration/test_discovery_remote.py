@@ -87,23 +87,15 @@ def get(node, tpm, server, *args, label="COS_PERSISTENT"):
 
 def test_get_over_both_protocols(tmp_path, node, tpm):
     with KMS(tmp_path) as kms:
-        # Newest protocol, TOFU enrolment; trailing slashes are stripped (upstream fix #249).
-        first = get(node, tpm, kms.url + "///")
-        assert first.returncode == 0, first.stderr
-        assert len(first.stdout) == 44 and not first.stdout.endswith(b"\n")  # no newline, as upstream
-        assert first.stdout == kms.secret_for(tpm.tpm_hash, "COS_PERSISTENT")
-        again = get(node, tpm, kms.url + "/")
-        assert (again.returncode, again.stdout) == (0, first.stdout)
-
-        # A static key, served the same over both protocols.
-        kms.add_partition(tpm.tpm_hash, {"label": "COS_OEM", "secret": {"name": "static-oem", "path": "pass"}},
-                          secret={"pass": b"a static passphrase"})
-        for protocol in ("attestation", "legacy"):
-            result = get(node, tpm, kms.url, "--protocol", protocol, label="COS_OEM")
-            assert (result.returncode, result.stdout) == (0, b"a static passphrase"), result.stderr
+        # A legacy registration (no `attestation`): a static key and a legacy "generated" key.
+        with kms.store() as opened:
+            opened.create_secret(kms_store.new_secret("static-oem", {"pass": b"a static passphrase"}))
+            opened.create_volume(kms_store.new_volume("legacy-node", tpm.tpm_hash, [
+                {"label": "COS_OEM", "secret": {"name": "static-oem", "path": "pass"}}, {"label": "COS_DATA"}]))
+        result = get(node, tpm, kms.url, "--protocol", "legacy", label="COS_OEM")
+        assert (result.returncode, result.stdout) == (0, b"a static passphrase"), result.stderr
 
         # Legacy "generated keys": the node makes the passphrase, the KMS only stores its TPM ciphertext.
-        kms.add_partition(tpm.tpm_hash, {"label": "COS_DATA"})
         generated = get(node, tpm, kms.url, "--protocol", "legacy", label="COS_DATA")
         assert generated.returncode == 0, generated.stderr
         assert len(generated.stdout) == 32 and generated.stdout.isalnum() and generated.stdout.lower() == generated.stdout
@@ -111,6 +103,22 @@ def test_get_over_both_protocols(tmp_path, node, tpm):
         assert generated.stdout not in stored  # the KMS never sees the plaintext
         again = get(node, tpm, kms.url, "--protocol", "legacy", label="COS_DATA")
         assert (again.returncode, again.stdout) == (0, generated.stdout)
+
+        # The same static key over the newest protocol; trailing slashes are stripped (upstream fix #249).
+        result = get(node, tpm, kms.url + "///", "--protocol", "attestation", label="COS_OEM")
+        assert (result.returncode, result.stdout) == (0, b"a static passphrase"), result.stderr
+        assert not result.stdout.endswith(b"\n")  # no newline, as upstream
+        # That contact recorded the TPM's attestation: from now on the quote-less legacy protocol is refused (issue 14).
+        refused = get(node, tpm, kms.url, "--protocol", "legacy", "--attempts", "1", label="COS_OEM")
+        assert refused.returncode != 0 and refused.stdout == b""
+        assert b"SealedVolume legacy-node requires the attestation protocol" in refused.stderr
+
+        # A new partition over the newest protocol: trust on first use adds it with a Secret of its own.
+        first = get(node, tpm, kms.url + "/")
+        assert first.returncode == 0, first.stderr
+        assert len(first.stdout) == 44 and first.stdout == kms.secret_for(tpm.tpm_hash, "COS_PERSISTENT")
+        again = get(node, tpm, kms.url)
+        assert (again.returncode, again.stdout) == (0, first.stdout)
 
 
 def test_livecd_cmdline_defers_pcr_enrollment(tmp_path, tpm, subprocess_env):
@@ -208,6 +216,18 @@ LEGACY_EVENT = {  # ghw block.Partition, kcrypt <= v0.11
 
 def test_plugin_mode_against_the_kms(tmp_path, node, tpm):
     with KMS(tmp_path) as kms:
+        # The legacy event: server from the config, legacy protocol by default, label from filesystem_label.
+        # (A legacy registration: a SealedVolume without `attestation`.)
+        with kms.store() as opened:
+            opened.create_secret(kms_store.new_secret("oem-key", {"passphrase": b"oem passphrase"}))
+            opened.create_volume(kms_store.new_volume("node-reg", tpm.tpm_hash, [
+                {"label": "COS_OEM", "secret": {"name": "oem-key", "path": "passphrase"}}]))
+        node.config("kcrypt:\n  tpm_device: %s\n  challenger:\n    challenger_server: %s\n" % (tpm.tcti, kms.url))
+        legacy = plugin_reply(node.plugin(json.dumps(LEGACY_EVENT), env={"KCRYPT_DISCOVERY_DEBUG": "1"}))
+        assert legacy == {"state": "", "data": "oem passphrase", "error": "", "log": ""}
+        assert "protocol=legacy-get outcome=success" in open(str(kms.dir / "kms.log")).read()
+
+        # The newest event: a new partition of the registered TPM, added on first use.
         node.config("kcrypt:\n  tpm_device: %s\n" % tpm.tcti)
         newest = {"partition": {"name": "vda5", "partition_label": "persistent", "label": "COS_PERSISTENT",
                                 "fs": "crypto_LUKS", "uuid": "5a7c0f6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"},
@@ -216,21 +236,35 @@ def test_plugin_mode_against_the_kms(tmp_path, node, tpm):
         assert reply["error"] == ""
         assert reply["data"].encode() == kms.secret_for(tpm.tpm_hash, "COS_PERSISTENT")
         with kms.store() as opened:
-            partition = opened.volumes_for(tpm.tpm_hash)[0]["spec"]["partitions"][0]
+            partition = [p for p in opened.volumes_for(tpm.tpm_hash)[0]["spec"]["partitions"] if p["label"] == "COS_PERSISTENT"][0]
         assert (partition["label"], partition["deviceName"], partition["uuid"]) == (
             "COS_PERSISTENT", "vda5", "5a7c0f6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f")
-
-        # The legacy event: server from the config, legacy protocol by default, label from filesystem_label.
-        kms.add_partition(tpm.tpm_hash, {"label": "COS_OEM", "secret": {"name": "oem-key", "path": "passphrase"}},
-                          secret={"passphrase": b"oem passphrase"})
-        node.config("kcrypt:\n  tpm_device: %s\n  challenger:\n    challenger_server: %s\n" % (tpm.tcti, kms.url))
-        legacy = plugin_reply(node.plugin(json.dumps(LEGACY_EVENT), env={"KCRYPT_DISCOVERY_DEBUG": "1"}))
-        assert legacy == {"state": "", "data": "oem passphrase", "error": "", "log": ""}
-        assert "protocol=legacy-get outcome=success" in open(str(kms.dir / "kms.log")).read()
 
         log = node.log_text()
         assert "payload=newest" in log and "payload=legacy" in log
         assert reply["data"] not in log and "oem passphrase" not in log
+
+
+def test_plugin_at_boot_finds_the_kms_in_kairos_config_and_skips_a_broken_file(tmp_path, node, tpm):
+    """Issue 13 items 1 and 2: the KMS set only through a kairos.config= stanza on the kernel command line
+    (upstream's KairosCmdlineYAMLFromString), while an unrelated /oem file is broken YAML. Upstream boots;
+    so do we, and the plugin log names the file and the YAML error."""
+    with KMS(tmp_path) as kms:
+        with open(node.cmdline, "w") as handle:
+            handle.write("BOOT_IMAGE=/vmlinuz root=LABEL=COS_ACTIVE kairos.config=kcrypt.challenger.challenger_server=%s\n" % kms.url)
+        node.config("kcrypt:\n  tpm_device: %s\n" % tpm.tcti, name="10_tpm.yaml")
+        node.config("stages:\n  boot:\n    - name: [unclosed\n", name="50_broken.yaml")
+        newest = {"partition": {"name": "vda5", "label": "COS_PERSISTENT", "uuid": "5a7c0f6e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"}}
+        reply = plugin_reply(node.plugin(json.dumps(newest)))  # no debug: the warning must still be logged
+        assert reply["error"] == ""
+        assert reply["data"].encode() == kms.secret_for(tpm.tpm_hash, "COS_PERSISTENT")
+        log = node.log_text()
+        assert "ERR Kairos config: Kairos config file %s/50_broken.yaml is not valid YAML at line" % node.oem in log
+        assert reply["data"] not in log
+        # the interactive CLI still refuses, naming the file
+        result = node.run("get", "--partition-label", "COS_PERSISTENT", "--attempts", "1")
+        assert result.returncode == 1
+        assert "50_broken.yaml is not valid YAML" in result.stderr.decode()
 
 
 def test_get_and_plugin_find_the_kms_with_mdns(tmp_path, node, tpm):

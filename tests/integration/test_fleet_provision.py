@@ -4,7 +4,7 @@
 """playbooks/provision.yml (challenger + kairos.kcrypt.node + summary) on a lab of simulated nodes.
 
 Each class builds its own lab (unique lab_dir under /tmp) and runs the real playbooks on it in
-order; the fixture always removes the lab's KMS (role, challenger_state=absent) and the lab.
+order; the fixture always removes the lab with lab_down, which stops and deletes the lab's KMS too.
 Outcomes are checked independently of the code under test: cryptsetup opens each partition with
 the passphrase the KMS store holds (or tpm2-tools recovers from the TPM), and the file written
 before encryption is read back from the decrypted image.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import stat
 
 import pytest
@@ -24,8 +23,10 @@ import yaml
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names, recovery as kms_recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 from support import playbook
+from support.lab import force_remove, leftovers, processes
 from support.loopdisk import decrypt_to_image, luks_json, opens_with, read_file, sh, write_file
 from support.ports import free_port
+from support.process import alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (loop devices, swtpm, cryptsetup)")
 
@@ -53,13 +54,14 @@ class Lab:
     def __init__(self, nodes):
         self.dir = "/tmp/kcrypt-fleet-%d-%s" % (os.getpid(), secrets.token_hex(3))
         self.inventory = self.dir + "/inventory.yml"
-        self.overlay = self.dir + "/overlay"
+        self.work = self.dir + "-work"
+        self.overlay = self.work + "/overlay"
         self.port = free_port()
         self.nodes = nodes
+        self.name = "kf%s" % secrets.token_hex(2)
         self.lab_vars = {"lab_dir": self.dir, "lab_inventory_path": self.inventory,
-                         "lab_name": "kf%s" % secrets.token_hex(2), "lab_node_count": nodes}
+                         "lab_name": self.name, "lab_node_count": nodes}
         self.hosts = {}
-        self.work = self.dir + "-work"
         os.makedirs(self.work)
 
     def up(self):
@@ -117,13 +119,6 @@ class Lab:
         finally:
             os.unlink(image)
 
-    def kms_absent(self):
-        """Stop and purge the lab's KMS with the role (the settings provision.yml used for the lab)."""
-        with open(os.path.join(playbook.ROOT, "playbooks", "vars", "lab_challenger.yml")) as handle:
-            variables = yaml.safe_load(handle)
-        variables.update({"challenger_state": "absent", "challenger_purge": True})
-        return playbook.playbook("playbooks/challenger.yml", variables, inventory=self.inventory)
-
     def kms_pid(self):
         """PID of the lab KMS's supervisor when it runs (0 otherwise)."""
         try:
@@ -136,20 +131,9 @@ class Lab:
 
     def down(self):
         try:
-            if os.path.exists(self.inventory):
-                self.kms_absent()
-        finally:
-            for suffix in ("", ".child"):  # the role could not stop them: stop exactly those processes
-                try:
-                    with open(self.dir + "/kms/run/kcrypt-lab-challenger.pid" + suffix) as handle:
-                        pid = int(handle.read().strip())
-                    with open("/proc/%d/cmdline" % pid, "rb") as handle:
-                        if self.dir.encode() in handle.read():
-                            os.kill(pid, signal.SIGKILL)
-                except (OSError, ValueError):
-                    pass
             playbook.playbook("playbooks/lab_down.yml", self.lab_vars)
-            shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            force_remove(self.dir, self.name)  # whatever lab_down could not remove (a failed test)
             shutil.rmtree(self.work, ignore_errors=True)
 
 
@@ -157,7 +141,7 @@ def summary(run):
     """The summary lines by node name (the Report play's message)."""
     results = run.task_results("Summary, one line per node")
     assert results, run
-    lines = results[-1]["msg"].splitlines()
+    lines = results[-1]["msg"]  # a list: one item per line, readable with any callback settings
     assert lines[0].split()[:2] == ["NODE", "TPM"], lines
     return {line.split()[0]: line for line in lines[1:]}
 
@@ -263,6 +247,16 @@ class TestProvisionTofu:
             store.close()
         again = tofu_lab.provision(extra)
         assert again.rc == 0 and again.changed == 0, again
+
+    def test_lab_down_stops_the_kms_and_leaves_nothing(self, tofu_lab):
+        """lab_down alone (no KMS settings passed): the KMS provision.yml deployed into the lab goes too."""
+        assert tofu_lab.kms_pid(), "the lab KMS is not running"
+        kms = [pid for pid, argv in processes(tofu_lab.dir) if "/kms/" in argv]
+        assert len(kms) >= 2, kms  # the supervisor and the server
+        run = playbook.playbook("playbooks/lab_down.yml", {"lab_dir": tofu_lab.dir})
+        assert run.rc == 0, run
+        assert leftovers(tofu_lab.dir, tofu_lab.name) == []
+        assert not any(alive(pid) for pid in kms), kms
 
 
 STATIC = "static passphrase of node2 " + secrets.token_hex(8)

@@ -10,10 +10,11 @@ removes whatever the lab recorded even when a test fails.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,19 +24,13 @@ import pytest
 import yaml
 
 from support import playbook
+from support.lab import HELPER, force_remove, leftovers, load_helper
+from support.process import alive, stop
 
 ROOT = playbook.ROOT
 PYTHON = sys.executable
-HELPER = os.path.join(ROOT, "roles", "lab", "files", "kcrypt_lab.py")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root (loop devices, namespaces)")
-
-
-def load_helper():
-    spec = importlib.util.spec_from_file_location("kcrypt_lab_helper", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def lab_vars(lab_dir, name, network):
@@ -46,49 +41,6 @@ def lab_vars(lab_dir, name, network):
         "lab_network": network,
         "lab_nodes": [{"name": "node1"}, {"name": "node2"}, {"name": "node3", "netns": True, "oem": True}],
     }
-
-
-def leftovers(lab_dir, name):
-    """Everything on this machine that belongs to the lab in lab_dir (empty when it is gone)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                    argv = handle.read().split(b"\0")
-            except OSError:
-                continue
-            if argv and os.path.basename(argv[0]) == b"swtpm" and any(str(lab_dir).encode() in a for a in argv):
-                found.append(("process", int(entry)))
-    listing = json.loads(subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=False).stdout
-                         or '{"loopdevices": []}')
-    for loop in listing["loopdevices"]:
-        if (loop.get("back-file") or "").startswith(str(lab_dir)):
-            found.append(("loop", loop["name"]))
-    for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.splitlines():
-        if line.split()[0].startswith(name + "-"):
-            found.append(("netns", line.split()[0]))
-    bridge = load_helper().Lab(str(lab_dir)).bridge
-    if subprocess.run(["ip", "link", "show", "dev", bridge], capture_output=True, check=False).returncode == 0:
-        found.append(("bridge", bridge))
-    if os.path.exists(lab_dir):
-        found.append(("dir", str(lab_dir)))
-    return found
-
-
-def force_remove(lab_dir, name):
-    """Last resort after a failed test: remove what the lab made, by the same identities."""
-    for kind, what in leftovers(lab_dir, name):
-        if kind == "process":
-            subprocess.run(["kill", "-9", str(what)], check=False)
-        elif kind == "loop":
-            subprocess.run(["partx", "--delete", what], capture_output=True, check=False)
-            subprocess.run(["losetup", "--detach", what], check=False)
-        elif kind == "netns":
-            subprocess.run(["ip", "netns", "delete", what], check=False)
-        elif kind == "bridge":
-            subprocess.run(["ip", "link", "delete", what], check=False)
-    subprocess.run(["rm", "-rf", str(lab_dir)], check=False)
 
 
 def tpm_hash(tcti, netns=""):
@@ -249,7 +201,28 @@ class TestLab:
     def test_teardown_leaves_nothing(self, lab):
         assert leftovers(lab["dir"], lab["name"])  # the lab is there before
         loops = [node["kcrypt_lab_disk"] for node in read_inventory(lab)["hosts"].values()]
-        run = playbook.playbook("playbooks/lab_down.yml", {"lab_dir": str(lab["dir"])})
+        # a service deployed into the lab directory, as provision.yml deploys the lab's KMS: the real
+        # supervisor run from <lab>/kms, its server a program that does not name the lab at all
+        kms = lab["dir"] / "kms"
+        (kms / "opt" / "bin").mkdir(parents=True)
+        supervisor = str(kms / "opt" / "bin" / "kcrypt_supervise.py")
+        shutil.copy(os.path.join(ROOT, "roles", "challenger", "files", "kcrypt_supervise.py"), supervisor)
+        started = json.loads(subprocess.run(
+            [PYTHON, supervisor, "start", "--pidfile", str(kms / "run" / "kms.pid"), "--logfile", str(kms / "log" / "kms.log"),
+             "--", PYTHON, "-c", "import time; time.sleep(600)"], capture_output=True, text=True, check=True).stdout)
+        service = [started["pid"], started["child_pid"]]
+        assert all(alive(pid) for pid in service), started
+        # a process that only names a file of the lab is not the lab's: it is left alone
+        bystander = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)", str(lab["dir"] / "lab.json")])
+        try:
+            run = playbook.playbook("playbooks/lab_down.yml", {"lab_dir": str(lab["dir"])})
+            assert bystander.poll() is None, "lab_down stopped a process that does not run from the lab"
+            assert not any(alive(pid) for pid in service), started
+        finally:
+            stop(bystander)
+            for pid in service:  # what lab_down failed to stop (the server names no lab path)
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
         assert run.rc == 0, run
         assert run.changed > 0
         assert leftovers(lab["dir"], lab["name"]) == []

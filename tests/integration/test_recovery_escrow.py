@@ -15,6 +15,7 @@ devices, the challenger on 127.0.0.1 over SQLite and over the Kubernetes API emu
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -61,8 +62,8 @@ def kms_store(request, tmp_path):
         opened.close()
 
 
-def kms(kms_store, enrollment="tofu"):
-    return ChallengerThread(server.Challenger(policy.Policy(kms_store, enrollment=enrollment), ready_check=kms_store.ping))
+def kms(kms_store, enrollment="tofu", **options):
+    return ChallengerThread(server.Challenger(policy.Policy(kms_store, enrollment=enrollment), ready_check=kms_store.ping, **options))
 
 
 def node_params(url, node, **extra):
@@ -214,6 +215,11 @@ def test_escrow_needs_a_tpm_proof_and_writes_only_the_nodes_own_partition(kms_st
         for size in (0, 8, protocol.MAX_RECOVERY_KEY_SIZE + 1):
             answer = raw_escrow(stranger, own, recovery_key=b"k" * size)
             assert "recovery_key must be" in answer["error"]
+        assert kms_store.get_recovery_secret("stranger-stranger-data-recovery") is None
+        # what a node may declare is bounded as for a passphrase: the label matches, the name is not a device name
+        for bad in ({"name": "vda5;reboot"}, {"uuid": "u" * 65}, {"name": "n" * 65}):
+            answer = raw_escrow(stranger, dict(own, **bad))
+            assert "invalid partition" in answer["error"], (bad, answer)
         assert kms_store.get_recovery_secret("stranger-stranger-data-recovery") is None
         # quarantined: refused
         volume = kms_store.get_volume("stranger")
@@ -396,6 +402,29 @@ def source_key_offline(params, kms_store, node, device, label):
     volume = kms_store.find_volume(node.tpm_hash)
     entry = [p for p in volume["spec"]["partitions"] if p.get("label") == label][0]
     return kms_store.get_secret(entry["secret"]["name"])["data"][entry["secret"].get("path", "passphrase")]
+
+
+@pytest.mark.parametrize("kms_store", ["sqlite"], indirect=True)
+def test_escrow_goes_with_the_attestation_protocol(kms_store, node, loop_disks):
+    """``/recovery-escrow`` is the attestation protocol's proof: a KMS serving only ``legacy`` answers 404 and the
+    node fails at once, saying why and what to do, and nothing is written; with ``attestation`` alone it escrows."""
+    device, label = labelled_partition(loop_disks)
+    with kms(kms_store) as kms_thread:
+        params = node_params(kms_thread.url, node, kms_attempts=5, kms_retry_delay=2.0)
+        encrypt(params, label)
+        escrowed = reveal(kms_store, node, label)
+    ref = PartitionRef(label=label)
+    config = key_source.kms_client_config(params)
+    with kms(kms_store, protocols=("legacy",)) as kms_thread:
+        with pytest.raises(KcryptError) as info:
+            kms_client.escrow_recovery_key(dataclasses.replace(config, challenger_server=kms_thread.url), ref, b"n" * 40)
+    message = str(info.value)
+    assert "404" in message and "protocol is disabled" in message and "recovery_escrow=controller" in message, message
+    assert "after 5 attempts" not in message  # not retried: a 404 does not go away
+    assert reveal(kms_store, node, label)["recovery_key"] == escrowed["recovery_key"]
+    with kms(kms_store, protocols=("attestation",)) as kms_thread:
+        assert kms_client.escrow_recovery_key(dataclasses.replace(config, challenger_server=kms_thread.url), ref, b"n" * 40)
+    assert reveal(kms_store, node, label)["recovery_key"] == b"n" * 40
 
 
 # -- ad hoc and from the CLI ----------------------------------------------------------------------

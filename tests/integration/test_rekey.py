@@ -210,7 +210,7 @@ def kms_update(kms, tpm_hash, label, passphrase):
     """What the rekey playbook does on the KMS host: the store admin CLI, passphrase on stdin."""
     out, err = io.StringIO(), io.StringIO()
     code = challenger_cli.main(["--store", kms.store_url, "add", "--tpm-hash", tpm_hash, "--partition", "label=" + label,
-                             "--passphrase-file", "-", "--update-passphrase"], stdin=io.BytesIO(passphrase), stdout=out, stderr=err)
+                                "--passphrase-file", "-", "--update-passphrase"], stdin=io.BytesIO(passphrase), stdout=out, stderr=err)
     assert code == 0, err.getvalue()
     return out.getvalue()
 

@@ -65,9 +65,11 @@ def test_objects_written_by_upstream_tools_are_served(kube_api):
         api.close()
     with store_factory.open_store("kubernetes://?kubeconfig=%s&namespace=%s" % (kube_api.kubeconfig, namespace)) as store:
         policy = Policy(store)
+        assert policy.legacy_get_pass(HASH, PartitionRef(label="COS_PERSISTENT"))["passphrase"] == "static from kubectl"
         assert policy.issue_passphrase(HASH, "PEM", {"0": "aa"}, PartitionRef(label="COS_PERSISTENT")) == b"static from kubectl"
         assert store.get_volume("test2")["spec"]["attestation"]["pcrValues"] == {"pcrs": {"0": "aa"}}
-        assert policy.legacy_get_pass(HASH, PartitionRef(label="COS_PERSISTENT"))["passphrase"] == "static from kubectl"
+        # enrolled through /tpm-attestation now: the quote-less legacy protocol no longer serves it
+        assert "requires the attestation protocol" in policy.legacy_get_pass(HASH, PartitionRef(label="COS_PERSISTENT"))["error"]
 
 
 def test_store_url_describes_the_api_without_credentials(kube_api):
@@ -151,8 +153,10 @@ def test_rbac_role_grants_exactly_what_the_server_uses(kube_api, repo_root):
         policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # TOFU
         policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # next boot
         policy.issue_passphrase(HASH, "PEM", pcrs, PartitionRef(label="COS_OEM"))  # new partition
-        policy.legacy_post_pass(HASH, PartitionRef(label="COS_OEM"), {"passphrase": "x", "generated_by": "tpm"})
-        policy.legacy_get_pass(HASH, PartitionRef(label="COS_OEM"))
+        legacy = "9" * 64  # a legacy registration (no attestation): the legacy endpoints serve only such TPMs
+        store.create_volume(st.new_volume("legacy-node", legacy, [{"label": "COS_OEM"}]))
+        assert policy.legacy_post_pass(legacy, PartitionRef(label="COS_OEM"), {"passphrase": "x", "generated_by": "tpm"})
+        assert policy.legacy_get_pass(legacy, PartitionRef(label="COS_OEM"))["passphrase"] == "x"
         policy.escrow_recovery_key(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"), b"r" * 71)  # escrow
         policy.escrow_recovery_key(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"), b"s" * 71)  # rotation
         store.ping()

@@ -116,21 +116,22 @@ def _nvreadpublic(swtpm, index):
     return [line.strip() for line in out.splitlines()[1:] if line.strip() and not line.strip().startswith("name:")]
 
 
-def test_offline_nv_index_and_key_look_like_upstreams(swtpm, tmp_path):
+@pytest.mark.parametrize("layout, name_alg, alg_value", [("go-tpm", "sha256", "0xB"), ("tpmk", "sha1", "0x4")])
+def test_offline_nv_index_and_key_look_like_upstreams(swtpm, tmp_path, layout, name_alg, alg_value):
     """Checklist 46, compared with what tpm2-tools prints: an index we wrote reads exactly like one
-    written the upstream way (go-tpm legacy NVDefineSpace: name algorithm SHA-1), and the key at
-    c_index has tpm-helpers' template."""
+    written the upstream way (go-tpm tpm-helpers: name algorithm SHA-256; tpmk / go-tpm's legacy
+    NVDefineSpace: SHA-1), and the key at c_index has tpm-helpers' template."""
     with TPM(swtpm.tcti) as tpm:
-        tpm_blob.nv_passphrase(tpm)
+        tpm_blob.nv_passphrase(tpm, layout=layout)
     ours = _nvreadpublic(swtpm, "0x1500000")
     assert ours == [
-        "hash algorithm:", "friendly: sha1", "value: 0x4",
+        "hash algorithm:", "friendly: %s" % name_alg, "value: %s" % alg_value,
         "attributes:", "friendly: ownerwrite|ppread|ownerread|authread|written", "value: 0x20070002",
         "size: 256",
     ]
     env = tools_env(swtpm)
     (tmp_path / "blob").write_bytes(os.urandom(256))
-    subprocess.run(["tpm2_nvdefine", "0x1500007", "-C", "o", "-s", "256", "-g", "sha1", "-a", "ownerwrite|ownerread|authread|ppread"],
+    subprocess.run(["tpm2_nvdefine", "0x1500007", "-C", "o", "-s", "256", "-g", name_alg, "-a", "ownerwrite|ownerread|authread|ppread"],
                    env=env, check=True, capture_output=True)
     subprocess.run(["tpm2_nvwrite", "0x1500007", "-C", "o", "-i", str(tmp_path / "blob")], env=env, check=True, capture_output=True)
     assert _nvreadpublic(swtpm, "0x1500007") == ours
@@ -377,3 +378,186 @@ def test_ek_certificate_in_nv_decides_the_identity(swtpm_plain, tmp_path):
     assert ek.public_key.public_numbers() == key.public_key().public_numbers()
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert ek.tpm_hash == hashlib.sha256(spki).hexdigest() != template_ek.tpm_hash
+
+
+def _self_signed_ek_certificate():
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kcrypt wrapped EK")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(7).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _write_ek_certificate_nv(swtpm, tmp_path, data):
+    """Define NV 0x01c00002 and write ``data`` with tpm2-tools alone (as a vendor provisions it)."""
+    (tmp_path / "ekcert.bin").write_bytes(data)
+    env = tools_env(swtpm)
+    subprocess.run(["tpm2_nvdefine", "0x01c00002", "-C", "o", "-s", str(len(data)), "-a", "ownerread|ownerwrite|authread|ppread"],
+                   env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x01c00002", "-C", "o", "-i", str(tmp_path / "ekcert.bin")], env=env, check=True, capture_output=True)
+
+
+def test_wrapped_ek_certificate_is_unwrapped_as_go_attestation_does(swtpm_plain, tmp_path):
+    """Checklist 2 / issue 13 item 6: some TPMs store the EK certificate with the TCG PC Client NV header
+    ``10 01 00 LL LL`` (go-attestation v0.6.4 attest/tpm.go ParseEKCertificate strips it). The identity is
+    then the certificate's key and the certificate is what the legacy token and ``info`` carry, not the
+    template EK's PUBLIC KEY. Written into swtpm's NV by tpm2-tools alone."""
+    from cryptography.hazmat.primitives import serialization
+
+    key, cert = _self_signed_ek_certificate()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    wrapped = b"\x10\x01\x00" + len(der).to_bytes(2, "big") + der + b"\xff" * 8  # padding after the announced length
+    _write_ek_certificate_nv(swtpm_plain, tmp_path, wrapped)
+    out = subprocess.run(["tpm2_nvread", "0x01c00002", "-C", "o"], env=tools_env(swtpm_plain), check=True, capture_output=True).stdout
+    assert out[:3] == b"\x10\x01\x00"  # what the TPM really holds
+    with TPM(swtpm_plain.tcti) as tpm:
+        ek = tpm.endorsement_key()
+    assert ek.certificate is not None
+    assert ek.certificate_pem == cert.public_bytes(serialization.Encoding.PEM).decode()
+    assert ek.certificate_pem.startswith("-----BEGIN CERTIFICATE-----")
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert ek.tpm_hash == hashlib.sha256(spki).hexdigest()
+
+
+def test_wrapped_ek_certificate_with_a_wrong_length_falls_back_to_the_template(swtpm_plain, tmp_path):
+    """go-attestation refuses a header announcing more bytes than the index holds; EKs() then creates the template EK."""
+    from cryptography.hazmat.primitives import serialization
+
+    with TPM(swtpm_plain.tcti) as tpm:
+        template_hash = tpm.endorsement_key().tpm_hash
+    der = _self_signed_ek_certificate()[1].public_bytes(serialization.Encoding.DER)
+    _write_ek_certificate_nv(swtpm_plain, tmp_path, b"\x10\x01\x00" + (len(der) + 10).to_bytes(2, "big") + der)
+    with TPM(swtpm_plain.tcti) as tpm:
+        ek = tpm.endorsement_key()
+    assert ek.certificate is None and ek.tpm_hash == template_hash == tpm2_tools_hash(swtpm_plain, tmp_path)
+
+
+# -- issue 13 item 7: both NV layouts, proven with keys and blobs that tpm2-tools alone builds --------
+#
+# What upstream writes was read from the source: tpm-helpers' go-tpm code (tpm_encrypt.go createRSAKey:
+# Unique = 256 zero bytes; tpm_nv.go StoreBlob: NameAlg SHA-256), the version kairos-sdk v0.25.2 pins
+# (its go.sum, like kcrypt-discovery-challenger v0.13.4's, has no folbricht/tpmk); the older tpmk code
+# (tpm-helpers main, e914e08) leaves unique empty and go-tpm's legacy NVDefineSpace uses SHA-1.
+
+OWNER_KEY_ATTRS = "sign|decrypt|userwithauth|sensitivedataorigin"
+NV_ATTRS = "ownerwrite|ownerread|authread|ppread"
+TOOLS_UNIQUE = {"go-tpm": True, "tpmk": False}
+
+
+def _createprimary(layout, ctx):
+    """tpm2_createprimary with tpm-helpers' owner key template. The go-tpm layout's 256-byte zero unique
+    goes in through stdin: tpm2-tools 5.4 ignores a -u FILE here (the key equals the empty-unique one),
+    while ``-u -`` applies it."""
+    command = ["tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "rsa2048:null:null", "-a", OWNER_KEY_ATTRS, "-c", ctx]
+    return command + (["-u", "-"] if TOOLS_UNIQUE[layout] else [])
+
+
+def _unique_input(layout):
+    return b"\x00" * 256 if TOOLS_UNIQUE[layout] else b""
+
+
+def _tools_owner_key(swtpm, tmp_path, layout, persist=None):
+    """tpm2_createprimary with tpm-helpers' template for ``layout``; returns the public PEM path."""
+    env = tools_env(swtpm)
+    ctx, pem = str(tmp_path / ("%s.ctx" % layout)), str(tmp_path / ("%s.pem" % layout))
+    subprocess.run(_createprimary(layout, ctx) + ["-f", "pem", "-o", pem], input=_unique_input(layout), env=env,
+                   check=True, capture_output=True)
+    if persist:
+        subprocess.run(["tpm2_evictcontrol", "-C", "o", "-c", ctx, persist], env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_flushcontext", "-t"], env=env, check=True, capture_output=True)
+    return pem, ctx
+
+
+def _openssl_oaep_encrypt(pem, plaintext, tmp_path):
+    (tmp_path / "plain").write_bytes(plaintext)
+    subprocess.run(["openssl", "pkeyutl", "-encrypt", "-pubin", "-inkey", pem, "-in", str(tmp_path / "plain"),
+                    "-out", str(tmp_path / "blob"), "-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256",
+                    "-pkeyopt", "rsa_mgf1_md:sha256"], check=True, capture_output=True)
+    return tmp_path / "blob"
+
+
+def _evict(swtpm, handle):
+    subprocess.run(["tpm2_evictcontrol", "-C", "o", "-c", handle], env=tools_env(swtpm), check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("layout", ["go-tpm", "tpmk"])
+def test_our_owner_key_is_the_key_tpm2_tools_derives_with_that_layouts_template(swtpm_plain, tmp_path, layout):
+    """The same owner seed gives the same key only with the same template: ours per layout equals
+    tpm2_createprimary's with (go-tpm) or without (tpmk) a zero unique, and the two layouts differ."""
+    from cryptography.hazmat.primitives import serialization
+
+    with TPM(swtpm_plain.tcti) as tpm:
+        ours, created = tpm.owner_key_public(0x81000008, layout=layout)
+    assert created
+    tools = {name: serialization.load_pem_public_key(open(_tools_owner_key(swtpm_plain, tmp_path, name)[0], "rb").read())
+             for name in TOOLS_UNIQUE}
+    assert ours.public_numbers() == tools[layout].public_numbers()
+    assert tools["go-tpm"].public_numbers() != tools["tpmk"].public_numbers()
+
+
+@pytest.mark.parametrize("layout", ["go-tpm", "tpmk"])
+def test_blob_and_key_built_by_tpm2_tools_are_read(swtpm_plain, tmp_path, layout):
+    """Upstream's direction: key persisted by tpm2_createprimary + tpm2_evictcontrol, blob encrypted by
+    openssl, NV index defined by tpm2_nvdefine with the layout's name algorithm: we read the passphrase."""
+    pem = _tools_owner_key(swtpm_plain, tmp_path, layout, persist="0x81000008")[0]
+    passphrase = b"0123456789abcdefghijklmnopqrstuv"
+    blob_file = _openssl_oaep_encrypt(pem, passphrase, tmp_path)
+    env = tools_env(swtpm_plain)
+    subprocess.run(["tpm2_nvdefine", "0x1500000", "-C", "o", "-s", "256", "-g", {"go-tpm": "sha256", "tpmk": "sha1"}[layout],
+                    "-a", NV_ATTRS], env=env, check=True, capture_output=True)
+    subprocess.run(["tpm2_nvwrite", "0x1500000", "-C", "o", "-i", str(blob_file)], env=env, check=True, capture_output=True)
+    for reader_layout in ("go-tpm", "tpmk"):  # reading never depends on the configured layout
+        with TPM(swtpm_plain.tcti) as tpm:
+            assert tpm_blob.nv_passphrase(tpm, layout=reader_layout) == (passphrase, False)
+
+
+@pytest.mark.parametrize("layout", ["go-tpm", "tpmk"])
+def test_our_blob_is_opened_by_a_key_tpm2_tools_recreates_with_the_layouts_template(swtpm_plain, tmp_path, layout):
+    """Our direction: we create key and blob; the persisted key is then evicted, and tpm2-tools
+    re-creates the key from the layout's template alone: it decrypts our blob (so a Kairos tool of that
+    generation re-creating the key at c_index gets the same key). We re-derive it too, without
+    persisting anything."""
+    with TPM(swtpm_plain.tcti) as tpm:
+        passphrase, created = tpm_blob.nv_passphrase(tpm, layout=layout)
+    assert created
+    env = tools_env(swtpm_plain)
+    blob_file = str(tmp_path / "ours.blob")
+    subprocess.run(["tpm2_nvread", "-C", "o", "-o", blob_file, "0x1500000"], env=env, check=True, capture_output=True)
+    _evict(swtpm_plain, "0x81000008")
+    with TPM(swtpm_plain.tcti) as tpm:
+        assert tpm_blob.read_nv_passphrase(tpm) == passphrase  # re-derived transiently
+        assert tpm.owner_key_public(0x81000008, create=False) == (None, False)  # nothing persisted by reading
+    ctx = _tools_owner_key(swtpm_plain, tmp_path, layout)[1]
+    # _tools_owner_key flushed its transient key; load the context again and decrypt with it
+    subprocess.run(_createprimary(layout, ctx), input=_unique_input(layout), env=env, check=True, capture_output=True)
+    plain = subprocess.run(["tpm2_rsadecrypt", "-c", ctx, "-s", "oaep", blob_file], env=env, check=True, capture_output=True).stdout
+    subprocess.run(["tpm2_flushcontext", "-t"], env=env, check=True, capture_output=True)
+    assert plain == passphrase
+
+
+def test_an_existing_key_of_the_other_layout_is_used_not_replaced(swtpm_plain, tmp_path):
+    """A key a tpmk-era node persisted stays: our default (go-tpm) layout only matters when creating."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = _tools_owner_key(swtpm_plain, tmp_path, "tpmk", persist="0x81000008")[0]
+    with TPM(swtpm_plain.tcti) as tpm:
+        public, created = tpm.owner_key_public(0x81000008)  # default layout
+        passphrase, made = tpm_blob.nv_passphrase(tpm)
+    assert (created, made) == (False, True)
+    assert public.public_numbers() == serialization.load_pem_public_key(open(pem, "rb").read()).public_numbers()
+    blob_file = str(tmp_path / "blob")
+    env = tools_env(swtpm_plain)
+    subprocess.run(["tpm2_nvread", "-C", "o", "-o", blob_file, "0x1500000"], env=env, check=True, capture_output=True)
+    plain = subprocess.run(["tpm2_rsadecrypt", "-c", "0x81000008", "-s", "oaep", blob_file], env=env, check=True,
+                           capture_output=True).stdout
+    assert plain == passphrase
+    assert "friendly: sha256" in subprocess.run(["tpm2_nvreadpublic", "0x1500000"], env=env, check=True,
+                                                capture_output=True, text=True).stdout

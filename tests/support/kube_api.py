@@ -23,6 +23,10 @@ store, with the API server's rules:
   CRD manifest must be applied before SealedVolumes can be used, as on a cluster;
 * Namespaces (create, get, list, delete with their objects), which kmock's URL parser cannot read.
 
+Every request is appended to ``requests.jsonl`` in the work directory (method, path, query,
+bearer token, JSON body), so tests can check each call against RBAC and each written object
+against the CRD schema.
+
 Run it as a process: ``python tests/support/kube_api.py PORT_FILE`` writes the port
 into PORT_FILE once it listens and serves until SIGTERM. ``KubeAPI`` does that and
 writes a kubeconfig for it.
@@ -51,6 +55,7 @@ class KubeAPI:
         self.process = None
         self.port = None
         self.kubeconfig = os.path.join(work_dir, "kubeconfig")
+        self.request_log = os.path.join(work_dir, "requests.jsonl")
 
     @property
     def url(self):
@@ -62,8 +67,10 @@ class KubeAPI:
         if os.path.exists(port_file):
             os.unlink(port_file)
         log = open(os.path.join(self.work_dir, "kube-api.log"), "ab")
+        self.request_log = os.path.join(self.work_dir, "requests.jsonl")  # every request, for RBAC and schema checks
+        env = dict(os.environ, KUBE_API_REQUEST_LOG=self.request_log)
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), port_file],
-                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -81,11 +88,19 @@ class KubeAPI:
         self.write_kubeconfig(self.kubeconfig)
         return self
 
-    def write_kubeconfig(self, path, namespace="default"):
+    def requests(self):
+        """The recorded requests (dicts: method, path, query, token, body), oldest first."""
+        if not os.path.exists(self.request_log):
+            return []
+        with open(self.request_log) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def write_kubeconfig(self, path, namespace="default", token="kmock-test-token"):
+        """A kubeconfig for the emulator; ``token`` tells the request log which identity called."""
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
             "clusters": [{"name": "kmock", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "kmock-test-token"}}],
+            "users": [{"name": "tester", "user": {"token": token}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester", "namespace": namespace}}],
         }
         with open(path, "w") as handle:
@@ -133,12 +148,30 @@ def _emulator_class():
         which made 200 concurrent enrolments take minutes; this path keeps the same semantics."""
 
         async def __call__(self, raw_request):
+            await self._record(raw_request)
             # kmock's URL parser cannot read /api/v1/namespaces[/NAME] (it takes "namespaces" for
             # the namespace marker), so Namespace objects, which tests create on real clusters, are served here.
             path = raw_request.path.rstrip("/")
             if path == "/api/v1/namespaces" or (path.startswith("/api/v1/namespaces/") and path.count("/") == 4):
                 return await self._namespace(raw_request, path[len("/api/v1/namespaces/"):] if path.count("/") == 4 else None)
             return await super().__call__(raw_request)
+
+        async def _record(self, raw_request):
+            """One JSON line per request in $KUBE_API_REQUEST_LOG: method, path, query, bearer token, body."""
+            path = os.environ.get("KUBE_API_REQUEST_LOG")
+            if not path:
+                return
+            body = None
+            if raw_request.method in ("POST", "PUT", "PATCH") and raw_request.can_read_body:
+                try:
+                    body = json.loads(await raw_request.read())  # aiohttp keeps the bytes for the handlers
+                except ValueError:
+                    body = None
+            auth = raw_request.headers.get("Authorization", "")
+            entry = {"method": raw_request.method, "path": raw_request.path, "query": dict(raw_request.query),
+                     "token": auth[len("Bearer "):] if auth.startswith("Bearer ") else "", "body": body}
+            with open(path, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
 
         async def _namespace(self, raw_request, name):
             namespaces = self.__dict__.setdefault("_namespace_objects", {})

@@ -7,13 +7,14 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
-        [--workers N|auto] \\
+        [--protocols attestation,legacy] [--max-partitions-per-tpm N] [--workers N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
-``tls_key``, ``enrollment``, ``nonce``, ``read_timeout``, ``max_message_size``,
+``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``,
+``read_timeout``, ``max_message_size``,
 ``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``,
 ``log_level``); it is looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
 then /etc/kcrypt-challenger/config.yaml (absent is fine unless named explicitly).
@@ -72,6 +73,12 @@ def _add_serve_arguments(parser):
     parser.add_argument("--nonce", choices=NONCE_MODES,
                         help="quote freshness: off (upstream HEAD), when-supported (default: check quotes that carry "
                              "the activation secret), required (reject unbound quotes, i.e. upstream HEAD clients)")
+    parser.add_argument("--protocols", help="which Kairos protocols to serve: attestation (/tpm-attestation, v0.12+ nodes), "
+                                            "legacy (/getPass, /postPass: older nodes, no boot-state check) or both "
+                                            "(default attestation,legacy); a disabled one answers HTTP 404")
+    parser.add_argument("--max-partitions-per-tpm", dest="max_partitions_per_tpm",
+                        help="partitions a TPM may enrol on its own (default %d); registrations are not limited"
+                             % DEFAULTS["max_partitions_per_tpm"])
     parser.add_argument("--read-timeout", dest="read_timeout", type=float, help="seconds to wait for each node message (default 10)")
     parser.add_argument("--max-message-size", dest="max_message_size", type=int, help="largest WebSocket message in bytes (default 65536)")
     parser.add_argument("--store-calls", dest="store_calls", choices=("auto", "inline", "thread"),
@@ -159,9 +166,10 @@ def _serve_workers(config, ssl_context, workers):
 
 def _challenger(config, store, metrics=None):
     return server.Challenger(
-        Policy(store, enrollment=config["enrollment"]),
+        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"]),
         nonce_mode=config["nonce"], read_timeout=config["read_timeout"],
         max_message_size=config["max_message_size"], store_calls=store_calls(config), ready_check=store.ping, metrics=metrics,
+        protocols=config["protocols"],
     )
 
 
@@ -169,8 +177,9 @@ def _announce(config, ssl_context, port, workers=1):
     """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
     scheme = "https" if ssl_context else "http"
     host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
-    log.info("listening on %s://%s:%d (store %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme, host, port,
-             config["store"], config["enrollment"], config["nonce"], store_calls(config), workers)
+    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme,
+             host, port, config["store"], ",".join(config["protocols"]), config["enrollment"], config["nonce"],
+             store_calls(config), workers)
     if not config["mdns_host"]:
         return None
     announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,

@@ -14,8 +14,12 @@ Private to the collection. ``cli/challenger.py`` mounts them with
     kcrypt-challenger import FILE|- [--replace]
     kcrypt-challenger quarantine|unquarantine NAME|TPM_HASH
     kcrypt-challenger delete NAME|TPM_HASH [--purge-secrets]
+    kcrypt-challenger check
     kcrypt-challenger recovery show NAME|TPM_HASH [--partition LABEL] [--reason TEXT] [-o text|json]
     kcrypt-challenger recovery audit [-o text|json]
+
+``check`` reports Secrets that are not exactly one partition's (kms/secret_ownership.py);
+``add`` and ``import`` refuse to create such sharing.
 
 A static passphrase is read from a file or stdin (``-``; prompted twice on a terminal),
 never from the command line. Nothing secret is printed unless ``export --include-secrets``
@@ -28,12 +32,15 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import stat
 import sys
+import tempfile
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.identity import is_tpm_hash
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import clean_kube_name, secret_ref
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.settings import store_url
@@ -86,6 +93,9 @@ def add_subcommands(subparsers, common=None):
     parser.add_argument("target", metavar="NAME|TPM_HASH")
     parser.add_argument("--purge-secrets", action="store_true",
                         help="also delete the Secrets its partitions use: the passphrases are gone for good")
+
+    command("check", cmd_check, "report Secrets that are not exactly one partition's (shared or ambiguous names); "
+                                "exit 1 if there is any")
 
     parser = subparsers.add_parser("recovery", help="recovery keys escrowed by nodes (reading one is audited)",
                                    description="recovery keys escrowed by nodes (reading one is audited)")
@@ -233,10 +243,43 @@ def cmd_export(args):
     if args.output == "-":
         _out(args).write(text)
     else:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        write_private_file(args.output, text)
+    return 0
+
+
+def write_private_file(path, text):
+    """Write ``text`` to ``path`` as a new file of mode 0600, replacing what was there atomically.
+
+    Never through an existing file: opening it would keep its mode (a 0644 file would hold the
+    passphrases readable for everyone) and its other hard links. A symlink or anything that is not a
+    regular file is refused, so the output cannot be redirected somewhere else.
+    """
+    try:
+        current = os.lstat(path)
+    except FileNotFoundError:
+        current = None
+    except OSError as exc:
+        raise KcryptError("cannot write %s: %s" % (path, exc.strerror)) from None
+    if current is not None and not stat.S_ISREG(current.st_mode):
+        raise KcryptError("refusing to write the export to %s: it is not a regular file (a symlink, device or "
+                          "directory); give a new file name, or - for stdout" % path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)  # created 0600
+    except OSError as exc:
+        raise KcryptError("cannot write %s: %s" % (path, exc.strerror)) from None
+    try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-    return 0
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise KcryptError("cannot write %s: %s" % (path, exc.strerror)) from None
 
 
 def cmd_import(args):
@@ -251,6 +294,12 @@ def cmd_import(args):
     out, failed = _out(args), 0
     with _open(args, create=True) as store:
         volumes, secrets = st.load_yaml(text, namespace=store.namespace)
+        refused = _ambiguous_imports(store, volumes, secrets)
+        if refused:  # checked before anything is written
+            for name, reason in sorted(refused.items()):
+                _err(args).write("Error: SealedVolume %s: %s\n" % (name, reason))
+            raise KcryptError("nothing imported: a Secret must belong to exactly one partition of one SealedVolume; "
+                              "give the partitions above their own secret.name")
         for secret in secrets:
             name = secret["metadata"]["name"]
             for key, value in secret["data"].items():
@@ -282,6 +331,38 @@ def cmd_import(args):
                 store.update_volume(volume)
                 out.write("SealedVolume %s: replaced\n" % name)
     return 1 if failed else 0
+
+
+def _ambiguous_imports(store, volumes, secrets):
+    """{imported volume name: why} for imported volumes whose partitions would share a Secret with another
+    partition (of the store or of the import), or use a derived name labelled for someone else."""
+    imported = {st.volume_name(v) for v in volumes}
+    everything = [v for v in store.list_volumes() if st.volume_name(v) not in imported] + list(volumes)
+    incoming = {s["metadata"]["name"]: s for s in secrets}
+
+    def get_secret(name):
+        return incoming.get(name) or store.get_secret(name)
+
+    refused = {}
+    for involved, text in ownership.problems(everything, get_secret):
+        for name in involved:
+            if name in imported:
+                refused.setdefault(name, text)
+    return refused
+
+
+def cmd_check(args):
+    with _open(args) as store:
+        found = ownership.problems(store.list_volumes(), store.get_secret)
+    out = _out(args)
+    for _volumes, text in found:
+        out.write("%s\n" % text)
+    if found:
+        _err(args).write("Error: %d Secret(s) are not exactly one partition's; give each partition its own secret.name "
+                         "(kcrypt-challenger import --replace, kubectl edit, or kairos.kcrypt.kairos_sealedvolume)\n" % len(found))
+        return 1
+    out.write("every Secret reference belongs to exactly one partition\n")
+    return 0
 
 
 def _set_quarantine(args, value):

@@ -93,10 +93,6 @@ def _setup_logging(debug, stream=None, path=None):
     log.addHandler(handler)
 
 
-def _bool(value):
-    return "true" if value else "false"
-
-
 # -- configuration -----------------------------------------------------------
 
 
@@ -109,11 +105,17 @@ def _config_locations():
     )
 
 
-def load_settings(strict=True):
-    """The Kairos config. ``strict=False`` (root, info) falls back to defaults on a config error."""
+def _warn_loudly(message):
+    """At boot a broken config source is skipped: say so at error level, which the plugin log always keeps."""
+    log.error("Kairos config: %s", message)
+
+
+def load_settings(strict=True, at_boot=False):
+    """The Kairos config. ``strict=False`` (root, info) falls back to defaults on a config error;
+    ``at_boot`` (plugin mode) skips a broken file or config_url with a loud log line, as upstream carries on."""
     dirs, cmdline = _config_locations()
     try:
-        return kairos_config.read_settings(dirs, cmdline, log=log.debug)
+        return kairos_config.read_settings(dirs, cmdline, log=log.debug, at_boot=at_boot, warn=_warn_loudly)
     except kairos_config.ConfigError as error:
         if strict:
             raise
@@ -269,7 +271,7 @@ def handle_event(data):
     except KcryptError as error:
         return _reply(error=str(error))
     try:
-        settings = load_settings()
+        settings = load_settings(at_boot=True)  # plugin mode runs at boot: one broken file must not block unlock
     except KcryptError as error:
         return _reply(error="failed getting pass: %s" % error)
     if server:
@@ -277,7 +279,7 @@ def handle_event(data):
     settings = builder.apply_overrides(settings, {"challenger_server": server, "mdns": True if mdns else None})
     log.debug(
         "Final config: TPMDevice=%s, Server=%s, MDNS=%s, payload=%s",
-        settings.tpm_device, settings.challenger_server, _bool(settings.mdns), generation,
+        settings.tpm_device, settings.challenger_server, builder.go_bool(settings.mdns), generation,
     )
     try:
         if generation == "legacy" and not settings.challenger_server:
@@ -344,7 +346,8 @@ def build_parser():
         description="Print this node's TPM hash, or fetch a partition passphrase from a kcrypt challenger.",
         epilog=(
             "Configuration is read from Kairos config files (#cloud-config YAML) in /oem, /sysroot/oem and "
-            "/run/cos/oem and from /proc/cmdline (kcrypt.challenger.challenger_server=...). Environment: "
+            "/run/cos/oem, from /proc/cmdline (kcrypt.challenger.challenger_server=..., kairos.config=..., "
+            "kairos.config_url=...) and from the config_url they name. Environment: "
             "%s (TPM), %s (mDNS interfaces), %s/%s (config locations), %s/%s (plugin mode log file, debug)."
             % ("KCRYPT_TPM_DEVICE", "KCRYPT_MDNS_INTERFACES", ENV_CONFIG_DIRS, ENV_CMDLINE, ENV_LOG_FILE, ENV_DEBUG)
         ),
@@ -376,13 +379,13 @@ def build_parser():
         "--certificate", default="", help="CA certificate for the server, as PEM text or a PEM file path (overrides config)"
     )
     get.add_argument(
-        "--protocol", choices=kairos_config.PROTOCOLS, default="",
+        "--protocol", choices=kms_client.CLIENT_PROTOCOLS, default="",
         help="KMS protocol: attestation (newest Kairos, default) or legacy (/getPass, Kairos <= 3.x)",
     )
     get.add_argument(
         "--mdns-interfaces", default="",
         help="interfaces (names or IPv4 addresses, comma-separated, or 'all') for mDNS (default: config, "
-        "$KCRYPT_MDNS_INTERFACES, 127.0.0.1)",
+        "$KCRYPT_MDNS_INTERFACES, else every interface, as upstream)",
     )
     get.set_defaults(run=run_get)
 

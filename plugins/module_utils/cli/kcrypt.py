@@ -20,10 +20,15 @@ import sys
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery, unlock
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import nv_area
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_DEVICES, DEFAULT_NV_INDEX, ENV_TPM_DEVICE, parse_nv_index
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM_LAYOUTS
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node.encryption import Selector
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 PROG = "kcrypt"
+TPM_DEVICE_HELP = "TPM device path or TCTI string (default: $%s, %s)" % (ENV_TPM_DEVICE, ", ".join(DEFAULT_DEVICES))
+NV_INDEX_HELP = "NV index of the offline passphrase (default 0x%x)" % DEFAULT_NV_INDEX
+C_INDEX_HELP = "persistent handle of the RSA key (default 0x%x)" % DEFAULT_C_INDEX
 
 
 def _partition_spec(text):
@@ -52,9 +57,12 @@ def _add_key_source(parser):
     group.add_argument("--key-source", choices=key_source.KEY_SOURCES, default="tpm",
                        help="tpm (default), kms, passphrase, or auto: as the node's Kairos config says")
     group.add_argument("--passphrase-file", help="file holding the passphrase for --key-source passphrase ('-' = stdin), used whole")
-    group.add_argument("--tpm-device", help="TPM device path or TCTI string (default: $KCRYPT_TPM_DEVICE, /dev/tpmrm0, /dev/tpm0)")
-    group.add_argument("--nv-index", help="NV index of the offline passphrase (default 0x1500000)")
-    group.add_argument("--c-index", help="persistent handle of the RSA key (default 0x81000008)")
+    group.add_argument("--tpm-device", help=TPM_DEVICE_HELP)
+    group.add_argument("--nv-index", help=NV_INDEX_HELP)
+    group.add_argument("--c-index", help=C_INDEX_HELP)
+    group.add_argument("--tpm-layout", choices=TPM_LAYOUTS,
+                       help="how a missing c_index key and a new NV index are created: go-tpm (default, newest Kairos) "
+                       "or tpmk (Kairos up to v0.11); both are always read")
     group.add_argument("--challenger-server", help="KMS URL for --key-source kms")
     group.add_argument("--certificate", help="CA certificate of the KMS: PEM text or a file")
     group.add_argument("--mdns", action="store_true", default=None, help="resolve the .local KMS host with mDNS")
@@ -69,10 +77,10 @@ def _add_key_source(parser):
 
 
 def _add_tpm(group, c_index=True):
-    group.add_argument("--tpm-device", default="", help="TPM device path or TCTI string (default: $KCRYPT_TPM_DEVICE, /dev/tpmrm0, /dev/tpm0)")
-    group.add_argument("--nv-index", default="0x1500000", help="NV index of the offline passphrase (default 0x1500000)")
+    group.add_argument("--tpm-device", help=TPM_DEVICE_HELP)
+    group.add_argument("--nv-index", help=NV_INDEX_HELP)
     if c_index:
-        group.add_argument("--c-index", default="0x81000008", help="persistent handle of the RSA key (default 0x81000008)")
+        group.add_argument("--c-index", help=C_INDEX_HELP)
 
 
 def build_parser():
@@ -143,11 +151,11 @@ def _selector(spec):
 
 def _key_params(args):
     return {name: getattr(args, name) for name in (
-        "key_source", "tpm_device", "nv_index", "c_index", "challenger_server", "certificate", "mdns", "mdns_interfaces",
+        "key_source", "tpm_device", "nv_index", "c_index", "tpm_layout", "challenger_server", "certificate", "mdns", "mdns_interfaces",
         "kms_protocol", "kms_attempts", "kms_retry_delay")}
 
 
-def _key_source(args, stdin):
+def _key_source(args, stdin, err=None):
     params = _key_params(args)
     if args.key_source == "passphrase":
         if not args.passphrase_file:
@@ -155,22 +163,22 @@ def _key_source(args, stdin):
         params["passphrase"] = key_source.read_passphrase_file(args.passphrase_file, stdin)
     elif args.passphrase_file:
         raise KcryptError("--passphrase-file is only used with --key-source passphrase")
-    return key_source.build(params, config_dirs=args.config_dirs, cmdline_path=args.cmdline_path)
+    # unlock-all is what Kairos runs at boot: a broken config file is reported and skipped, as upstream
+    at_boot = args.command == "unlock-all"
+
+    def warn(message):
+        if err is not None:
+            err.write("kcrypt: warning: Kairos config: %s\n" % message)
+            err.flush()
+
+    return key_source.build(params, config_dirs=args.config_dirs, cmdline_path=args.cmdline_path, at_boot=at_boot, warn=warn)
 
 
 def _luks_options(args):
-    return luks.LuksOptions(
-        type=args.type,
-        cipher=args.cipher,
-        key_size=args.keysize,
-        hash=args.hash,
-        sector_size=args.sector_size,
-        pbkdf=args.pbkdf_algorithm,
-        iter_time_ms=int(round(args.pbkdf_iteration_time * 1000)) if args.pbkdf_iteration_time is not None else None,
-        iterations=args.pbkdf_iteration_count,
-        memory_kib=args.pbkdf_memory,
-        parallel=args.pbkdf_parallel,
-    )
+    pbkdf = {"algorithm": args.pbkdf_algorithm, "iteration_time": args.pbkdf_iteration_time,
+             "iteration_count": args.pbkdf_iteration_count, "memory": args.pbkdf_memory, "parallel": args.pbkdf_parallel}
+    return luks.LuksOptions.from_options(type=args.type, cipher=args.cipher, keysize=args.keysize, hash=args.hash,
+                                         sector_size=args.sector_size, pbkdf=pbkdf)
 
 
 def cmd_encrypt(args, log, stdin):
@@ -192,13 +200,13 @@ def cmd_encrypt(args, log, stdin):
     return encryption.apply(plans, request, source, log=log)
 
 
-def cmd_unlock(args, log, stdin):
+def cmd_unlock(args, log, stdin, err=None):
     if args.attempts < 1:
         raise KcryptError("--attempts must be at least 1")
     targets = None
     if args.command == "unlock":
         targets = [unlock.Target(selector=_selector(s), name=s.get("name", "")) for s in _selectors(args)]
-    source = _key_source(args, stdin)
+    source = _key_source(args, stdin, err)
     plans = unlock.plan_open(targets)
     if args.check:
         unlock.verify_keys(plans, source)
@@ -218,7 +226,7 @@ def cmd_close(args, log):
 def cmd_cleanupnv(args, stdin, err):
     confirmed = args.confirmed
     if not confirmed and stdin.isatty():
-        err.write("This removes NV index %s and the offline passphrase in it. Type yes to continue: " % args.nv_index)
+        err.write("This removes NV index 0x%x and the offline passphrase in it. Type yes to continue: " % parse_nv_index(args.nv_index))
         err.flush()
         confirmed = stdin.readline().strip() == "yes"
     if not confirmed:
@@ -259,7 +267,7 @@ def main(argv=None, out=None, err=None, stdin=None):
             results = cmd_encrypt(args, log, getattr(stdin, "buffer", stdin))
             return _emit(args, {"changed": any(r["changed"] for r in results), "partitions": results}, out, _print_partitions)
         if args.command in ("unlock", "unlock-all"):
-            results = cmd_unlock(args, log, getattr(stdin, "buffer", stdin))
+            results = cmd_unlock(args, log, getattr(stdin, "buffer", stdin), err)
             return _emit(args, {"changed": any(r["changed"] for r in results), "partitions": results}, out, _print_partitions)
         if args.command == "close":
             results = cmd_close(args, log)

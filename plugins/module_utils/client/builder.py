@@ -15,10 +15,12 @@ from __future__ import annotations
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kairos_config
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client.kms_client import PROTOCOL_ATTESTATION, ClientConfig
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_TPM_LAYOUT
 
 DEFAULT_ATTEMPTS = 30  # upstream's default for the CLI, the plugin and the boot-time client
 NO_SERVER_ERROR = "challenger server URL is required (challenger_server must be configured or provided via payload)"
-OVERRIDABLE = ("challenger_server", "mdns", "certificate", "tpm_device", "c_index", "nv_index", "protocol", "mdns_interfaces")
+OVERRIDABLE = ("challenger_server", "mdns", "certificate", "tpm_device", "c_index", "nv_index", "protocol", "mdns_interfaces",
+               "tpm_layout")
 
 
 def mask(value):
@@ -30,7 +32,8 @@ def mask(value):
     return value[:3] + "*" * (len(value) - 6) + value[-3:]
 
 
-def _is_set(value):
+def is_set(value):
+    """Whether an override was given (None, empty text and empty lists are not)."""
     return value is not None and value != "" and value != () and value != []
 
 
@@ -44,7 +47,7 @@ def apply_overrides(settings, overrides=None, log=None):
     for key, value in (overrides or {}).items():
         if key not in OVERRIDABLE:
             raise KcryptError("unknown client setting %r (known: %s)" % (key, ", ".join(OVERRIDABLE)))
-        if not _is_set(value):
+        if not is_set(value):
             continue
         if key == "mdns_interfaces":
             value = tuple(value.replace(",", " ").split()) if isinstance(value, str) else tuple(value)
@@ -63,21 +66,22 @@ def _log_overrides(log, settings, changes):
     if "challenger_server" in changes:
         log.debug("Overriding server URL: %s -> %s", settings.challenger_server, changes["challenger_server"])
     if "mdns" in changes:
-        log.debug("Overriding MDNS setting: %s -> %s", _bool(settings.mdns), _bool(changes["mdns"]))
+        log.debug("Overriding MDNS setting: %s -> %s", go_bool(settings.mdns), go_bool(changes["mdns"]))
     if "certificate" in changes:
         log.debug("Overriding certificate: %s -> %s", mask(settings.certificate), mask(changes["certificate"]))
     if "tpm_device" in changes:
         log.debug("Overriding TPM device from CLI: %s", changes["tpm_device"])
 
 
-def _bool(value):
+def go_bool(value):
+    """``true`` or ``false``, as Go prints a bool (upstream's log lines)."""
     return "true" if value else "false"
 
 
 def _log_settings(log, title, settings):
     log.debug("%s:", title)
     log.debug("  Server: %s", settings.challenger_server)
-    log.debug("  MDNS: %s", _bool(settings.mdns))
+    log.debug("  MDNS: %s", go_bool(settings.mdns))
     log.debug("  Certificate: %s", mask(settings.certificate))
     log.debug("  TPMDevice: %s", settings.tpm_device)
 
@@ -108,6 +112,7 @@ def client_config(settings, overrides=None, attempts=DEFAULT_ATTEMPTS, retry_del
         mdns_interfaces=tuple(settings.mdns_interfaces) or None,
         tpm_device=settings.tpm_device,
         c_index=settings.c_index,
+        tpm_layout=settings.tpm_layout or DEFAULT_TPM_LAYOUT,
         attempts=attempts,
         protocol=settings.protocol or default_protocol,
         defer_pcr_enrollment=livecd,

@@ -45,7 +45,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns, messages
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, TPM
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_TPM_LAYOUT, TPM
 
 websocket = optional_import("websocket")
 
@@ -76,6 +76,7 @@ class ClientConfig:
     mdns: bool = False
     tpm_device: str = ""
     c_index: int = DEFAULT_C_INDEX
+    tpm_layout: str = DEFAULT_TPM_LAYOUT  # how the key at c_index is created if absent (legacy generated keys)
     attempts: int = 30
     retry_delay: float = 1.0
     protocol: str = PROTOCOL_ATTESTATION
@@ -192,14 +193,17 @@ class _KmsExchange:
             raise _Fatal(self._certificate_error(url, error)) from None
         except websocket.WebSocketBadStatusException as error:
             ws.close()
+            said = _short_text(getattr(error, "resp_body", None))  # e.g. why a KMS disabled this protocol
             if error.status_code == 404 and path == messages.RECOVERY_ESCROW_PATH:
-                raise _Fatal("%s answers 404: this KMS cannot escrow recovery keys (it is not a kairos.kcrypt challenger, "
-                             "or an older one); keep the recovery key on the controller (recovery_escrow=controller)" % url) from None
+                raise _Fatal("%s answers 404%s: this KMS cannot escrow recovery keys (it is not a kairos.kcrypt challenger, "
+                             "an older one, or one that does not serve the attestation protocol); keep the recovery key on "
+                             "the controller (recovery_escrow=controller)" % (url, ' "%s"' % said if said else "")) from None
             hint = "is challenger_server the KMS origin, without a path?"
             if error.status_code == 404:  # the two protocol generations do not negotiate (checklist 50)
                 hint += (" A KMS of the other protocol generation answers 404 too: set protocol to %s"
                          % ("legacy for Kairos <= v0.11 KMS" if path == messages.ATTESTATION_PATH else "attestation for a v0.12+ KMS"))
-            raise KcryptError("bad handshake with %s: HTTP %s (%s)" % (url, error.status_code, hint)) from None
+            raise KcryptError("bad handshake with %s: HTTP %s%s (%s)" % (url, error.status_code, ' "%s"' % said if said else "",
+                                                                         hint)) from None
         except (websocket.WebSocketException, OSError) as error:
             ws.close()
             raise KcryptError("cannot connect to %s: %s" % (url, error or type(error).__name__)) from None
@@ -241,6 +245,16 @@ class _KmsExchange:
                 ws.send(data)
         except (websocket.WebSocketException, OSError) as error:
             raise KcryptError("sending the %s to the KMS failed: %s" % (what, error or type(error).__name__)) from None
+
+
+def _short_text(body, limit=300):
+    """The first line of an HTTP error body, printable and bounded, for an error message ("" if none)."""
+    if not body:
+        return ""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _retry(config, attempt, log, describe, failed="no passphrase for"):
@@ -360,7 +374,7 @@ class _Legacy(_KmsExchange):
 
     def _post(self):
         """Generate a passphrase, encrypt it to the TPM key at c_index and store it on the KMS."""
-        encrypted = blob.encrypt_blob(self.tpm, blob.new_tpm_passphrase(), self.config.c_index)
+        encrypted = blob.encrypt_blob(self.tpm, blob.new_tpm_passphrase(), self.config.c_index, self.config.tpm_layout)
         ws = self._authenticated(messages.POST_PASS_PATH)
         try:
             payload = {"passphrase": messages.b64url_encode(encrypted), "error": "", "generated_by": messages.GENERATED_BY_TPM}

@@ -94,6 +94,16 @@ def output(argv, what, **kwargs):
     return run(argv, what, **kwargs).stdout.decode("utf-8", "replace")
 
 
+def key_values(text, separator="="):
+    """``key<separator>value`` lines of a tool's output as a dict (blkid -o export, dumpe2fs -h); other lines are skipped."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(separator)
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
 @contextlib.contextmanager
 def secret_pipe(data):
     """A readable pipe holding ``data``, as (path, fd) for a child process: ``/dev/fd/N`` plus pass_fds.

@@ -8,6 +8,9 @@ Private to the collection. Two sides:
 - ``Announcer`` — what upstream's simple-mdns-server does, for the challenger:
   instance = the OS host name, service ``_kcrypt._tcp.local.``, SRV target = the
   configured ``.local`` host name, one IPv4 A record, TXT ``An instance of <type>``.
+  Legacy unicast queries (hashicorp/mdns ``Lookup``, the upstream client, asks from an
+  ephemeral port) also get an answer with PTR, SRV, A and TXT in that order, which
+  hashicorp's client needs to complete the entry (``_LegacyUnicastAnswerer``).
 - ``resolve`` / ``resolve_url`` — what upstream's newest client does: browse
   ``_kcrypt._tcp.local.``, accept only an entry whose SRV target is ``<host>.``
   and that carries A, SRV and TXT records (IPv4 only); a non-``.local`` host fails
@@ -16,9 +19,10 @@ Private to the collection. Two sides:
 Interfaces: like upstream, a node queries on every interface unless told
 otherwise, so an upstream config with ``mdns: true`` finds its KMS on the LAN.
 ``kcrypt.challenger.mdns_interfaces`` (or ``$KCRYPT_MDNS_INTERFACES``, or
-``--mdns-interfaces``) narrows it to interface names or IPv4 addresses; the
-project's tests and scripts set ``KCRYPT_MDNS_INTERFACES=127.0.0.1`` so their
-queries never leave the machine. The announcer has no default: it answers only
+``--mdns-interfaces``) narrows it to interface names or IPv4 addresses; without
+any of them the default is every interface (``all``), not 127.0.0.1. The project's
+tests and scripts set ``KCRYPT_MDNS_INTERFACES=127.0.0.1`` so their queries never
+leave the machine. The announcer has no default: it answers only
 on the interfaces it is given, as simple-mdns-server does.
 """
 
@@ -28,6 +32,7 @@ import ipaddress
 import os
 import queue
 import socket
+import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
@@ -143,6 +148,80 @@ def _zeroconf(interfaces):
         raise MDNSError("cannot open mDNS sockets on %s: %s" % (addresses, error)) from None
 
 
+MDNS_GROUP = "224.0.0.251"
+MDNS_PORT = 5353
+LEGACY_UNICAST_TTL = 10  # RFC 6762 §6.7: at most 10 s in answers to legacy unicast queries
+_FLAGS_RESPONSE_AA = 0x8400
+
+
+class _LegacyUnicastAnswerer:
+    """Answers legacy unicast queries (source port not 5353: hashicorp/mdns ``Lookup``, i.e. every upstream
+    Kairos client) for our service with PTR, SRV, A and TXT in that order, in the answer section.
+
+    zeroconf answers them too, but orders the additional records by set iteration, so half the
+    time the A record comes before the SRV one; hashicorp's client then files the address under the
+    host name and never completes the entry. This second, ordered answer lets it complete (the SRV's
+    alias persists across messages). Runs a thread on its own 5353 socket (SO_REUSEPORT, like
+    zeroconf's), joined to the group on the announcer's interfaces.
+    """
+
+    def __init__(self, info, interface_ips):
+        self.info = info
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind(("", MDNS_PORT))
+        for address in (["0.0.0.0"] if interface_ips == ALL_INTERFACES else interface_ips):
+            membership = socket.inet_aton(MDNS_GROUP) + socket.inet_aton(address)
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kcrypt-mdns-legacy-unicast", daemon=True)
+        self._thread.start()
+
+    def _answer(self, data):
+        try:
+            query = zeroconf.DNSIncoming(data)
+        except Exception:  # not a DNS message: nothing to answer
+            return None
+        if not query.valid or not query.is_query():
+            return None
+        questions = [q for q in query.questions if q.name.lower() == self.info.type.lower() and q.type in (12, 255)]  # PTR, ANY
+        if not questions:
+            return None
+        out = zeroconf.DNSOutgoing(_FLAGS_RESPONSE_AA, False, query.id)
+        for question in questions:
+            out.add_question(question)
+        records = [self.info.dns_pointer(LEGACY_UNICAST_TTL), self.info.dns_service(LEGACY_UNICAST_TTL)]
+        records += self.info.dns_addresses(LEGACY_UNICAST_TTL, zeroconf.IPVersion.V4Only)
+        records.append(self.info.dns_text(LEGACY_UNICAST_TTL))
+        for record in records:
+            out.add_answer_at_time(record, 0)
+        return out.packets()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(9000)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if source[1] == MDNS_PORT:
+                continue  # a full mDNS querier: zeroconf's multicast answer is for it
+            for packet in self._answer(data) or ():
+                try:
+                    self.sock.sendto(packet, source)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
 class Announcer:
     """Announces a KMS the way upstream's simple-mdns-server does.
 
@@ -168,6 +247,7 @@ class Announcer:
         self.addresses = split_interfaces(addresses)
         self._zc = None
         self._info = None
+        self._legacy = None
 
     @property
     def name(self):
@@ -209,17 +289,24 @@ class Announcer:
         except Exception as error:
             zc.close()
             raise MDNSError("cannot announce %s on mDNS: %s" % (self.name, error)) from None
-        self._zc, self._info = zc, info
+        try:
+            legacy = _LegacyUnicastAnswerer(info, interface_ips)
+        except OSError as error:
+            zc.unregister_service(info)
+            zc.close()
+            raise MDNSError("cannot answer legacy unicast mDNS queries on %s: %s" % (interface_ips, error)) from None
+        self._zc, self._info, self._legacy = zc, info, legacy
         return self
 
     def stop(self):
         if self._zc is None:
             return
         try:
+            self._legacy.close()
             self._zc.unregister_service(self._info)
         finally:
             self._zc.close()
-            self._zc = self._info = None
+            self._zc = self._info = self._legacy = None
 
     def __enter__(self):
         return self.start()

@@ -55,7 +55,6 @@ class ProtocolError(KcryptError):
     """
 
 
-
 # -- Go-compatible JSON and base64 -----------------------------------------
 
 

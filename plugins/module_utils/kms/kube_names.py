@@ -15,6 +15,9 @@ import re
 DEFAULT_SECRET_PATH = "passphrase"
 TPM_HASH_LABEL = "kcrypt.kairos.io/tpm-hash"
 PARTITION_LABEL = "kcrypt.kairos.io/partition"
+# Ours (upstream does not set it): the SealedVolume a Secret was made for, so "whose is it" is one label
+# comparison instead of a scan of every SealedVolume (kms/secret_ownership.py).
+VOLUME_LABEL = "kcrypt.kairos.io/sealedvolume"
 # Recovery keys (escrowed by nodes, read only by administrators): their own label, key and name suffix
 SECRET_TYPE_LABEL = "kcrypt.kairos.io/secret-type"
 RECOVERY_SECRET_TYPE = "recovery-key"
@@ -96,6 +99,16 @@ def has_secret_ref(partition):
     return bool(secret.get("name") or secret.get("path"))
 
 
+def names_secret(partition):
+    """True when the partition names its Secret itself (``secret.name``), False when the name is derived."""
+    return bool((partition.get("secret") or {}).get("name"))
+
+
+def partition_secret_names(volume, partition):
+    """Every name a partition's Secret is looked up under: the newest protocol's and the legacy one's."""
+    return {secret_ref(volume, partition)[0], secret_ref(volume, partition, namer=clean_kube_name)[0]}
+
+
 def label_value(text):
     """``text`` as a valid Kubernetes label value (unchanged when it already is one, as filesystem labels are)."""
     value = "".join(c if (_is_alnum(c) or c in "-_.") else "-" for c in text)[:63]
@@ -106,15 +119,25 @@ def label_value(text):
     return value
 
 
-def secret_labels(tpm_hash, partition_label):
-    """Labels upstream puts on TOFU Secrets (checklist 26)."""
-    return {
+def volume_label_value(volume):
+    """A SealedVolume name as a label value (63 characters at most: longer names end in a checksum)."""
+    if len(volume) <= 63:
+        return volume  # object names are lowercase alphanumerics, '-' and '.', alphanumeric at both ends
+    return volume[:54].rstrip("-.") + "-" + hashlib.sha256(volume.encode("utf-8")).hexdigest()[:8]
+
+
+def secret_labels(tpm_hash, partition_label, volume=None):
+    """Labels upstream puts on TOFU Secrets (checklist 26), plus the SealedVolume the Secret is made for."""
+    labels = {
         "app.kubernetes.io/name": "kcrypt-challenger",
         "app.kubernetes.io/component": "encryption-secret",
         TPM_HASH_LABEL: safe_kube_name(tpm_hash),
         PARTITION_LABEL: label_value(partition_label),
         "kcrypt.kairos.io/managed-by": "kcrypt-challenger",
     }
+    if volume:
+        labels[VOLUME_LABEL] = volume_label_value(volume)
+    return labels
 
 
 def recovery_secret_name(volume, partition_suffix):
@@ -127,11 +150,10 @@ def recovery_secret_name(volume, partition_suffix):
 
 
 def recovery_secret_labels(tpm_hash, partition_label, volume):
-    """Labels of a recovery-key Secret: the TOFU Secret's, with their own component and secret type."""
-    labels = secret_labels(tpm_hash, partition_label)
+    """Labels of a recovery-key Secret: a passphrase Secret's (with its SealedVolume), their own component and secret type."""
+    labels = secret_labels(tpm_hash, partition_label, volume)
     labels["app.kubernetes.io/component"] = RECOVERY_SECRET_TYPE
     labels[SECRET_TYPE_LABEL] = RECOVERY_SECRET_TYPE
-    labels["kcrypt.kairos.io/sealedvolume"] = label_value(volume)
     return labels
 
 

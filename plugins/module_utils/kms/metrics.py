@@ -16,7 +16,7 @@ PROTOCOL_ATTESTATION = "attestation"
 PROTOCOL_LEGACY_GET = "legacy-get"
 PROTOCOL_LEGACY_POST = "legacy-post"
 PROTOCOL_RECOVERY_ESCROW = "recovery-escrow"  # ours: a node escrows a recovery key (kms/recovery.py)
-PROTOCOLS = (PROTOCOL_ATTESTATION, PROTOCOL_LEGACY_GET, PROTOCOL_LEGACY_POST, PROTOCOL_RECOVERY_ESCROW)
+PROTOCOL_LABELS = (PROTOCOL_ATTESTATION, PROTOCOL_LEGACY_GET, PROTOCOL_LEGACY_POST, PROTOCOL_RECOVERY_ESCROW)
 
 OUTCOME_SUCCESS = "success"
 OUTCOME_REJECTED = "rejected"  # credential, quote or policy said no
@@ -40,9 +40,9 @@ class Metrics:
     _OUTCOMES = len(OUTCOMES)
     _BUCKETS = len(LATENCY_BUCKETS) + 1  # per-bucket counts (not cumulative) and the +Inf bucket
     _ATTESTATIONS = 0
-    _HISTOGRAM = _ATTESTATIONS + len(PROTOCOLS) * _OUTCOMES
-    _SUMS = _HISTOGRAM + len(PROTOCOLS) * _BUCKETS
-    _IN_FLIGHT = _SUMS + len(PROTOCOLS)
+    _HISTOGRAM = _ATTESTATIONS + len(PROTOCOL_LABELS) * _OUTCOMES
+    _SUMS = _HISTOGRAM + len(PROTOCOL_LABELS) * _BUCKETS
+    _IN_FLIGHT = _SUMS + len(PROTOCOL_LABELS)
     SIZE = _IN_FLIGHT + 1
 
     def __init__(self, shared=None, slot=0):
@@ -52,7 +52,7 @@ class Metrics:
             raise ValueError("metrics slot %d does not fit a shared array of %d values" % (slot, len(shared)))
         self._values = shared
         self._base = slot * self.SIZE
-        self._protocol_index = {p: i for i, p in enumerate(PROTOCOLS)}
+        self._protocol_index = {p: i for i, p in enumerate(PROTOCOL_LABELS)}
         self._outcome_index = {o: i for i, o in enumerate(OUTCOMES)}
 
     @classmethod
@@ -92,7 +92,7 @@ class Metrics:
             "# HELP kcrypt_attestations_total Attestation exchanges by protocol and outcome.",
             "# TYPE kcrypt_attestations_total counter",
         ]
-        for p, protocol_name in sorted(enumerate(PROTOCOLS), key=lambda item: item[1]):
+        for p, protocol_name in sorted(enumerate(PROTOCOL_LABELS), key=lambda item: item[1]):
             for o, outcome in sorted(enumerate(OUTCOMES), key=lambda item: item[1]):
                 value = totals[self._ATTESTATIONS + p * self._OUTCOMES + o]
                 lines.append('kcrypt_attestations_total{protocol="%s",outcome="%s"} %d' % (protocol_name, outcome, value))
@@ -100,7 +100,7 @@ class Metrics:
             "# HELP kcrypt_attestation_duration_seconds Time from the node's request to the end of the exchange.",
             "# TYPE kcrypt_attestation_duration_seconds histogram",
         ]
-        for p, protocol_name in enumerate(PROTOCOLS):
+        for p, protocol_name in enumerate(PROTOCOL_LABELS):
             counts = totals[self._HISTOGRAM + p * self._BUCKETS:self._HISTOGRAM + (p + 1) * self._BUCKETS]
             cumulative = 0
             for bound, value in zip(LATENCY_BUCKETS, counts):

@@ -18,8 +18,17 @@ listed in docs/store.md ("Compatibility"):
   therefore create exactly one SealedVolume and one Secret.
 * The TOFU volume keeps upstream's name ``tofu-<hash[:8]>`` when it is free; if
   another TPM owns it, a longer prefix of the hash is used.
-* A Secret labelled for another TPM is never reused (upstream would hand it out).
+* A Secret is one partition's (kms/secret_ownership.py): an existing Secret under a derived
+  name is used only when it is this partition's; a new partition whose derived name is
+  someone else's Secret gets a Secret of its own under another name. Upstream reuses
+  whatever it finds, so a TPM could claim another volume's passphrase.
+* What a node declares is bounded (common/partition_ref.py) and a TPM gets at most
+  ``max_partitions_per_tpm`` partitions; a request naming no partition is refused.
+* A volume with ``attestation`` is served over ``/tpm-attestation`` only
+  (volume_attestation.legacy_refusal): the legacy protocol has no quote.
 * No write when nothing changed (upstream updates unconditionally).
+
+Every refusal is a PolicyRejection raised before anything is written.
 """
 
 from __future__ import annotations
@@ -32,13 +41,13 @@ import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     DEFAULT_SECRET_PATH,
-    TPM_HASH_LABEL,
     clean_kube_name,
     has_secret_ref,
+    names_secret,
     object_name,
-    safe_kube_name,
     secret_labels,
     secret_ref,
     tofu_volume_names,
@@ -55,6 +64,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestati
     PolicyRejection,
     initial_attestation,
     learn_attestation,
+    legacy_refusal,
     normalize_pcrs,
     should_defer_pcrs,
     verify_attestation,
@@ -65,6 +75,10 @@ ENROLLMENT_REGISTERED_ONLY = "registered-only"
 ENROLLMENT_MODES = (ENROLLMENT_TOFU, ENROLLMENT_REGISTERED_ONLY)
 GENERATED_BY_KEY = "generated_by"
 MAX_ATTEMPTS = 20
+# Kairos encrypts COS_PERSISTENT and COS_OEM, sometimes a few data partitions: 16 leaves room, and bounds
+# what one enrolled TPM can make the store hold (each partition: a spec entry and a Secret).
+DEFAULT_MAX_PARTITIONS_PER_TPM = 16
+MAX_PARTITIONS_LIMIT = 1024
 
 log = logging.getLogger("kcrypt.policy")
 
@@ -87,12 +101,19 @@ def find_partition(volume, partition):
 
 
 def partition_entry(partition):
-    """A spec partition for a request (empty identifiers omitted, as Go's omitempty does)."""
+    """A spec partition for a request (empty identifiers and ``uuid: unknown`` omitted, as Go's omitempty does)."""
     entry = {}
-    for key, value in (("label", partition.label), ("deviceName", partition.device_name), ("uuid", partition.uuid)):
+    for key, value in (("label", partition.label), ("deviceName", partition.device_name), ("uuid", partition.known_uuid)):
         if value:
             entry[key] = value
     return entry
+
+
+def check_partition(partition):
+    """Refuse what a node may not declare (sizes, characters, nothing named) before anything is read or written."""
+    problem = partition.problem()
+    if problem:
+        raise PolicyRejection("invalid partition: %s" % problem)
 
 
 def _secret_suffix(spec_partition, partition):
@@ -103,7 +124,7 @@ def _secret_suffix(spec_partition, partition):
     the device name or UUID. With a label the name is upstream's.
     """
     for value in (spec_partition.get("label"), partition.label, spec_partition.get("deviceName"),
-                  partition.device_name, spec_partition.get("uuid"), partition.uuid):
+                  partition.device_name, spec_partition.get("uuid"), partition.known_uuid):
         if value:
             return value
     return ""
@@ -119,13 +140,16 @@ class Policy(object):
     ``enrollment``: ``tofu`` (default; an unknown TPM is enrolled on first contact) or
     ``registered-only`` (only TPMs and partitions registered by an administrator are
     served; a registered partition without a Secret still gets a generated one).
+    ``max_partitions_per_tpm``: how many partitions a TPM may have before TOFU stops adding
+    more (registrations by an administrator are not limited).
     """
 
-    def __init__(self, store, enrollment=ENROLLMENT_TOFU):
+    def __init__(self, store, enrollment=ENROLLMENT_TOFU, max_partitions_per_tpm=DEFAULT_MAX_PARTITIONS_PER_TPM):
         if enrollment not in ENROLLMENT_MODES:
             raise KcryptError("enrollment must be one of %s, got %r" % (", ".join(ENROLLMENT_MODES), enrollment))
         self.store = store
         self.enrollment = enrollment
+        self.max_partitions_per_tpm = parse_max_partitions(max_partitions_per_tpm)
 
     # -- newest protocol ---------------------------------------------------
 
@@ -136,6 +160,7 @@ class Policy(object):
         ``{"0": hex, ...}`` from the verified quote. Store failures raise StoreError
         (a KcryptError that is not a rejection: the node may retry).
         """
+        check_partition(partition)
         pcrs = normalize_pcrs(pcrs)
         for attempt in range(MAX_ATTEMPTS):
             try:
@@ -172,11 +197,12 @@ class Policy(object):
         """New TPM: Secret first (created or reused), then the SealedVolume (spec §3.4 step 7)."""
         name = self._free_volume_name(tpm_hash)
         entry = partition_entry(partition)
+        doc = new_volume(name, tpm_hash, [], attestation=initial_attestation(ek_pem, pcrs))
         secret_name, passphrase = self._claim_secret(
-            object_name("%s-%s" % (name, _secret_suffix(entry, partition))), tpm_hash, partition.label,
+            doc, None, object_name("%s-%s" % (name, _secret_suffix(entry, partition))), tpm_hash, partition.label,
             "initial enrollment: creating TOFU secret")
         entry["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
-        doc = new_volume(name, tpm_hash, [entry], attestation=initial_attestation(ek_pem, pcrs))
+        doc["spec"]["partitions"].append(entry)
         try:
             self.store.create_volume(doc)
         except AlreadyExists:
@@ -198,9 +224,13 @@ class Policy(object):
         if self.enrollment != ENROLLMENT_TOFU:
             raise PolicyRejection("partition %s is not registered for this TPM and enrollment is registered-only"
                                   % partition.describe())
+        count = len(volume["spec"].get("partitions") or [])
+        if count >= self.max_partitions_per_tpm:
+            raise PolicyRejection("TPM %s has %d partitions (max_partitions_per_tpm); not adding partition %s"
+                                  % (tpm_hash, count, partition.describe()))
         entry = partition_entry(partition)
         secret_name, passphrase = self._claim_secret(
-            object_name("%s-%s" % (volume_name(volume), _secret_suffix(entry, partition))), tpm_hash,
+            volume, None, object_name("%s-%s" % (volume_name(volume), _secret_suffix(entry, partition))), tpm_hash,
             partition.label, "adding new partition: creating TOFU secret")
         entry["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
         volume["spec"].setdefault("partitions", []).append(entry)
@@ -214,50 +244,65 @@ class Policy(object):
         spec_partition = spec["partitions"][index]
         name = volume_name(volume)
         changed = False
+        if not names_secret(spec_partition):
+            changed = self._settle_secret(volume, index, tpm_hash, partition)
         if spec.get("attestation") is None:
-            # No attestation yet: learn everything; a partition without a Secret reference
-            # gets a generated Secret ("deferred TOFU").
-            if not has_secret_ref(spec_partition):
-                self._generate_for(volume, spec_partition, tpm_hash, partition, "re-enrollment data update: creating TOFU secret")
-            spec["attestation"] = initial_attestation(ek_pem, pcrs)
+            spec["attestation"] = initial_attestation(ek_pem, pcrs)  # nothing verified yet: learn everything
             changed = True
-        else:
-            changed = learn_attestation(spec["attestation"], ek_pem, pcrs)
-            if not has_secret_ref(spec_partition) and self.store.get_secret(secret_ref(name, spec_partition)[0]) is None:
-                # Deviation: upstream fails with "secret not found" here; we generate it.
-                self._generate_for(volume, spec_partition, tpm_hash, partition, "re-enrollment data update: creating TOFU secret")
-                changed = True
+        elif learn_attestation(spec["attestation"], ek_pem, pcrs):
+            changed = True
         if changed:
             self._update(volume)
         return self._read_passphrase(name, spec_partition)
 
-    def _generate_for(self, volume, spec_partition, tpm_hash, partition, context):
+    def _settle_secret(self, volume, index, tpm_hash, partition):
+        """A registered partition whose Secret name is derived: use the Secret under that name if it is this
+        partition's, else generate one (a partition with neither secret name nor path: upstream's "deferred
+        TOFU", and our fix for a missing one); then write the name into the partition, so it is checked once.
+        Returns True if the partition changed; raises PolicyRejection when the name is ambiguous."""
+        spec_partition = volume["spec"]["partitions"][index]
+        name, _path = secret_ref(volume_name(volume), spec_partition)
+        may_generate = not has_secret_ref(spec_partition)
+        existing = self.store.get_secret(name)
+        if existing is not None:
+            verdict = ownership.verdict(self.store, tpm_hash, volume, index, name, existing)
+            if verdict.kind == ownership.OWNED:
+                spec_partition["secret"] = dict(spec_partition.get("secret") or {}, name=name)
+                spec_partition["secret"].setdefault("path", DEFAULT_SECRET_PATH)
+                return True
+            if verdict.kind == ownership.AMBIGUOUS or not may_generate:
+                raise PolicyRejection("secret %s is not this partition's: %s" % (name, verdict.reason))
+            log.warning("TPM %s: Secret %s is not partition %s's (%s); generating one of its own",
+                        tpm_hash[:8], name, partition.describe(), verdict.reason)
+        elif not may_generate:
+            return False  # upstream: reading it fails with "secrets ... not found"
         base = object_name("%s-%s" % (volume_name(volume), _secret_suffix(spec_partition, partition)))
-        secret_name = self._claim_secret(base, tpm_hash, spec_partition.get("label", partition.label), context)[0]
+        secret_name = self._claim_secret(volume, index, base, tpm_hash, spec_partition.get("label", partition.label),
+                                         "re-enrollment data update: creating TOFU secret")[0]
         spec_partition["secret"] = {"name": secret_name, "path": DEFAULT_SECRET_PATH}
+        return True
 
-    def _claim_secret(self, base_name, tpm_hash, partition_label, context):
-        """Create the Secret or reuse an existing one of this TPM; returns (name, passphrase).
+    def _claim_secret(self, volume, index, base_name, tpm_hash, partition_label, context):
+        """Create a Secret for partition ``index`` of ``volume`` (None: one being added), or reuse one that is
+        this partition's (upstream reuses whatever exists); returns (name, passphrase).
 
-        An existing Secret is reused (upstream) unless its tpm-hash label names another
-        TPM: then a name with a longer hash suffix is tried, so one TPM never gets
-        another's passphrase.
+        A name whose Secret is someone else's (secret_ownership) is skipped for one with a hash
+        suffix, so a partition never gets another's passphrase.
         """
-        owner = safe_kube_name(tpm_hash)
         candidates = [base_name] + [object_name("%s-%s" % (base_name, tpm_hash[:n])) for n in (8, 16, 32)]
+        labels = secret_labels(tpm_hash, partition_label, volume_name(volume))
         for name in candidates:
             passphrase = new_tofu_passphrase()
             try:
-                self.store.create_secret(new_secret(name, {DEFAULT_SECRET_PATH: passphrase},
-                                                    labels=secret_labels(tpm_hash, partition_label)))
+                self.store.create_secret(new_secret(name, {DEFAULT_SECRET_PATH: passphrase}, labels=labels))
                 return name, passphrase
             except AlreadyExists:
                 existing = self.store.get_secret(name)
             if existing is None:
                 raise _Retry("Secret %s disappeared" % name)
-            labels = existing["metadata"].get("labels") or {}
-            if labels.get(TPM_HASH_LABEL) not in (None, owner):
-                log.warning("Secret %s belongs to another TPM; not reusing it for TPM %s", name, tpm_hash[:8])
+            verdict = ownership.verdict(self.store, tpm_hash, volume, index, name, existing)
+            if verdict.kind != ownership.OWNED:
+                log.warning("TPM %s: not reusing Secret %s: %s", tpm_hash[:8], name, verdict.reason)
                 continue
             value = existing["data"].get(DEFAULT_SECRET_PATH)
             if not value:
@@ -265,7 +310,7 @@ class Policy(object):
                                       % (context, DEFAULT_SECRET_PATH))
             log.info("TPM %s: reusing existing Secret %s", tpm_hash[:8], name)
             return name, value
-        raise PolicyRejection("%s: every Secret name for TPM %s is taken by another TPM" % (context, tpm_hash))
+        raise PolicyRejection("%s: every Secret name for TPM %s is taken by another partition" % (context, tpm_hash))
 
     def _update(self, volume):
         try:
@@ -285,42 +330,72 @@ class Policy(object):
     # -- recovery-key escrow (ours) ------------------------------------------
 
     def escrow_recovery_key(self, tpm_hash, ek_pem, pcrs, partition, recovery_key):
-        """``/recovery-escrow`` after the TPM proof: kms/recovery.py. Returns the recovery Secret's name."""
+        """``/recovery-escrow`` after the TPM proof: kms/recovery.py. Returns the recovery Secret's name.
+
+        The partition is bounded as for a passphrase (check_partition); nothing is enrolled or added here.
+        """
+        check_partition(partition)
         return recovery.escrow(self.store, tpm_hash, ek_pem, pcrs, partition, recovery_key)
 
     # -- legacy protocol (spec §2.B) ----------------------------------------
 
     def _legacy_find(self, tpm_hash, partition):
-        """Upstream findVolumeFor: the first volume of this TPM with a matching partition."""
-        for volume in self.store.volumes_for(tpm_hash):
+        """Upstream findVolumeFor: the first volume of this TPM with a matching partition, and its index.
+
+        Refused (PolicyRejection) for a TPM with a volume that must use the attestation protocol.
+        """
+        volumes = self.store.volumes_for(tpm_hash)
+        for volume in volumes:
+            refusal = legacy_refusal(volume)
+            if refusal:
+                raise PolicyRejection(refusal)
+        for volume in volumes:
             index = find_partition(volume, partition)
             if index is not None:
-                return volume, volume["spec"]["partitions"][index]
+                return volume, index
         return None, None
+
+    def _check_derived_secret(self, tpm_hash, volume, index, name, secret):
+        """Unless partition ``index`` names its Secret, PolicyRejection if it may not use ``secret`` (or, when None,
+        create a Secret) under its derived ``name`` (secret_ownership)."""
+        if names_secret(volume["spec"]["partitions"][index]):
+            return  # named by an administrator, or settled by the newest protocol
+        verdict = ownership.verdict(self.store, tpm_hash, volume, index, name, secret)
+        if verdict.kind != ownership.OWNED:
+            raise PolicyRejection("secret %s is not this partition's: %s" % (name, verdict.reason))
 
     def legacy_get_pass(self, tpm_hash, partition):
         """The ``/getPass`` answer: ``{"passphrase", "error", "generated_by"}`` (all keys always present)."""
-        volume, spec_partition = self._legacy_find(tpm_hash, partition)
-        if volume is None:
-            return _get_pass_reply(error="no volume found with data from request and hash: %s" % tpm_hash)
-        label = spec_partition.get("label", "")
-        if volume["spec"].get("quarantined"):
-            return _get_pass_reply(error="quarantined: %s" % label)
-        secret_name, path = secret_ref(volume_name(volume), spec_partition, namer=clean_kube_name)
-        secret = self.store.get_secret(secret_name)
-        if secret is None:
-            return _get_pass_reply(error="No secret found for %s and %s" % (tpm_hash, label))
+        try:
+            check_partition(partition)
+            volume, index = self._legacy_find(tpm_hash, partition)
+            if volume is None:
+                return _get_pass_reply(error="no volume found with data from request and hash: %s" % tpm_hash)
+            spec_partition = volume["spec"]["partitions"][index]
+            label = spec_partition.get("label", "")
+            if volume["spec"].get("quarantined"):
+                return _get_pass_reply(error="quarantined: %s" % label)
+            name, path = secret_ref(volume_name(volume), spec_partition, namer=clean_kube_name)
+            secret = self.store.get_secret(name)
+            if secret is None:
+                return _get_pass_reply(error="No secret found for %s and %s" % (tpm_hash, label))
+            self._check_derived_secret(tpm_hash, volume, index, name, secret)
+        except PolicyRejection as exc:
+            return _get_pass_reply(error=str(exc))
         data = secret["data"]
         return _get_pass_reply(passphrase=data.get(path, b"").decode("utf-8", "replace"),
-                              generated_by=data.get(GENERATED_BY_KEY, b"").decode("utf-8", "replace"))
+                               generated_by=data.get(GENERATED_BY_KEY, b"").decode("utf-8", "replace"))
 
     def legacy_post_pass(self, tpm_hash, partition, payload):
         """``/postPass``: store the node's TPM-encrypted passphrase unless a Secret exists already.
 
         Returns True if a Secret was created, False if one existed (upstream ignores the
-        post then: a Secret is never overwritten). Raises PolicyRejection with upstream's texts.
+        post then: a Secret is never overwritten). Raises PolicyRejection with upstream's texts,
+        and for a volume that must use the attestation protocol or a Secret name that is another
+        partition's.
         """
-        volume, spec_partition = self._legacy_find(tpm_hash, partition)
+        check_partition(partition)
+        volume, index = self._legacy_find(tpm_hash, partition)
         if volume is None:
             raise PolicyRejection("no TPM Hash found for %s" % tpm_hash)
         passphrase = (payload or {}).get("passphrase") or ""
@@ -330,15 +405,28 @@ class Policy(object):
         if error:  # upstream reports it and goes on storing; we stop
             raise PolicyRejection("error: %s" % error)
         generated_by = (payload or {}).get(GENERATED_BY_KEY) or ""
+        spec_partition = volume["spec"]["partitions"][index]
         secret_name, path = secret_ref(volume_name(volume), spec_partition, namer=clean_kube_name)
         if self.store.get_secret(secret_name) is not None:
             return False
-        labels = secret_labels(tpm_hash, spec_partition.get("label", ""))
+        self._check_derived_secret(tpm_hash, volume, index, secret_name, None)
+        labels = secret_labels(tpm_hash, spec_partition.get("label", ""), volume_name(volume))
         try:
             self.store.create_secret(new_secret(secret_name, {path: passphrase, GENERATED_BY_KEY: str(generated_by)}, labels=labels))
         except AlreadyExists:
             return False
         return True
+
+
+def parse_max_partitions(value):
+    """``max_partitions_per_tpm``: a whole number from 1 to MAX_PARTITIONS_LIMIT."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise KcryptError("max_partitions_per_tpm must be a number, not %r" % (value,)) from None
+    if isinstance(value, bool) or not 1 <= number <= MAX_PARTITIONS_LIMIT or str(number) != str(value).strip():
+        raise KcryptError("max_partitions_per_tpm must be a whole number from 1 to %d, not %r" % (MAX_PARTITIONS_LIMIT, value))
+    return number
 
 
 def _get_pass_reply(passphrase="", error="", generated_by=""):

@@ -18,13 +18,18 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identi
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     PARTITION_LABEL,
     TPM_HASH_LABEL,
+    VOLUME_LABEL,
     label_value,
+    names_secret,
     object_name,
+    partition_secret_names,
     safe_kube_name,
     secret_ref,
+    volume_label_value,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
     AlreadyExists,
@@ -101,6 +106,9 @@ class PartitionWish(object):
         where = "partitions[%d]" % index
         if self.ref().is_empty():
             raise RegistrationError("%s has no identifier: give at least one of label, device_name, uuid" % where)
+        problem = self.ref().problem()  # the bounds a node's request must keep, so the node can be served
+        if problem:
+            raise RegistrationError("%s: %s" % (where, problem))
         if self.passphrase is not None:
             self.passphrase = validate_passphrase(self.passphrase, "%s.passphrase" % where)
             if not self.label and not self.secret_name:
@@ -326,6 +334,7 @@ def plan_registration(store, tpm_hash, partitions, name=None, quarantined=None, 
         normalize_volume(after)
     except InvalidDocument as exc:
         raise RegistrationError(str(exc))
+    _check_secret_ownership(store, tpm_hash, after, current, wishes)
 
     secrets = []
     for wish in wishes:
@@ -337,21 +346,65 @@ def plan_registration(store, tpm_hash, partitions, name=None, quarantined=None, 
             check_object_name(secret_name, "Secret")
         except InvalidDocument as exc:
             raise RegistrationError(str(exc))
-        secrets.append(_secret_action(store, tpm_hash, secret_name, path, wish, update_passphrase))
+        secrets.append(_secret_action(store, tpm_hash, secret_name, path, wish, update_passphrase, name))
     return Plan(before, after, secrets)
 
 
-def _secret_action(store, tpm_hash, name, path, wish, update_passphrase):
+def _check_secret_ownership(store, tpm_hash, volume, registered, wishes):
+    """One Secret, one partition (kms/secret_ownership.py): refuse partitions that would share a Secret.
+
+    Only partitions this plan adds or changes are checked against the store (``registered``: the
+    partitions stored now), so re-running a registration costs no scan: an explicit ``secret_name``
+    must not be used by any other partition; an existing Secret under a derived name must not be
+    ambiguous, nor someone else's when a passphrase is to be written into it.
+    """
+    name = volume_name(volume)
+    partitions = volume["spec"]["partitions"]
+    for index, partition in enumerate(partitions):
+        for secret_name in sorted(partition_secret_names(name, partition)):
+            users = ownership.referrers([volume], secret_name)
+            if ownership.clash(users):
+                raise RegistrationError("%s and %s would use the same Secret %s; give one of them its own secret_name (or "
+                                        "both a secret_path of their own)" % (users[0].describe(), users[1].describe(), secret_name))
+    with_passphrase = [wish.ref() for wish in wishes if wish.passphrase is not None]
+    others = None
+    for index, partition in enumerate(partitions):
+        if partition in registered:
+            continue
+        secret_name = secret_ref(name, partition)[0]
+        if names_secret(partition):
+            if others is None:
+                others = [v for v in store.list_volumes() if volume_name(v) != name]
+            found = ownership.referrers(others, secret_name)
+            if ownership.clash(found + ownership.referrers([volume], secret_name)):
+                raise RegistrationError("Secret %s is already used by %s: a Secret belongs to one partition; choose "
+                                        "another secret_name" % (secret_name, found[0].describe()))
+            continue
+        existing = store.get_secret(secret_name)
+        if existing is None:
+            continue  # whoever creates it labels it: the other partition then gets a Secret of its own
+        verdict = ownership.verdict(store, tpm_hash, volume, index, secret_name, existing)
+        wants_passphrase = any(ref.matches(partition) for ref in with_passphrase)
+        if verdict.kind == ownership.AMBIGUOUS or (verdict.kind == ownership.FOREIGN and wants_passphrase):
+            raise RegistrationError("Secret %s, which partition %s would use, is not its: %s; set secret_name"
+                                    % (secret_name, _describe(partition), verdict.reason))
+
+
+def _describe(partition):
+    return PartitionRef(partition.get("label", ""), partition.get("deviceName", ""), partition.get("uuid", "")).describe()
+
+
+def _secret_action(store, tpm_hash, name, path, wish, update_passphrase, volume):
     existing = store.get_secret(name)
     partition = wish.describe()
     if existing is None:
         labels = {"app.kubernetes.io/name": "kcrypt-challenger", "app.kubernetes.io/component": "encryption-secret",
                   TPM_HASH_LABEL: safe_kube_name(tpm_hash), PARTITION_LABEL: label_value(wish.label),
-                  "app.kubernetes.io/managed-by": MANAGED_BY}
+                  VOLUME_LABEL: volume_label_value(volume), "app.kubernetes.io/managed-by": MANAGED_BY}
         return SecretAction(name, path, "create", partition, data={path: wish.passphrase}, existing=labels)
-    owner = (existing["metadata"].get("labels") or {}).get(TPM_HASH_LABEL)
-    if owner not in (None, safe_kube_name(tpm_hash)):
-        raise RegistrationError("Secret %s belongs to another TPM (label %s=%s); choose another secret_name" % (name, TPM_HASH_LABEL, owner))
+    owner = ownership.label_owner(existing, tpm_hash, volume)
+    if owner:
+        raise RegistrationError("Secret %s belongs to another TPM or SealedVolume (%s); choose another secret_name" % (name, owner))
     if existing["data"].get(path) == wish.passphrase:
         return SecretAction(name, path, "unchanged", partition)
     if update_passphrase == UPDATE_ALWAYS:

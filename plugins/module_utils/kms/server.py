@@ -11,6 +11,11 @@ Private to the collection. Endpoints, all on one port:
   newest protocol's TPM proof (kms/recovery.py; nothing serves a recovery key back);
 * ``/healthz`` (process alive), ``/readyz`` (store reachable), ``/metrics`` (Prometheus).
 
+``protocols`` chooses which of the two protocols are served (both by default, for mixed
+fleets); the endpoints of a disabled one answer HTTP 404 with the reason, as a server of
+the other generation would (checklist 50). ``/recovery-escrow`` counts as the attestation
+protocol's (it is its TPM proof).
+
 Why aiohttp: one well-kept library gives HTTP/1.1, WebSocket (RFC 6455, with
 C-accelerated parsing and masking), TLS through the standard ``ssl`` module and
 plain HTTP on the same asyncio loop, so thousands of nodes waiting on a slow
@@ -84,6 +89,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024  # real messages are < 4 KiB
 MAX_HEADER_SIZE = 32 * 1024  # a legacy Bearer token with an EK certificate is ~6 KiB
 STORE_CALLS = ("inline", "thread")
 CLOSE_INTERNAL_ERROR = 1011
+PROTOCOL_NAMES = ("attestation", "legacy")  # what --protocols may list
 
 log = logging.getLogger("kcrypt.challenger")
 audit_log = logging.getLogger("kcrypt.audit")
@@ -154,8 +160,9 @@ class Challenger:
 
     def __init__(self, policy, nonce_mode=attestation.NONCE_WHEN_SUPPORTED, read_timeout=DEFAULT_READ_TIMEOUT,
                  max_message_size=DEFAULT_MAX_MESSAGE_SIZE, store_calls="inline", ready_check=None, store_threads=8,
-                 metrics=None):
+                 metrics=None, protocols=PROTOCOL_NAMES):
         require("aiohttp", "to run the challenger")
+        self.protocols = parse_protocols(protocols)
         if nonce_mode not in attestation.NONCE_MODES:
             raise KcryptError("nonce must be one of %s, not %r" % (", ".join(attestation.NONCE_MODES), nonce_mode))
         if store_calls not in STORE_CALLS:
@@ -174,12 +181,24 @@ class Challenger:
         if store_calls == "thread":
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="kcrypt-store")
 
+    def _protocol_handlers(self):
+        """path -> handler of the node endpoints; a disabled protocol's paths get handle_disabled.
+
+        ``/recovery-escrow`` belongs to the attestation protocol: it runs the same TPM proof (and parses
+        the same TPM structures), so a KMS that does not serve ``/tpm-attestation`` does not serve it either.
+        """
+        handlers = {}
+        for path, name, handler in ((ATTESTATION_PATH, "attestation", self.handle_attestation),
+                                    (RECOVERY_ESCROW_PATH, "attestation", self.handle_recovery_escrow),
+                                    (GET_PASS_PATH, "legacy", self.handle_get_pass),
+                                    (POST_PASS_PATH, "legacy", self.handle_post_pass)):
+            handlers[path] = handler if name in self.protocols else functools.partial(self.handle_disabled, name)
+        return handlers
+
     def application(self):
         app = web.Application()
-        app.router.add_get(ATTESTATION_PATH, self.handle_attestation)
-        app.router.add_get(GET_PASS_PATH, self.handle_get_pass)
-        app.router.add_get(POST_PASS_PATH, self.handle_post_pass)
-        app.router.add_get(RECOVERY_ESCROW_PATH, self.handle_recovery_escrow)
+        for path, handler in self._protocol_handlers().items():
+            app.router.add_get(path, handler)
         app.router.add_get("/healthz", self.handle_healthz)
         app.router.add_get("/readyz", self.handle_readyz)
         app.router.add_get("/metrics", self.handle_metrics)
@@ -191,11 +210,15 @@ class Challenger:
 
     async def handle_repeated_slashes(self, request):
         path = re.sub("/{2,}", "/", request.path)
-        handler = {ATTESTATION_PATH: self.handle_attestation, GET_PASS_PATH: self.handle_get_pass,
-                   POST_PASS_PATH: self.handle_post_pass, RECOVERY_ESCROW_PATH: self.handle_recovery_escrow}.get(path)
+        handler = self._protocol_handlers().get(path)
         if handler is None or path == request.path:
             raise web.HTTPNotFound()
         return await handler(request)
+
+    async def handle_disabled(self, name, request):
+        """An endpoint of a protocol this server does not serve: 404, as a server of the other generation answers."""
+        raise web.HTTPNotFound(text="%s: the %s protocol is disabled on this KMS, which serves %s (kcrypt-challenger "
+                                    "--protocols %s)\n" % (request.path, name, " and ".join(self.protocols), ",".join(self.protocols)))
 
     async def _cleanup(self, _app):
         if self._executor is not None:
@@ -400,6 +423,15 @@ class Challenger:
     async def handle_metrics(self, _request):
         return web.Response(body=self.metrics.render().encode("utf-8"),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def parse_protocols(value):
+    """``protocols``: a list or comma-separated text of PROTOCOL_NAMES, at least one; returned in that order."""
+    names = value.replace(",", " ").split() if isinstance(value, str) else list(value or ())
+    unknown = [n for n in names if n not in PROTOCOL_NAMES]
+    if unknown or not names:
+        raise KcryptError("protocols must list one or both of %s (comma-separated), not %r" % (", ".join(PROTOCOL_NAMES), value))
+    return tuple(n for n in PROTOCOL_NAMES if n in names)
 
 
 def tls_context(cert_file, key_file):

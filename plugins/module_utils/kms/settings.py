@@ -14,7 +14,13 @@ import os
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES, NONCE_WHEN_SUPPORTED
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import (
+    DEFAULT_MAX_PARTITIONS_PER_TPM,
+    ENROLLMENT_MODES,
+    parse_max_partitions,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.server import PROTOCOL_NAMES, parse_protocols
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import DEFAULT_SQLITE_PATH
 
 yaml = optional_import("yaml")
 
@@ -22,11 +28,13 @@ ENV_CONFIG = "KCRYPT_CHALLENGER_CONFIG"
 DEFAULT_CONFIG = "/etc/kcrypt-challenger/config.yaml"
 DEFAULTS = {
     "listen": "0.0.0.0:8082",  # upstream's --challenger-bind-address default is :8082
-    "store": "sqlite:///var/lib/kcrypt-challenger/kms.db",
+    "store": "sqlite://" + DEFAULT_SQLITE_PATH,
     "tls_cert": "",
     "tls_key": "",
     "enrollment": "tofu",
     "nonce": NONCE_WHEN_SUPPORTED,
+    "protocols": list(PROTOCOL_NAMES),  # both, for fleets with Kairos nodes of either generation
+    "max_partitions_per_tpm": DEFAULT_MAX_PARTITIONS_PER_TPM,
     "read_timeout": 10.0,
     "max_message_size": 64 * 1024,
     "store_calls": "auto",
@@ -81,6 +89,8 @@ def settings(args):
     if isinstance(result["mdns_interfaces"], str):
         result["mdns_interfaces"] = [i for i in result["mdns_interfaces"].replace(",", " ").split() if i]
     result["workers"] = parse_workers(result["workers"])
+    result["protocols"] = list(parse_protocols(result["protocols"]))
+    result["max_partitions_per_tpm"] = parse_max_partitions(result["max_partitions_per_tpm"])
     if result["enrollment"] not in ENROLLMENT_MODES:
         raise KcryptError("enrollment must be one of %s, not %r" % (", ".join(ENROLLMENT_MODES), result["enrollment"]))
     if result["nonce"] not in NONCE_MODES:

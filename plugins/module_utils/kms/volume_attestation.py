@@ -113,6 +113,37 @@ def should_defer_pcrs(defer_requested, volume):
     return all(value == "" for value in stored.values())
 
 
+def legacy_refusal(volume):
+    """Why a SealedVolume must not be served over the legacy protocol, or "" (issue 14 item 1).
+
+    The legacy protocol proves the TPM (credential activation on its EK) but carries no quote, so
+    no boot state can be checked through it. ``spec.attestation`` is the newest protocol's field:
+    upstream's newest server writes it whenever ``/tpm-attestation`` enrols or first serves a volume,
+    an administrator sets it only to ask for attestation checks, and upstream's legacy server never
+    reads or writes it. A volume with ``attestation`` is therefore served on ``/tpm-attestation``
+    only: a request over the weaker protocol cannot undo what the stronger one enforces (a PCR that
+    changed), and cannot skip what it would learn. Legacy registrations (no ``attestation``) are
+    served as before.
+    """
+    attestation = volume["spec"].get("attestation")
+    if attestation is None:
+        return ""
+    pcrs = (attestation.get("pcrValues") or {}).get("pcrs") or {}
+    enforced = ["PCR%s" % i for i in sorted(pcrs, key=_pcr_order) if pcrs[i]]
+    learning = ["PCR%s" % i for i in sorted(pcrs, key=_pcr_order) if not pcrs[i]]
+    if enforced:
+        why = "it enforces %s" % ", ".join(enforced)
+    elif learning:
+        why = "it learns %s on its next attestation" % ", ".join(learning)
+    elif attestation.get("enrolledAt") or attestation.get("lastVerifiedAt"):
+        why = "it was enrolled through /tpm-attestation"
+    else:
+        why = "it has an attestation policy (spec.attestation)"
+    return ("SealedVolume %s requires the attestation protocol (/tpm-attestation): %s, and the legacy protocol "
+            "carries no TPM quote to check; an administrator must remove spec.attestation to serve it over /getPass"
+            % (volume.get("metadata", {}).get("name", ""), why))
+
+
 def normalize_pcrs(pcrs):
     """``{index: hex}`` with decimal-string keys and lower-case hex values (spec §3.4 step 1)."""
     if pcrs is None:

@@ -20,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.command import find_program, run
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.command import find_program, key_values, run
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 # Kairos' legacy GPT partition names for its two encryptable partitions (spec §6.1).
@@ -87,15 +87,6 @@ def kernel_name(path):
     return os.path.basename(os.path.realpath(_sysfs_dir(_block_rdev(path))))
 
 
-def _parse_export(text):
-    values = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.strip()] = value.strip()
-    return values
-
-
 def probe(path):
     """A BlockDevice for ``path`` from a low-level blkid probe (no cache, no udev).
 
@@ -113,7 +104,7 @@ def probe(path):
             "%s holds more than one signature (blkid: ambivalent result); inspect it with "
             "'wipefs %s' and remove the stale one before encrypting" % (path, path)
         )
-    values = _parse_export(result.stdout.decode("utf-8", "replace"))
+    values = key_values(result.stdout.decode("utf-8", "replace"))
     with open(os.path.join(_sysfs_dir(rdev), "size")) as handle:
         size = int(handle.read().strip()) * 512
     return BlockDevice(

@@ -37,7 +37,7 @@ MODES = ("format", "in_place")
 # keeps upstream's cheap setting; a passphrase typed by a person gets cryptsetup's default.
 GENERATED_KEY_ITER_TIME_MS = 5
 
-NO_DEVICE_MAPPER = (
+FORMAT_NEEDS_DEVICE_MAPPER = (
     "mode=format needs device-mapper (dm_mod and dm_crypt) to open the new LUKS device and create the "
     "filesystem inside it, and this kernel offers none ('device-mapper' is missing from /proc/misc). "
     "Use mode=in_place, which needs no device-mapper, or run on a kernel with dm-crypt. Nothing was changed."
@@ -167,7 +167,7 @@ def plan(request, source, scope=None):
         seen[device.name] = selector.describe()
         plans.append(_plan_partition(request, source, selector, device))
     if any(p.action == "format" for p in plans) and not blockdev.device_mapper_available():
-        raise KcryptError(NO_DEVICE_MAPPER)
+        raise KcryptError(FORMAT_NEEDS_DEVICE_MAPPER)
     if any(p.changes for p in plans):
         source.preflight()
     return plans

@@ -10,7 +10,7 @@ only the ext family can be shrunk offline, so only it is supported in place.
 
 from __future__ import annotations
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.common.command import output, run
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.command import key_values, output, run
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 SHRINKABLE = ("ext2", "ext3", "ext4")
@@ -20,13 +20,7 @@ E2FSCK_UNFIXED = 4
 
 
 def _superblock(device):
-    values = {}
-    text = output(["dumpe2fs", "-h", device], "reading the ext superblock of %s" % device)
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            values[key.strip()] = value.strip()
-    return values
+    return key_values(output(["dumpe2fs", "-h", device], "reading the ext superblock of %s" % device), ":")
 
 
 def size(device):

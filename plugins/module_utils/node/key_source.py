@@ -14,7 +14,8 @@ Every source offers two calls:
   ``kms``: the KMS enrols the TPM / generates the secret).
 
 Keys are bytes and never appear in messages or reprs. ``secrets`` lists every key
-handed out so callers can redact them (Ansible ``no_log_values``).
+handed out, and ``on_secret(callback)`` tells the caller of each one as it is handed out,
+so callers can redact them (Ansible ``no_log_values``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builde
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, TPM, parse_nv_index, parse_persistent_handle
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_nv_index, parse_persistent_handle, parse_tpm_layout
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
 
@@ -43,10 +44,20 @@ class KeySource:
 
     def __init__(self):
         self.secrets = []
+        self._watchers = []
 
-    def _handed_out(self, key):
+    def on_secret(self, callback):
+        """Call ``callback(key)`` for every key handed out so far and every one handed out later."""
+        self._watchers.append(callback)
+        for key in self.secrets:
+            callback(key)
+
+    def handed_out(self, key):
+        """Record a key that leaves this source (or is made for it, such as a re-key's new key); returns it."""
         if key is not None and key not in self.secrets:
             self.secrets.append(key)
+            for callback in self._watchers:
+                callback(key)
         return key
 
     def describe(self):
@@ -74,7 +85,7 @@ class PassphraseKeySource(KeySource):
             passphrase = passphrase.encode("utf-8")
         if not passphrase:
             raise KcryptError("key_source=passphrase needs a non-empty passphrase")
-        self._passphrase = self._handed_out(passphrase)
+        self._passphrase = self.handed_out(passphrase)
 
     def describe(self):
         return "the given passphrase"
@@ -94,11 +105,12 @@ class TpmKeySource(KeySource):
 
     name = "tpm"
 
-    def __init__(self, tpm_device="", nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
+    def __init__(self, tpm_device="", nv_index=None, c_index=None, layout=None):
         super().__init__()
         self.tpm_device = tpm_device or ""
         self.nv_index = parse_nv_index(nv_index)
         self.c_index = parse_persistent_handle(c_index)
+        self.layout = parse_tpm_layout(layout)  # only used when the key or the index is created
         self._passphrase = None
         self.created = False
 
@@ -109,7 +121,7 @@ class TpmKeySource(KeySource):
         if self._passphrase is None:
             with TPM(self.tpm_device) as tpm:
                 self._passphrase = blob.read_nv_passphrase(tpm, self.nv_index, self.c_index)
-        return self._handed_out(self._passphrase)
+        return self.handed_out(self._passphrase)
 
     def preflight(self):
         self.existing_key()
@@ -117,8 +129,8 @@ class TpmKeySource(KeySource):
     def key(self, device=None, label=""):
         if self._passphrase is None:
             with TPM(self.tpm_device) as tpm:
-                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index)
-        return self._handed_out(self._passphrase)
+                self._passphrase, self.created = blob.nv_passphrase(tpm, self.nv_index, self.c_index, self.layout)
+        return self.handed_out(self._passphrase)
 
 
 class KmsKeySource(KeySource):
@@ -139,7 +151,7 @@ class KmsKeySource(KeySource):
         ref = partition_ref(device, label)
         if ref not in self._cache:
             self._cache[ref] = kms_client.get_passphrase(self.config, ref)
-        return self._handed_out(self._cache[ref])
+        return self.handed_out(self._cache[ref])
 
     def existing_key(self, device, label=""):
         return self._fetch(device, label)
@@ -161,22 +173,21 @@ def read_passphrase_file(path, stdin=None):
         raise KcryptError("cannot read the passphrase file %s: %s" % (path, error.strerror)) from None
 
 
-def _is_set(value):
-    return value is not None and value != "" and value != []
-
-
-def build(params, config_dirs=None, cmdline_path=None):
+def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None):
     """A key source from module options / CLI flags of the same names.
 
     ``key_source`` (tpm | kms | passphrase | auto), ``passphrase``, ``tpm_device``, ``nv_index``,
     ``c_index``, ``challenger_server``, ``certificate`` (PEM text or file), ``mdns``, ``mdns_interfaces``,
-    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``. Unset (None)
+    ``kms_protocol`` (attestation | legacy), ``kms_attempts``, ``kms_retry_delay``, ``tpm_layout``
+    (go-tpm | tpmk: how a missing ``c_index`` key and a new NV index are created). Unset (None)
     options keep the defaults of KcryptSettings. ``auto`` reads the node's Kairos config
     (``config_dirs`` and ``cmdline_path`` default to Kairos' locations) and chooses like Kairos:
     kms when it names a challenger server or turns on mDNS, else tpm; explicit options win over
     the config. ``cmdline_path`` also tells the KMS client whether this is a LiveCD boot.
+    ``at_boot`` (``kcrypt unlock-all``): a broken config file or config_url is reported to
+    ``warn`` and skipped, as Kairos does at boot, instead of failing.
     """
-    params = {key: value for key, value in params.items() if _is_set(value)}
+    params = {key: value for key, value in params.items() if builder.is_set(value)}
     kind = params.get("key_source") or "tpm"
     if kind not in KEY_SOURCES:
         raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))
@@ -184,11 +195,11 @@ def build(params, config_dirs=None, cmdline_path=None):
         return PassphraseKeySource(params.get("passphrase"))
     if params.get("passphrase"):
         raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
-    base, overrides, settings = _settings(params, kind, config_dirs, cmdline_path)
+    base, overrides, settings = _settings(params, kind, config_dirs, cmdline_path, at_boot, warn)
     if kind == "auto":
         kind = "kms" if settings.remote else "tpm"
     if kind == "tpm":
-        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index)
+        return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index, settings.tpm_layout)
     if not settings.challenger_server:
         raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
     return KmsKeySource(_client_config(params, base, overrides, cmdline_path))
@@ -199,16 +210,19 @@ def kms_client_config(params, config_dirs=None, cmdline_path=None, purpose="key_
 
     With ``key_source=auto`` the node's Kairos config fills what the options leave unset.
     """
-    params = {key: value for key, value in params.items() if _is_set(value)}
+    params = {key: value for key, value in params.items() if builder.is_set(value)}
     base, overrides, settings = _settings(params, params.get("key_source") or "tpm", config_dirs, cmdline_path)
     if not settings.challenger_server:
         raise KcryptError("%s needs challenger_server (with mdns, a *.local URL)" % purpose)
     return _client_config(params, base, overrides, cmdline_path)
 
 
-def _settings(params, kind, config_dirs, cmdline_path):
+def _settings(params, kind, config_dirs, cmdline_path, at_boot=False, warn=None):
     """(Kairos settings, overrides from the options, the two combined)."""
-    base = kairos_config.read_settings(config_dirs, cmdline_path) if kind == "auto" else kairos_config.KcryptSettings()
+    if kind == "auto":
+        base = kairos_config.read_settings(config_dirs, cmdline_path, at_boot=at_boot, warn=warn)
+    else:
+        base = kairos_config.KcryptSettings()
     overrides = _overrides(params)
     return base, overrides, builder.apply_overrides(base, overrides)
 
@@ -227,6 +241,7 @@ def _overrides(params):
         "mdns_interfaces": tuple(params.get("mdns_interfaces") or ()),
         "protocol": params.get("kms_protocol"),
         "tpm_device": params.get("tpm_device"),
+        "tpm_layout": parse_tpm_layout(params["tpm_layout"]) if params.get("tpm_layout") else None,
     }
     if params.get("nv_index") is not None:
         overrides["nv_index"] = parse_nv_index(params["nv_index"])

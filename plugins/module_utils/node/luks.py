@@ -62,6 +62,28 @@ class LuksOptions:
     memory_kib: int = None
     parallel: int = None
 
+    @classmethod
+    def from_options(cls, type="luks2", cipher=None, keysize=None, hash=None, sector_size=None, pbkdf=None):
+        """From the options kairos_luks_encrypt and ``kcrypt encrypt`` share (same names, same units).
+
+        ``pbkdf`` is a dict with ``algorithm``, ``iteration_time`` (seconds), ``iteration_count``,
+        ``memory`` (KiB) and ``parallel``; missing or None entries keep cryptsetup's defaults.
+        """
+        pbkdf = pbkdf or {}
+        iteration_time = pbkdf.get("iteration_time")
+        return cls(
+            type=type,
+            cipher=cipher,
+            key_size=keysize,
+            hash=hash,
+            sector_size=sector_size,
+            pbkdf=pbkdf.get("algorithm"),
+            iter_time_ms=int(round(iteration_time * 1000)) if iteration_time is not None else None,
+            iterations=pbkdf.get("iteration_count"),
+            memory_kib=pbkdf.get("memory"),
+            parallel=pbkdf.get("parallel"),
+        )
+
     def validate(self):
         if self.type != "luks2":
             raise KcryptError(

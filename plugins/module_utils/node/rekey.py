@@ -62,7 +62,7 @@ def slots_opened_by(device, key, header):
     return [slot for slot in header.key_slots if luks.test_passphrase(device, key, keyslot=slot)]
 
 
-def resolve(selectors, scope=None):
+def encrypted_devices(selectors, scope=None):
     """The block devices of ``selectors`` (encryption.Selector); each must be a finished LUKS2 partition."""
     devices, seen = [], set()
     for selector in selectors:
@@ -189,7 +189,7 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
     _refuse_unlisted(devices, current)
     outcomes = {}
     new_key = blob.new_tpm_passphrase()
-    source.secrets.append(new_key)
+    source.handed_out(new_key)
     for device in devices:
         log("adding the new key to %s" % device.path)
         outcomes[device.path] = add(device, current, new_key, source.describe(), rekey_id, options, check_mode)
@@ -205,7 +205,7 @@ def rekey_tpm(devices, source, rekey_id, options, check_mode=False, log=None):
             luks.require_key(device.path, new_key, "the new key")
         log("rewriting the NV blob")
         with TPM(source.tpm_device) as tpm:
-            tpm.nv_rewrite(source.nv_index, blob.encrypt_blob(tpm, new_key, source.c_index))
+            tpm.nv_rewrite(source.nv_index, blob.encrypt_blob(tpm, new_key, source.c_index, source.layout))
             if blob.read_nv_passphrase(tpm, source.nv_index, source.c_index) != new_key:
                 raise KcryptError("the NV blob read back does not hold the new key; the old key slots were kept")
         current = new_key
@@ -265,6 +265,6 @@ def rotate_recovery(devices, key_for, escrow, rekey_id, options, check_mode=Fals
     return outcomes
 
 
-def effective_options(source):
+def new_key_options(source):
     """Key slot PBKDF for the new key: upstream's cheap one for generated keys, cryptsetup's default otherwise."""
     return encryption.effective_options(luks.LuksOptions(), source)

@@ -28,7 +28,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.node.encryption impo
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 DEFAULT_ATTEMPTS = 10  # upstream's unlock loop
-NO_DEVICE_MAPPER = (
+OPEN_NEEDS_DEVICE_MAPPER = (
     "opening a LUKS partition needs device-mapper (dm_mod and dm_crypt), and this kernel offers none "
     "('device-mapper' is missing from /proc/misc). Nothing was changed."
 )
@@ -100,7 +100,7 @@ def plan_open(targets, scope=None):
             device = _resolve_luks(target.selector, scope)
             plans.append(_plan_open_device(device, target.selector.label or device.kairos_label, target.name))
     if any(p.action == "open" for p in plans) and not blockdev.device_mapper_available():
-        raise KcryptError(NO_DEVICE_MAPPER)
+        raise KcryptError(OPEN_NEEDS_DEVICE_MAPPER)
     return plans
 
 

@@ -16,7 +16,7 @@ import string
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX  # noqa: F401  (re-exported
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_NV_INDEX, DEFAULT_TPM_LAYOUT  # noqa: F401  (re-exported
 
 padding = optional_import("cryptography.hazmat.primitives.asymmetric.padding")
 hashes = optional_import("cryptography.hazmat.primitives.hashes")
@@ -34,10 +34,10 @@ def _oaep():
     return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 
 
-def encrypt_blob(tpm, plaintext, c_index=DEFAULT_C_INDEX):
-    """RSA-OAEP-SHA256 ciphertext of ``plaintext`` under the key at ``c_index`` (created if absent)."""
+def encrypt_blob(tpm, plaintext, c_index=DEFAULT_C_INDEX, layout=DEFAULT_TPM_LAYOUT):
+    """RSA-OAEP-SHA256 ciphertext of ``plaintext`` under the key at ``c_index`` (created with ``layout``'s template if absent)."""
     require("cryptography", "to encrypt the passphrase")
-    public_key = tpm.owner_key_public(c_index)[0]
+    public_key = tpm.owner_key_public(c_index, layout=layout)[0]
     return public_key.encrypt(plaintext, _oaep())
 
 
@@ -60,19 +60,22 @@ def read_nv_passphrase(tpm, nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
         ) from None
 
 
-def create_nv_passphrase(tpm, nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
-    """Generate a passphrase, store its encryption at ``nv_index`` and return it. The index must not exist."""
+def create_nv_passphrase(tpm, nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX, layout=DEFAULT_TPM_LAYOUT):
+    """Generate a passphrase, store its encryption at ``nv_index`` and return it. The index must not exist.
+
+    ``layout`` (device.TPM_LAYOUTS) says how a missing key and the new index are created.
+    """
     passphrase = new_tpm_passphrase()
-    tpm.nv_write(nv_index, encrypt_blob(tpm, passphrase, c_index))
+    tpm.nv_write(nv_index, encrypt_blob(tpm, passphrase, c_index, layout), layout)
     return passphrase
 
 
-def nv_passphrase(tpm, nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX):
-    """Offline mode's passphrase: read from NV, or generated and stored on first use.
+def nv_passphrase(tpm, nv_index=DEFAULT_NV_INDEX, c_index=DEFAULT_C_INDEX, layout=DEFAULT_TPM_LAYOUT):
+    """Offline mode's passphrase: read from NV (either layout), or generated and stored on first use.
 
     Returns (passphrase, created).
     """
     existing = read_nv_passphrase(tpm, nv_index, c_index)
     if existing is not None:
         return existing, False
-    return create_nv_passphrase(tpm, nv_index, c_index), True
+    return create_nv_passphrase(tpm, nv_index, c_index, layout), True

@@ -46,6 +46,20 @@ SRK_PERSISTENT_HANDLE = 0x81000001  # where go-attestation persists its SRK (AK 
 DEFAULT_C_INDEX = 0x81000008  # upstream tpm-helpers default for the offline RSA key
 DEFAULT_NV_INDEX = 0x01500000  # upstream kcrypt default for the offline blob
 
+# How the offline key at c_index and the NV index are created (spec §6.4, checklist 46). Both read alike;
+# they differ only when something is created:
+#   go-tpm — tpm-helpers since it moved to go-tpm's tpm2 API (the version kairos-sdk v0.25.2 and
+#            kcrypt-discovery-challenger v0.13.4 pin, 9b3e057e2f32; their go.sum holds no tpmk): NV
+#            index with nameAlg SHA-256; owner key with ``unique`` = 256 zero bytes.
+#   tpmk   — tpm-helpers on folbricht/tpmk (Kairos clients up to v0.11.x): nameAlg SHA-1 (go-tpm's
+#            legacy NVDefineSpace), owner key with an empty ``unique``.
+# A primary key is derived from the owner seed and the whole template, so the two layouts give two
+# different keys at c_index: an existing key is therefore always used as it is, never re-created.
+TPM_LAYOUT_GO_TPM = "go-tpm"
+TPM_LAYOUT_TPMK = "tpmk"
+TPM_LAYOUTS = (TPM_LAYOUT_GO_TPM, TPM_LAYOUT_TPMK)
+DEFAULT_TPM_LAYOUT = TPM_LAYOUT_GO_TPM
+
 NV_INDEX_RANGE = (0x01000000, 0x01FFFFFF)
 PERSISTENT_RANGE = (0x81000000, 0x81FFFFFF)
 
@@ -92,11 +106,21 @@ def parse_handle(value, option, valid_range=None):
 
 
 def parse_nv_index(value, option="nv_index"):
-    return parse_handle(value, option, NV_INDEX_RANGE)
+    """The NV index of offline mode's passphrase blob; None means upstream's default."""
+    return parse_handle(DEFAULT_NV_INDEX if value is None else value, option, NV_INDEX_RANGE)
 
 
 def parse_persistent_handle(value, option="c_index"):
-    return parse_handle(value, option, PERSISTENT_RANGE)
+    """The persistent handle of offline mode's RSA key; None means upstream's default."""
+    return parse_handle(DEFAULT_C_INDEX if value is None else value, option, PERSISTENT_RANGE)
+
+
+def parse_tpm_layout(value, option="tpm_layout"):
+    """``go-tpm`` (default, newest Kairos) or ``tpmk`` (Kairos clients up to v0.11); empty means the default."""
+    layout = (value or DEFAULT_TPM_LAYOUT).strip().lower()
+    if layout not in TPM_LAYOUTS:
+        raise KcryptError("%s must be one of %s, not %r" % (option, ", ".join(TPM_LAYOUTS), value))
+    return layout
 
 
 def parse_pcr_list(values, option="pcrs"):
@@ -211,6 +235,25 @@ def _rsa_public_key(public_area):
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
+TCG_NV_CERT_HEADER = b"\x10\x01\x00"  # TCG PC Client Platform TPM Profile, 7.3.2: tag 0x1001, then a 0x00
+
+
+def ek_certificate_der(data):
+    """The certificate's DER from the bytes an EK certificate NV index holds (go-attestation ParseEKCertificate).
+
+    Some TPMs store it wrapped as ``10 01 00 LL LL`` + DER (LL LL: big-endian length); the header is
+    stripped. A length longer than the data is a ValueError, as in go-attestation (whose EKs() then
+    falls back to the template EK). Trailing padding after the DER is dropped.
+    """
+    data = bytes(data)
+    if len(data) > 5 and data[:3] == TCG_NV_CERT_HEADER:
+        length = int.from_bytes(data[3:5], "big")
+        if len(data) < length + 5:
+            raise ValueError("the NV header announces a %d-byte certificate in %d bytes" % (length, len(data) - 5))
+        data = data[5 : 5 + length]
+    return _der_prefix(data)
+
+
 def _der_prefix(data):
     """The first DER element of ``data``: EK certificates in NV are often zero-padded."""
     if len(data) < 2 or data[0] != 0x30:
@@ -244,13 +287,15 @@ def _rsa_template(attrs, symmetric=None, scheme=None, unique=None, key_bits=2048
     return tss.TPM2B_PUBLIC(publicArea=public)
 
 
-def _owner_key_template():
-    """The upstream tpm-helpers/tpmk template for the offline key at ``c_index`` (spec §6.4)."""
+def _owner_key_template(layout=DEFAULT_TPM_LAYOUT):
+    """tpm-helpers' template for the offline key at ``c_index`` (spec §6.4): RSA-2048, SHA-256 name,
+    sign|decrypt|userwithauth|sensitivedataorigin, NULL scheme; ``unique`` as ``layout`` says."""
     return _rsa_template(
         tss.TPMA_OBJECT.SIGN_ENCRYPT
         | tss.TPMA_OBJECT.DECRYPT
         | tss.TPMA_OBJECT.USERWITHAUTH
-        | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN,
+        unique=b"\x00" * 256 if layout == TPM_LAYOUT_GO_TPM else None,
     )
 
 
@@ -420,7 +465,7 @@ class TPM:
             return None
         require("cryptography", "to read the EK certificate")
         try:
-            certificate = x509.load_der_x509_certificate(_der_prefix(bytes(cert_der)))
+            certificate = x509.load_der_x509_certificate(ek_certificate_der(cert_der))
             if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
                 return None
         except ValueError:
@@ -488,14 +533,20 @@ class TPM:
 
     # -- NV storage (offline mode) ---------------------------------------
 
-    def nv_read(self, index):
-        """The whole content of NV ``index`` with owner authorisation, or None if it is not defined."""
+    def _nv_object(self, index):
+        """The ESYS object of NV ``index`` (close it with tr_close), or None if the index is not defined."""
         try:
-            nv = self.esys.tr_from_tpmpublic(index)
+            return self.esys.tr_from_tpmpublic(index)
         except tss.TSS2_Exception as error:
             if _rc_base(error) == RC_HANDLE:
                 return None
             raise self._fail("looking up NV index 0x%x" % index, error) from None
+
+    def nv_read(self, index):
+        """The whole content of NV ``index`` with owner authorisation, or None if it is not defined."""
+        nv = self._nv_object(index)
+        if nv is None:
+            return None
         try:
             public = self.esys.nv_read_public(nv)[0]
             size = public.nvPublic.dataSize
@@ -515,20 +566,22 @@ class TPM:
     def nv_exists(self, index):
         return index in self._handles(0x01000000)
 
-    def nv_write(self, index, data):
+    def nv_write(self, index, data, layout=DEFAULT_TPM_LAYOUT):
         """Define NV ``index`` with upstream's attributes and size = len(data), then write ``data``.
 
-        Attributes ownerwrite|ownerread|authread|ppread, empty auth (spec §6.4), and name
-        algorithm SHA-1: go-tpm's legacy NVDefineSpace (tpmk.NVWrite, used by tpm-helpers
-        StoreBlob) hard-codes it, so ``tpm2_nvreadpublic`` shows an index we wrote exactly as
-        one a Kairos node wrote. Fails if the index already exists: callers decide whether to replace it.
+        Attributes ownerwrite|ownerread|authread|ppread, empty auth (spec §6.4), and the name
+        algorithm of ``layout``: SHA-256 (go-tpm tpm-helpers' StoreBlob) or SHA-1 (go-tpm's legacy
+        NVDefineSpace behind tpmk.NVWrite), so ``tpm2_nvreadpublic`` shows an index we wrote exactly
+        as one that Kairos version wrote. Reading does not care. Fails if the index already
+        exists: callers decide whether to replace it.
         """
         attrs = (
             tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD | tss.TPMA_NV.PPREAD
         )
+        name_alg = tss.TPM2_ALG.SHA256 if parse_tpm_layout(layout) == TPM_LAYOUT_GO_TPM else tss.TPM2_ALG.SHA1
         public = tss.TPM2B_NV_PUBLIC(
             nvPublic=tss.TPMS_NV_PUBLIC(
-                nvIndex=index, nameAlg=tss.TPM2_ALG.SHA1, attributes=attrs, dataSize=len(data)
+                nvIndex=index, nameAlg=name_alg, attributes=attrs, dataSize=len(data)
             )
         )
         nv = None
@@ -552,10 +605,9 @@ class TPM:
         neither (re-keying relies on it). Refuses when the size differs or does not fit in one
         write, rather than undefining the index and leaving a window without it.
         """
-        try:
-            nv = self.esys.tr_from_tpmpublic(index)
-        except tss.TSS2_Exception as error:
-            raise self._fail("looking up NV index 0x%x" % index, error) from None
+        nv = self._nv_object(index)
+        if nv is None:
+            raise TPMError("NV index 0x%x is not defined on the TPM at %s: there is nothing to replace" % (index, self.tcti))
         try:
             size = self.esys.nv_read_public(nv)[0].nvPublic.dataSize
             if size != len(data) or len(data) > self._nv_buffer_max():
@@ -571,12 +623,9 @@ class TPM:
 
     def nv_undefine(self, index):
         """Remove NV ``index``; returns False when it was not defined."""
-        try:
-            nv = self.esys.tr_from_tpmpublic(index)
-        except tss.TSS2_Exception as error:
-            if _rc_base(error) == RC_HANDLE:
-                return False
-            raise self._fail("looking up NV index 0x%x" % index, error) from None
+        nv = self._nv_object(index)
+        if nv is None:
+            return False
         try:
             self.esys.nv_undefine_space(nv, tss.ESYS_TR.OWNER)
         except tss.TSS2_Exception as error:
@@ -592,11 +641,13 @@ class TPM:
 
     # -- the offline key at c_index ---------------------------------------
 
-    def owner_key_public(self, handle, create=True):
-        """Public key of the RSA key persisted at ``handle``; creates and persists it (upstream template) if absent.
+    def owner_key_public(self, handle, create=True, layout=DEFAULT_TPM_LAYOUT):
+        """Public key of the RSA key persisted at ``handle``; creates and persists it if absent, with
+        the template of ``layout``. An existing key is used whatever template made it.
 
         Returns (public_key, created). With ``create=False`` an absent key gives (None, False).
         """
+        layout = parse_tpm_layout(layout)
         try:
             persistent = self._persistent(handle)
             if persistent is not None:
@@ -609,7 +660,7 @@ class TPM:
                 return None, False
             transient = None
             try:
-                transient, public = self.esys.create_primary(None, _owner_key_template(), tss.ESYS_TR.OWNER)[:2]
+                transient, public = self.esys.create_primary(None, _owner_key_template(layout), tss.ESYS_TR.OWNER)[:2]
                 self.esys.evict_control(tss.ESYS_TR.OWNER, transient, handle)
             finally:
                 self._flush(transient)
@@ -618,18 +669,37 @@ class TPM:
             raise self._fail("preparing the RSA key at 0x%x" % handle, error) from None
 
     def rsa_decrypt(self, handle, ciphertext):
-        """RSA-OAEP-SHA256 (empty label) decryption with the persistent key at ``handle``."""
+        """RSA-OAEP-SHA256 (empty label) decryption with the persistent key at ``handle``.
+
+        When no key is persisted there (evicted by hand, or a TPM cleared of its persistent
+        objects but not of its owner seed), the key of each layout is re-derived transiently
+        from the owner seed and tried: both Kairos layouts stay readable, and the TPM is left
+        as it was.
+        """
         persistent = self._persistent(handle)
-        if persistent is None:
-            raise TPMError("no RSA key at 0x%x on the TPM at %s (c_index)" % (handle, self.tcti))
+        if persistent is not None:
+            try:
+                return self._oaep_decrypt(persistent, ciphertext)
+            except tss.TSS2_Exception as error:
+                raise self._fail("decrypting with the key at 0x%x" % handle, error) from None
+        for layout in TPM_LAYOUTS:
+            transient = None
+            try:
+                transient = self.esys.create_primary(None, _owner_key_template(layout), tss.ESYS_TR.OWNER)[0]
+                return self._oaep_decrypt(transient, ciphertext)
+            except tss.TSS2_Exception:
+                continue  # not this layout's key (or not creatable): try the next
+            finally:
+                self._flush(transient)
+        raise TPMError("no RSA key at 0x%x on the TPM at %s (c_index), and neither Kairos layout (%s) re-derives "
+                       "one that decrypts the blob" % (handle, self.tcti, ", ".join(TPM_LAYOUTS)))
+
+    def _oaep_decrypt(self, key, ciphertext):
         scheme = tss.TPMT_RSA_DECRYPT(
             scheme=tss.TPM2_ALG.OAEP,
             details=tss.TPMU_ASYM_SCHEME(oaep=tss.TPMS_SCHEME_HASH(hashAlg=tss.TPM2_ALG.SHA256)),
         )
-        try:
-            return bytes(self.esys.rsa_decrypt(persistent, tss.TPM2B_PUBLIC_KEY_RSA(ciphertext), scheme, tss.TPM2B_DATA()))
-        except tss.TSS2_Exception as error:
-            raise self._fail("decrypting with the key at 0x%x" % handle, error) from None
+        return bytes(self.esys.rsa_decrypt(key, tss.TPM2B_PUBLIC_KEY_RSA(ciphertext), scheme, tss.TPM2B_DATA()))
 
     # -- attestation key, credential activation, quotes -------------------
 

@@ -37,11 +37,14 @@ MAIN = (
 
 # What the server imports (docs/developing.md: kms depends on common only; the CLI on both).
 SHIPPED = ("common/*.py", "kms/*.py", "cli/__init__.py", "cli/challenger.py", "cli/challenger_admin.py")
+# Deployment steps the role runs as modules (kairos_challenger_tls, kairos_k8s_objects), not the server.
+NOT_SHIPPED = ("kms/tls_material.py", "kms/kube_apply.py")
 
 
 def entries(collection):
     root = os.path.join(collection, "plugins", "module_utils")
-    sources = sorted({path for pattern in SHIPPED for path in glob.glob(os.path.join(root, pattern))})
+    skipped = {os.path.join(root, name) for name in NOT_SHIPPED}
+    sources = sorted({path for pattern in SHIPPED for path in glob.glob(os.path.join(root, pattern))} - skipped)
     if not any(path.endswith(os.path.join("cli", "challenger.py")) for path in sources):
         raise SystemExit("%s does not look like the kairos.kcrypt collection (no cli/challenger.py)" % collection)
     parts = PACKAGE.split("/")

@@ -14,6 +14,14 @@ after a failure (``Restart=on-failure``, with back-off) but not after a clean st
     kcrypt_supervise.py status  --pidfile P
 
 Every call prints one JSON object (``changed``, ``running``, ``pid``, ``child_pid``).
+
+Why a program and not a module (unlike the role's TLS and Kubernetes steps, which are the
+kairos_challenger_tls and kairos_k8s_objects modules): the supervisor is a daemon that
+must outlive the Ansible task and be restartable by the handler, an operator or a boot
+script, so it runs from a file installed on the host; an Ansible module only lives in a
+temporary directory for the length of one task. ``start``/``stop``/``restart``/``status``
+stay in this same file, so the rule that decides which process is the service (below)
+exists once.
 ``start`` does nothing when the instance of that PID file runs already. The PID file
 holds the supervisor's PID; ``<pidfile>.child`` the server's. A PID is trusted only
 while that process's command line still names the PID file, so a stale file (after a

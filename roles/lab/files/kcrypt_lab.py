@@ -16,15 +16,20 @@ The lab directory is the lab's only memory:
     <lab_dir>/nodes/<name>/disk.img the node's disk; attached loop devices are found with losetup -j
     <lab_dir>/nodes/<name>/python   interpreter wrapper running Python inside the node's netns
 
-Processes are ours when their command line names our state directory; loop devices when
-their backing file is our image; namespaces, veths and the bridge when a node record names
-them. Nothing else is ever touched.
+    <lab_dir>/kms/                  a KMS deployed for the lab (playbooks/provision.yml puts the
+                                    challenger's code, settings, store, log and PID files there)
+
+Processes are ours when their command line names our state directory (swtpm) or when they
+run a program from inside the lab directory (the lab KMS's supervisor, server and workers);
+loop devices when their backing file is our image; namespaces, veths and the bridge when a
+node record names them. Nothing else is ever touched.
 
 Subcommands: plan (check the wanted lab, write lab.json and the node records, report),
 status (report the recorded nodes, read-only); provision, disk, bridge, netns, swtpm,
 attach (each makes one part of the given nodes exist, idempotent); stop, detach,
-remove-netns (teardown of the given nodes' parts). Steps take the nodes as repeated
-``--node`` options, so one task handles the whole lab.
+remove-netns (teardown of the given nodes' parts); stop-programs (stop what runs from the
+lab directory). Steps take the nodes as repeated ``--node`` options, so one task handles
+the whole lab.
 """
 
 from __future__ import annotations
@@ -711,6 +716,63 @@ def cmd_stop(lab, args):
     return {"changed": bool(stopped), "changed_nodes": stopped}
 
 
+def lab_programs(lab):
+    """PIDs of processes running a program from inside the lab directory, by parent PID.
+
+    The program is the command (argv[0]) or, for an interpreter, its script (argv[1]): a KMS
+    deployed into the lab runs as ``<lab>/kms/opt/venv/bin/python <lab>/kms/opt/bin/kcrypt_supervise.py``
+    and ``... <lab>/kms/opt/kcrypt-challenger.pyz serve``. A process that merely names a file of
+    the lab (``tail -f <lab>/...``) is not the lab's.
+    """
+    inside = lab.dir + os.sep
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        argv = cmdline(int(entry))
+        if any(os.path.abspath(arg).startswith(inside) for arg in argv[:2] if arg.startswith("/")):
+            found[int(entry)] = parent_of(int(entry))
+    return found
+
+
+def parent_of(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cmd_stop_programs(lab, args):
+    """Stop every process running from the lab directory: SIGTERM to the topmost ones (a supervisor
+    stops its server and does not restart it), then SIGKILL whatever is left after 20 s."""
+    programs = lab_programs(lab)
+    if not programs:
+        return {"changed": False, "stopped": []}
+    argv = {pid: cmdline(pid) for pid in programs}
+    for pid, parent in programs.items():
+        if parent not in programs:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def alive():  # the same processes, not others that got their PIDs since
+        return [pid for pid in programs if argv[pid] and cmdline(pid) == argv[pid]]
+
+    deadline = time.monotonic() + 20  # the supervisor gives its server 10 s before SIGKILL
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive():
+        raise LabError("processes running from %s did not stop: %s" % (lab.dir, alive()))
+    return {"changed": True, "stopped": [" ".join(argv[pid]) for pid in sorted(programs)]}
+
+
 def cmd_bridge(lab, args):
     """The host side of the lab network: a bridge with the host address, multicast flooded."""
     definition = lab.require_definition()
@@ -733,7 +795,8 @@ def cmd_bridge(lab, args):
     return {"changed": changed, "bridge": lab.bridge}
 
 
-COMMANDS = dict({name: cmd_step for name in STEPS}, plan=cmd_plan, status=cmd_status, bridge=cmd_bridge, stop=cmd_stop)
+COMMANDS = dict({name: cmd_step for name in STEPS}, plan=cmd_plan, status=cmd_status, bridge=cmd_bridge, stop=cmd_stop,
+                **{"stop-programs": cmd_stop_programs})
 
 
 def main(argv=None):

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import stat
 import subprocess
 import sys
 import time
@@ -79,22 +78,6 @@ def test_lab_refuses_a_record_pointing_outside_its_node_directory(tmp_path):
         lab.Lab(str(tmp_path)).recorded_nodes()
 
 
-# ---------------------------------------------------------------- challenger: Kubernetes apply
-
-
-@pytest.mark.parametrize("wanted, live, expected", [
-    ({"a": 1}, {"a": 1, "b": 2}, True),            # fields the API server adds are fine
-    ({"a": 1}, {"a": 2}, False),
-    ({"a": {"b": [1, 2]}}, {"a": {"b": [1, 2], "c": 3}}, True),
-    ({"a": [{"x": 1}]}, {"a": [{"x": 1, "y": 2}]}, True),
-    ({"a": [{"x": 1}]}, {"a": [{"x": 1}, {"x": 2}]}, False),  # a list that grew is a change
-    ({"a": "1"}, {"a": 1}, False),
-    ({"a": {}}, {}, False),
-])
-def test_k8s_apply_compares_wanted_fields_only(wanted, live, expected):
-    assert load("challenger", "kcrypt_k8s_apply.py").is_subset(wanted, live) is expected
-
-
 # ---------------------------------------------------------------- challenger: code bundle
 
 
@@ -128,6 +111,7 @@ def test_bundle_ships_only_the_server_and_serves(tmp_path):
     for package in packages:
         assert package + "/__init__.py" in names
     assert "kms/server.py" in names and "common/messages.py" in names
+    assert "kms/tls_material.py" not in names and "kms/kube_apply.py" not in names  # the role's deployment steps
     # Served from a directory where no checkout is importable, with only the virtualenv's libraries.
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(pyz), "serve", "--listen", "127.0.0.1:%d" % port,
@@ -156,56 +140,3 @@ def test_containerfile_copies_what_exists_and_installs_the_role_packages():
     defaults = yaml.safe_load(open(os.path.join(ROOT, "roles", "challenger", "defaults", "main.yml")))
     for package in defaults["challenger_python_packages"]:
         assert '"%s"' % package in text, package
-
-
-# ---------------------------------------------------------------- challenger: TLS
-
-
-def tls(tmp_path, *extra):
-    helper = os.path.join(ROOT, "roles", "challenger", "files", "kcrypt_tls.py")
-    args = [sys.executable, helper, "--dir", str(tmp_path / "tls"), "--common-name", "kms",
-            "--san", "DNS:kms", "--san", "IP:127.0.0.1"] + list(extra)
-    run = subprocess.run(args, capture_output=True, text=True, check=False)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return json.loads(run.stdout)
-
-
-def test_tls_generates_a_ca_and_a_server_certificate_once(tmp_path):
-    from cryptography import x509
-
-    first = tls(tmp_path)
-    assert first["changed"] and "BEGIN CERTIFICATE" in first["ca_certificate"]
-    for key in ("ca.key", "server.key"):
-        assert stat.S_IMODE(os.stat(tmp_path / "tls" / key).st_mode) == 0o600
-    assert "PRIVATE KEY" not in json.dumps(first)
-    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.crt").read_bytes())
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["kms"]
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert tls(tmp_path)["changed"] is False
-
-
-def test_tls_reissues_the_server_certificate_for_new_names_and_keeps_the_ca(tmp_path):
-    tls(tmp_path)
-    ca = (tmp_path / "tls" / "ca.crt").read_bytes()
-    key = (tmp_path / "tls" / "server.key").read_bytes()
-    checked = tls(tmp_path, "--san", "DNS:kms.local", "--check")
-    assert checked["changed"] and checked["reasons"] == ["server certificate lacks kms.local"]
-    assert b"kms.local" not in (tmp_path / "tls" / "server.crt").read_bytes()  # check mode wrote nothing
-    assert tls(tmp_path, "--san", "DNS:kms.local")["changed"]
-    assert (tmp_path / "tls" / "ca.crt").read_bytes() == ca
-    assert (tmp_path / "tls" / "server.key").read_bytes() == key
-    assert tls(tmp_path, "--san", "DNS:kms.local")["changed"] is False
-
-
-def test_tls_replaces_a_server_certificate_that_does_not_match_its_key(tmp_path):
-    tls(tmp_path)
-    (tmp_path / "tls" / "server.key").unlink()
-    assert tls(tmp_path)["reasons"] == ["server certificate does not match its key"]
-
-
-def test_k8s_apply_expands_list_documents_in_order():
-    flatten = load("challenger", "kcrypt_k8s_apply.py").flatten
-    objects = [{"kind": "Namespace"}, {"kind": "List", "items": [{"kind": "Role"}, {"kind": "List", "items": [{"kind": "A"}]}]},
-               {"kind": "Service"}]
-    assert [obj["kind"] for obj in flatten(objects)] == ["Namespace", "Role", "A", "Service"]

@@ -59,6 +59,12 @@ def test_flags_override_the_config_file(tmp_path):
         ("workers: 0\n", "workers must be between 1 and 64, not 0"),
         ("workers: 65\n", "workers must be between 1 and 64"),
         ("workers: many\n", "workers must be a number or auto, not 'many'"),
+        ("protocols: []\n", "protocols must list one or both of attestation, legacy"),
+        ("protocols: [attestation, v0.1]\n", "protocols must list one or both of attestation, legacy"),
+        ("protocols: legacy;attestation\n", "protocols must list one or both"),
+        ("max_partitions_per_tpm: 0\n", "max_partitions_per_tpm must be a whole number from 1 to 1024, not 0"),
+        ("max_partitions_per_tpm: 2.5\n", "max_partitions_per_tpm must be a whole number"),
+        ("max_partitions_per_tpm: lots\n", "max_partitions_per_tpm must be a number"),
     ],
 )
 def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
@@ -77,6 +83,22 @@ def test_workers():
     assert _settings(["serve"])["workers"] == 1
     assert _settings(["serve", "--workers", "3"])["workers"] == 3
     assert _settings(["serve", "--workers", "auto"])["workers"] == len(os.sched_getaffinity(0))
+
+
+def test_protocols_and_partition_cap():
+    config = _settings(["serve"])
+    assert config["protocols"] == ["attestation", "legacy"] and config["max_partitions_per_tpm"] == 16
+    assert _settings(["serve", "--protocols", "legacy,attestation"])["protocols"] == ["attestation", "legacy"]
+    assert _settings(["serve", "--protocols", "attestation"])["protocols"] == ["attestation"]
+    assert _settings(["serve", "--max-partitions-per-tpm", "4"])["max_partitions_per_tpm"] == 4
+
+
+def test_protocols_from_the_role_s_config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("protocols:\n- legacy\nmax_partitions_per_tpm: 8\n")  # what the role's to_nice_yaml writes
+    config = _settings(["serve", "--config", str(path)])
+    assert config["protocols"] == ["legacy"] and config["max_partitions_per_tpm"] == 8
+    assert _settings(["serve", "--config", str(path), "--protocols", "attestation,legacy"])["protocols"] == ["attestation", "legacy"]
 
 
 def test_parse_listen():

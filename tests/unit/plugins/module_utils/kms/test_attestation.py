@@ -333,7 +333,8 @@ def test_malformed_proofs(node):
         session.verify("{")
     with pytest.raises(attestation.StageError, match="Attestation verification failed: unmarshaling PCR quote"):
         session.verify(protocol.go_json(dict(proof, pcr_quote="x")))
-    with pytest.raises(attestation.StageError, match="Attestation verification failed: PCR quote verification failed: quote signature verification failed: empty"):
+    with pytest.raises(attestation.StageError,
+                       match="Attestation verification failed: PCR quote verification failed: quote signature verification failed: empty"):
         session.verify(protocol.go_json(dict(proof, pcr_quote={"quote": {}, "pcrs": {}})))
 
 

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names, policy as pol, volume_attestation
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as own
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_sqlite import SQLiteStore
@@ -160,7 +161,8 @@ def test_tofu_enrolment_names_labels_and_reuse(policy, store):
     assert secret["metadata"]["labels"] == {
         "app.kubernetes.io/name": "kcrypt-challenger", "app.kubernetes.io/component": "encryption-secret",
         "kcrypt.kairos.io/tpm-hash": kube_names.safe_kube_name(HASH), "kcrypt.kairos.io/partition": "COS_PERSISTENT",
-        "kcrypt.kairos.io/managed-by": "kcrypt-challenger"}
+        "kcrypt.kairos.io/managed-by": "kcrypt-challenger",
+        "kcrypt.kairos.io/sealedvolume": "tofu-5640e37f"}  # ours: whose Secret it is, without a scan
     # next boot: same passphrase, no write at all
     version = volume["metadata"]["resourceVersion"]
     assert policy.issue_passphrase(HASH, EK, PCRS, PartitionRef(label="COS_PERSISTENT")) == passphrase
@@ -176,7 +178,7 @@ def test_tofu_reuses_an_existing_secret(policy, store):
 def test_tofu_reuse_requires_data(policy, store):
     static_secret(store, "tofu-5640e37f-cos-persistent", b"x", path="other")
     with pytest.raises(volume_attestation.PolicyRejection, match="initial enrollment: creating TOFU secret: existing secret does not "
-                                                  "contain expected passphrase data at path passphrase"):
+                       "contain expected passphrase data at path passphrase"):
         policy.issue_passphrase(HASH, EK, PCRS, PERSISTENT)
     assert store.list_volumes() == []
 
@@ -258,7 +260,7 @@ def test_empty_attestation_learns_ek_and_ignores_pcrs(policy, store):
     assert attestation["ekPublicKey"] == EK and "pcrValues" not in attestation
     assert policy.issue_passphrase(HASH, EK, {"0": "99" * 32}, PERSISTENT) == b"static-pass"
     with pytest.raises(volume_attestation.PolicyRejection, match="^attestation verification failed: EK verification failed: EK public "
-                                                  "key does not match enrolled key - potential TPM impersonation$"):
+                       "key does not match enrolled key - potential TPM impersonation$"):
         policy.issue_passphrase(HASH, EK2, PCRS, PERSISTENT)
 
 
@@ -497,3 +499,109 @@ def test_legacy_scans_every_volume_of_the_tpm(policy, store):
     register(store, name="b-second", partitions=[{"label": "COS_PERSISTENT", "secret": {"name": "s"}}])
     static_secret(store, "s", b"found")
     assert policy.legacy_get_pass(HASH, PartitionRef(label="COS_PERSISTENT"))["passphrase"] == "found"
+
+
+# -- issue 14: downgrade, ownership, bounds ----------------------------------
+
+@pytest.mark.parametrize("attestation, why", [
+    (None, None),
+    ({"pcrValues": {"pcrs": {"7": "ab" * 32, "0": "cd" * 32, "11": ""}}}, "it enforces PCR0, PCR7"),
+    ({"pcrValues": {"pcrs": {"0": ""}}}, "it learns PCR0 on its next attestation"),
+    ({"ekPublicKey": EK, "enrolledAt": "2026-01-01T00:00:00Z"}, "it was enrolled through /tpm-attestation"),
+    ({}, "it has an attestation policy (spec.attestation)"),
+])
+def test_legacy_refusal_says_why(attestation, why):
+    volume = st.new_volume("node", HASH, [{"label": "COS_PERSISTENT"}], attestation=attestation)
+    text = volume_attestation.legacy_refusal(volume)
+    if why is None:
+        assert text == ""
+    else:
+        assert text.startswith("SealedVolume node requires the attestation protocol (/tpm-attestation): %s," % why)
+
+
+def test_legacy_refusal_covers_every_volume_of_the_tpm(policy, store):
+    register(store, name="a-legacy", partitions=[{"label": "COS_PERSISTENT", "secret": {"name": "s"}}])
+    register(store, name="b-attested", partitions=[{"label": "COS_OEM"}], attestation={"pcrValues": {"pcrs": {"0": ""}}})
+    static_secret(store, "s")
+    assert "SealedVolume b-attested requires the attestation protocol" in \
+        policy.legacy_get_pass(HASH, PartitionRef(label="COS_PERSISTENT"))["error"]
+    with pytest.raises(volume_attestation.PolicyRejection, match="b-attested requires the attestation protocol"):
+        policy.legacy_post_pass(HASH, PartitionRef(label="COS_PERSISTENT"), {"passphrase": "x", "error": "", "generated_by": "tpm"})
+
+
+def test_a_derived_name_secret_is_checked_once_then_named(policy, store):
+    """A registered partition without secret.name whose Secret exists: used if it is the partition's, and the
+    name is written into the partition (no scan on later boots)."""
+    register(store, attestation={}, partitions=[{"label": "COS_PERSISTENT", "secret": {"path": "pass"}}])
+    static_secret(store, "node-cos-persistent", b"hand made", path="pass")
+    assert policy.issue_passphrase(HASH, EK, PCRS, PERSISTENT) == b"hand made"
+    volume = store.get_volume("node")
+    assert volume["spec"]["partitions"][0]["secret"] == {"name": "node-cos-persistent", "path": "pass"}
+    version = volume["metadata"]["resourceVersion"]
+    assert policy.issue_passphrase(HASH, EK, PCRS, PERSISTENT) == b"hand made"
+    assert store.get_volume("node")["metadata"]["resourceVersion"] == version
+
+
+def test_a_foreign_secret_under_a_derived_name_gives_a_generated_partition_its_own(policy, store):
+    register(store)
+    store.create_secret(st.new_secret("node-cos-persistent", {"passphrase": b"not yours"},
+                                      labels=kube_names.secret_labels(OTHER, "COS_PERSISTENT", "elsewhere")))
+    passphrase = policy.issue_passphrase(HASH, EK, PCRS, PERSISTENT)
+    assert passphrase != b"not yours" and len(passphrase) == 44
+    name = store.get_volume("node")["spec"]["partitions"][0]["secret"]["name"]
+    assert name == "node-cos-persistent-" + HASH[:8]
+    assert store.get_secret(name)["metadata"]["labels"][kube_names.VOLUME_LABEL] == "node"
+
+
+def test_a_foreign_secret_under_a_derived_name_with_a_path_is_refused(policy, store):
+    """With secret.path set the partition expects an existing Secret, not a generated one: refuse, write nothing."""
+    register(store, partitions=[{"label": "COS_PERSISTENT", "secret": {"path": "passphrase"}}])
+    store.create_secret(st.new_secret("node-cos-persistent", {"passphrase": b"not yours"},
+                                      labels=kube_names.secret_labels(OTHER, "COS_PERSISTENT")))
+    with pytest.raises(volume_attestation.PolicyRejection, match="secret node-cos-persistent is not this partition's: "
+                                                                 "it is labelled for another TPM"):
+        policy.issue_passphrase(HASH, EK, PCRS, PERSISTENT)
+    assert "attestation" not in store.get_volume("node")["spec"]
+
+
+def test_ownership_verdicts(store):
+    volume = register(store, partitions=[{"label": "A"}, {"label": "B", "secret": {"name": "named"}}])
+    register(store, name="other", tpm_hash=OTHER, partitions=[{"label": "X", "secret": {"name": "taken"}}, {"label": "Y"}])
+
+    def verdict(secret_name, labels=None, index=0, exists=True):
+        secret = st.new_secret(secret_name, {"passphrase": b"p"}, labels=labels) if exists else None
+        return own.verdict(store, HASH, volume, index, secret_name, secret)
+
+    assert verdict("node-a").kind == own.OWNED  # unlabelled, nobody else uses it
+    assert verdict("node-a", kube_names.secret_labels(HASH, "A", "node")).kind == own.OWNED
+    assert verdict("node-a", exists=False).kind == own.OWNED
+    assert "another TPM" in verdict("node-a", kube_names.secret_labels(OTHER, "A")).reason
+    assert verdict("node-a", kube_names.secret_labels(HASH, "A", "node-2")) == \
+        (own.FOREIGN, "it belongs to SealedVolume node-2 (label kcrypt.kairos.io/sealedvolume)")
+    assert verdict("named").kind == own.FOREIGN  # partition B of this volume names it
+    assert verdict("taken").kind == own.FOREIGN  # SealedVolume other names it
+    assert verdict("taken", exists=False).kind == own.FOREIGN
+    assert verdict("other-y").kind == own.AMBIGUOUS  # other derives it too
+    assert "ambiguous ownership: partition label=Y of SealedVolume other" in verdict("other-y").reason
+    assert verdict("node-b", index=1).kind == own.OWNED  # B names "named", so it does not use node-b
+
+
+def test_partition_cap_validation_and_unknown_uuid_entries(store):
+    for bad in (0, -1, 1025, "many", 2.5, True):
+        with pytest.raises(Exception, match="max_partitions_per_tpm must be"):
+            pol.Policy(store, max_partitions_per_tpm=bad)
+    policy = pol.Policy(store, max_partitions_per_tpm=1)
+    policy.issue_passphrase(HASH, EK, PCRS, PartitionRef(label="COS_OEM", uuid="unknown"))
+    assert store.get_volume("tofu-5640e37f")["spec"]["partitions"][0].keys() == {"label", "secret"}
+    with pytest.raises(volume_attestation.PolicyRejection, match="has 1 partitions"):
+        policy.issue_passphrase(HASH, EK, PCRS, PartitionRef(label="COS_PERSISTENT", uuid="unknown"))
+
+
+def test_requests_naming_no_partition_write_nothing(policy, store):
+    for ref in (PartitionRef(), PartitionRef(uuid="unknown"), PartitionRef(label="x" * 256)):
+        with pytest.raises(volume_attestation.PolicyRejection, match="^invalid partition: "):
+            policy.issue_passphrase(HASH, EK, PCRS, ref)
+        assert policy.legacy_get_pass(HASH, ref)["error"].startswith("invalid partition: ")
+        with pytest.raises(volume_attestation.PolicyRejection, match="^invalid partition: "):
+            policy.legacy_post_pass(HASH, ref, {"passphrase": "x", "error": "", "generated_by": "tpm"})
+    assert store.list_volumes() == [] and store._read("SELECT count(*) FROM secrets") == [(0,)]

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import secret_labels
@@ -215,3 +216,48 @@ def test_parse_partition_spec():
     assert reg.parse_partition_spec("COS_OEM").label == "COS_OEM"
     with pytest.raises(reg.RegistrationError, match="unknown key"):
         reg.parse_partition_spec("label=x,colour=blue")
+
+
+class CountingStore(object):
+    """Counts the full scans (list_volumes) a registration costs."""
+
+    def __init__(self, inner):
+        self.inner, self.scans = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def list_volumes(self):
+        self.scans += 1
+        return self.inner.list_volumes()
+
+
+def test_rerunning_a_registration_costs_no_scan(store):
+    """What the server settled (a named Secret) is kept on re-runs, and checked only when it is new."""
+    register(store, [P(label="COS_PERSISTENT"), P(label="COS_OEM")])
+    Policy(store).issue_passphrase(HASH, PEM, {}, PartitionRef(label="COS_PERSISTENT"))  # names its Secret
+    counting = CountingStore(store)
+    plan = reg.plan_registration(counting, HASH, [P(label="COS_PERSISTENT"), P(label="COS_OEM")])
+    assert not plan.changed and counting.scans == 0
+    plan = reg.plan_registration(counting, HASH, [P(label="COS_PERSISTENT"), P(label="DATA", secret_name="data-key")])
+    assert plan.changed and counting.scans == 1  # a new explicit name is checked against every other partition
+
+
+def test_partition_identifiers_keep_the_bounds_a_node_request_keeps(store):
+    with pytest.raises(reg.RegistrationError, match=r"partitions\[0\]: label is longer than 255 bytes"):
+        register(store, [P(label="L" * 256)])
+    with pytest.raises(reg.RegistrationError, match=r"partitions\[0\] has no identifier"):
+        register(store, [P(uuid="unknown")])
+    assert store.list_volumes() == []
+
+
+def test_one_secret_with_a_key_per_partition_is_not_sharing(store):
+    """Upstream's secret.path picks a key: one Secret per node with a key per partition is a fine pattern."""
+    register(store, [P(label="A", secret_name="node-keys", secret_path="a"), P(label="B", secret_name="node-keys", secret_path="b"),
+                     P(label="E")])
+    assert ownership.problems(store.list_volumes(), store.get_secret) == []
+    with pytest.raises(reg.RegistrationError, match="would use the same Secret node-keys"):
+        reg.plan_registration(store, HASH, [P(label="C", secret_name="node-keys", secret_path="a")], merge_partitions=True)
+    derived = "tpm-%s-e" % HASH[:16]  # what partition E derives: never shared, whatever the key
+    with pytest.raises(reg.RegistrationError, match="would use the same Secret %s" % derived):
+        reg.plan_registration(store, HASH, [P(label="D", secret_name=derived, secret_path="other")], merge_partitions=True)

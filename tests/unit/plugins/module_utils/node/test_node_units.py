@@ -111,6 +111,35 @@ def test_auto_key_source_follows_the_kairos_config(tmp_path):
     assert online.config.c_index == 0x8100000A
 
 
+def test_unlock_all_skips_a_broken_config_file_with_a_warning_and_unlock_refuses(tmp_path, monkeypatch):
+    """Issue 13 item 2: `kcrypt unlock-all --key-source auto` runs at boot, where upstream warns about a
+    malformed #cloud-config file and carries on; `kcrypt unlock` (interactive) names the file and stops."""
+    import io
+
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.cli import kcrypt as kcrypt_cli
+    from ansible_collections.kairos.kcrypt.plugins.module_utils.node import unlock
+
+    oem = tmp_path / "oem"
+    oem.mkdir()
+    (oem / "10_kms.yaml").write_text("#cloud-config\nkcrypt:\n  challenger:\n    challenger_server: http://10.0.2.2:8082\n")
+    (oem / "50_broken.yaml").write_text("#cloud-config\nstages: {boot: [unclosed\n")
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=LABEL=COS_ACTIVE\n")
+    sources = []
+    monkeypatch.setattr(unlock, "plan_open", lambda targets: [])  # no disks to open: only the key source matters
+    monkeypatch.setattr(unlock, "verify_keys", lambda plans, source: sources.append(source))
+    common = ["--key-source", "auto", "--config-dir", str(oem), "--cmdline", str(cmdline), "--check"]
+    out, err = io.StringIO(), io.StringIO()
+    assert kcrypt_cli.main(["unlock-all"] + common, out=out, err=err, stdin=io.BytesIO()) == 0, err.getvalue()
+    assert err.getvalue().startswith("kcrypt: warning: Kairos config: Kairos config file %s is not valid YAML at line"
+                                     % (oem / "50_broken.yaml"))
+    assert isinstance(sources[0], key_source.KmsKeySource)  # the good file still chose the KMS
+    assert sources[0].config.challenger_server == "http://10.0.2.2:8082"
+    out, err = io.StringIO(), io.StringIO()
+    assert kcrypt_cli.main(["unlock", "--label", "COS_PERSISTENT"] + common, out=out, err=err, stdin=io.BytesIO()) == 1
+    assert err.getvalue().startswith("Error: Kairos config file %s is not valid YAML" % (oem / "50_broken.yaml"))
+
+
 def test_kms_key_source_reads_the_certificate_file(tmp_path):
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     path = tmp_path / "ca.pem"
