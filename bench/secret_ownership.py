@@ -47,7 +47,7 @@ PART = PartitionRef(label="COS_PERSISTENT")
 
 def measure(call, rounds):
     wall, cpu = [], []
-    for _ in range(rounds):
+    for _round in range(rounds):
         c0, w0 = time.process_time(), time.perf_counter()
         call()
         cpu.append(time.process_time() - c0)
@@ -84,7 +84,7 @@ def run(label, store, count, rounds):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--volumes", default="100,1000", help="comma-separated store sizes")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--kubernetes", action="store_true", help="also against the kmock-based API emulator")

@@ -37,6 +37,7 @@ options:
   partitions:
     description:
       - The complete list of the node's partitions. Partitions not listed are removed from the SealedVolume.
+      - If omitted, the stored partitions are kept (a new SealedVolume has none).
       - A partition is matched by any of O(partitions[].label), O(partitions[].device_name) and
         O(partitions[].uuid). Give at least one. An empty value never matches.
       - A Secret reference the KMS recorded for a listed partition is kept.
@@ -45,7 +46,6 @@ options:
         or would write a passphrase into a Secret labelled for another TPM or SealedVolume.
     type: list
     elements: dict
-    default: []
     suboptions:
       label:
         description: Filesystem/LUKS label of the partition, for example V(COS_PERSISTENT). At most 255 bytes, printable.
@@ -104,8 +104,32 @@ options:
           - Map of PCR index (0-23) to V(learn), V(relearn), V(ignore), or a 64-hex SHA-256 value to enforce.
           - PCRs not listed, or set to V(ignore), are never checked. An empty map checks no PCR.
           - Nodes send PCRs 0, 7 and 11.
+          - V(relearn) forgets the stored value, so the next contact learns it again. With
+            O(attestation.relearn_until) it opens an upgrade window instead, see there.
         type: dict
         default: {}
+      relearn_until:
+        description:
+          - Turns V(relearn) into an upgrade window that closes by itself, for example around an OS upgrade that
+            changes PCR 7.
+          - A time (V(2026-12-06T18:00:00Z)) or a duration from now (V(2h), V(90m), V(1d12h)).
+          - Until then the KMS still accepts the stored value. The node's first contact with a different value
+            is served and learns it, and the PCR is enforced again right after. Every re-learn is an audit
+            line with the old and the new value.
+          - If the window closes without such a contact, nothing changes. The old value stays enforced.
+          - A PCR in any other mode has no window, so V(learn) closes an open one and keeps the value.
+          - With a duration, a window that is still open keeps its deadline, so a second run changes nothing.
+            Give a time to move it.
+          - RV(pcr_windows) reports the windows. The C(kairos.kcrypt.pcr_window) playbook opens, reports and
+            closes them for a group of nodes.
+        type: str
+      relearn_to:
+        description:
+          - Map of PCR index to the known-good value of an already upgraded reference node.
+          - The window of such a PCR accepts only that value besides the stored one, and enforces it after the
+            first contact that shows it.
+          - Each PCR must be in V(relearn) mode, with O(attestation.relearn_until).
+        type: dict
   update_passphrase:
     description:
       - V(on_create) writes a static passphrase only when its Secret does not exist yet.
@@ -195,6 +219,16 @@ EXAMPLES = r"""
         "0": learn
         "7": "{{ expected_pcr7 }}"
 
+- name: Let the next boot after an OS upgrade re-learn PCR 7, for two hours at most
+  kairos.kcrypt.kairos_sealedvolume:
+    tpm_hash: "{{ tpm.tpm_hash }}"
+    attestation:
+      pcrs:
+        "0": learn
+        "7": relearn
+      relearn_until: 2h
+  delegate_to: kms.example.org
+
 - name: Quarantine a stolen node
   kairos.kcrypt.kairos_sealedvolume:
     tpm_hash: "{{ stolen_tpm_hash }}"
@@ -227,6 +261,18 @@ sealedvolume:
       TPMHash: 5640e37f...
       partitions:
         - label: COS_PERSISTENT
+pcr_windows:
+  description:
+    - The PCR upgrade windows of the SealedVolume after the task, by PCR index.
+    - C(state) is V(open), or V(expired) (the old value is enforced). C(value) is the enforced value, C(until) the
+      deadline, C(relearn_to) the only new value accepted, if any. A PCR whose window was used is not listed.
+  returned: always
+  type: dict
+  sample:
+    "7":
+      state: open
+      until: "2026-12-06T18:00:00Z"
+      value: 3d458cfe55cc03ea1f443f1562beec8df51c75e14a9fcf9a7234a13f198e7969
 secrets:
   description:
     - What happened to the Secret of each partition with a static passphrase. It holds names only, never a passphrase.
@@ -250,6 +296,8 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import DEF
 
 
 def wishes(params):
+    if params["partitions"] is None:
+        return None  # keep the stored partitions
     return [reg.PartitionWish(label=p["label"], device_name=p["device_name"], uuid=p["uuid"], secret_name=p["secret_name"],
                               secret_path=p["secret_path"], passphrase=p["passphrase"])
             for p in params["partitions"]]
@@ -264,7 +312,7 @@ def run(params, check_mode):
                                      kubeconfig=params["kubeconfig"], context=params["context"],
                                      namespace=params["namespace"], if_missing=if_missing) as store:
         if store is None:
-            return {"changed": False, "sealedvolume": {}, "secrets": []}
+            return {"changed": False, "sealedvolume": {}, "secrets": [], "pcr_windows": {}}
         if params["state"] == "absent":
             plan = reg.plan_removal(store, params["tpm_hash"], params["name"])
         else:
@@ -281,6 +329,7 @@ def run(params, check_mode):
             result["sealedvolume"] = reg.public_view(reg.apply_plan(store, plan))
         else:
             result["sealedvolume"] = reg.public_view(plan.after)
+        result["pcr_windows"] = reg.pcr_window_report(result["sealedvolume"])
         return result
 
 
@@ -289,7 +338,7 @@ def main():
         argument_spec=generate_argspec(
             tpm_hash=dict(type="str", required=True),
             name=dict(type="str"),
-            partitions=dict(type="list", elements="dict", default=[], options=dict(
+            partitions=dict(type="list", elements="dict", options=dict(
                 label=dict(type="str"),
                 device_name=dict(type="str"),
                 uuid=dict(type="str"),
@@ -302,6 +351,8 @@ def main():
                 ek=dict(type="str", choices=["learn", "relearn", "enforce"], default="learn"),
                 ek_public_key=dict(type="str", no_log=False),
                 pcrs=dict(type="dict", default={}),
+                relearn_until=dict(type="str"),
+                relearn_to=dict(type="dict"),
             )),
             update_passphrase=dict(type="str", choices=["on_create", "always"], default="on_create", no_log=False),
             state=dict(type="str", choices=["present", "absent"], default="present"),

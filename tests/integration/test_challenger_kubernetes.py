@@ -200,3 +200,60 @@ class TestChallengerOnKubernetes:
                                  store, "-o", "yaml"], capture_output=True, text=True, timeout=60, check=False)
         assert "a" * 64 in listed.stdout
         assert deploy(cluster, challenger_state="absent").changed == 0
+
+
+def test_ek_certificate_settings_and_the_ca_bundle(cluster, dynamic, tmp_path):
+    """challenger_ek_certificate/challenger_ek_ca: a file and a directory become one PEM bundle in the ConfigMap,
+    mounted next to config.yaml; the server starts on them; a DER file is refused with a clear message."""
+    from support import ek_pki
+    from support.soft_tpm import key_pool
+
+    root_key, inter_key = key_pool(2)
+    root = ek_pki.ca_certificate("Vendor EK Root CA", root_key)
+    inter = ek_pki.ca_certificate("Vendor EK Intermediate CA", inter_key, root, root_key)
+    (tmp_path / "root.pem").write_bytes(ek_pki.pem(root))
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "intermediate.crt").write_bytes(ek_pki.pem(inter))
+    (tmp_path / "more" / "notes.txt").write_text("not read\n")
+    options = {"challenger_kubernetes_namespace": "kcrypt-ek", "challenger_kubernetes_replicas": 1,
+               "challenger_ek_certificate": "require",
+               "challenger_ek_ca": [str(tmp_path / "root.pem"), str(tmp_path / "more")]}
+    run = deploy(cluster, **options)
+    configmap = fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt-ek")["data"]
+    assert configmap["ek-ca.pem"] == (ek_pki.pem(root) + ek_pki.pem(inter)).decode()
+    settings = yaml.safe_load(configmap["config.yaml"])
+    assert settings["ek_certificate"] == "require" and settings["ek_ca"] == ["/etc/kcrypt-challenger/ek-ca.pem"]
+    container = fetch(dynamic, "apps/v1", "Deployment", "kcrypt-challenger", "kcrypt-ek")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "config", "mountPath": "/etc/kcrypt-challenger/ek-ca.pem", "subPath": "ek-ca.pem",
+            "readOnly": True} in container["volumeMounts"]
+    assert deploy(cluster, **options).changed == 0, run
+
+    # what the pod runs: the server reads the bundle at start and checks every certificate in it
+    (tmp_path / "ek-ca.pem").write_text(configmap["ek-ca.pem"])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(settings, ek_ca=[str(tmp_path / "ek-ca.pem")], listen="127.0.0.1:0",
+                                          store="sqlite://%s" % (tmp_path / "kms.db"))))
+    with subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger"), "serve", "--config", str(config)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) as server:
+        try:
+            deadline = time.monotonic() + 30
+            lines = []
+            while not any("listening on" in line for line in lines):
+                assert server.poll() is None and time.monotonic() < deadline, "".join(lines)
+                lines.append(server.stderr.readline())
+            assert "ek certificate require with 2 trusted CA(s)" in lines[-1]
+        finally:
+            stop_process(server, timeout=15)
+
+    (tmp_path / "der").mkdir()
+    der_file = tmp_path / "der" / "vendor.crt"
+    der_file.write_bytes(ek_pki.der(root))
+    failed = playbook.playbook("playbooks/challenger.yml", dict(
+        options, challenger_platform="kubernetes", challenger_kubernetes_kubeconfig=cluster.kubeconfig,
+        challenger_ek_ca=[str(tmp_path / "der")]))
+    assert failed.rc != 0 and any("openssl x509 -inform der" in m for m in failed.failure_messages()), failed
+
+    deploy(cluster, challenger_kubernetes_namespace="kcrypt-ek", challenger_kubernetes_replicas=1)  # back to off
+    configmap = fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt-ek")["data"]
+    assert "ek-ca.pem" not in configmap and yaml.safe_load(configmap["config.yaml"])["ek_ca"] == []
+    deploy(cluster, challenger_kubernetes_namespace="kcrypt-ek", challenger_state="absent")

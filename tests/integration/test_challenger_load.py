@@ -85,7 +85,7 @@ def test_200_concurrent_first_contacts_enrol_each_tpm_once(tmp_path):
 @pytest.fixture
 def kms(tmp_path):
     kms_store = store.open_store("sqlite://%s/kms.db" % tmp_path)
-    challenger = server.Challenger(policy.Policy(kms_store), read_timeout=0.3, max_message_size=8192)
+    challenger = server.Challenger(policy.Policy(kms_store), read_timeout=0.3, first_message_timeout=0.3, max_message_size=8192)
     with ChallengerThread(challenger) as running:
         running.db = str(tmp_path / "kms.db")
         yield running

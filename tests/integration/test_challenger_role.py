@@ -16,6 +16,7 @@ import grp
 import json
 import os
 import pwd
+import resource
 import shutil
 import signal
 import ssl
@@ -68,6 +69,26 @@ def uid_of(pid):
             if line.startswith("Uid:"):
                 return int(line.split()[1])
     raise AssertionError("no Uid in /proc/%d/status" % pid)
+
+
+def open_files(pid):
+    """(soft, hard) RLIMIT_NOFILE of ``pid``, from /proc/PID/limits."""
+    with open("/proc/%d/limits" % pid) as handle:
+        for line in handle:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no open-files line in /proc/%d/limits" % pid)
+
+
+def expected_open_files(limit):
+    """(soft, hard) the supervisor's --open-files gives the server here: the limit, or the hard limit we cannot raise."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with open("/proc/self/status") as handle:
+        effective = int([line.split()[1] for line in handle if line.startswith("CapEff:")][0], 16)
+    if effective & (1 << 24) or hard == resource.RLIM_INFINITY or hard >= limit:  # CAP_SYS_RESOURCE
+        return limit, limit
+    return hard, hard
 
 
 def mode_owner(path):
@@ -153,6 +174,9 @@ class TestChallengerOnThisHost:
         child = read_pid(kms["pidfile"] + ".child")
         assert child and uid_of(child) == pwd.getpwnam(kms["user"]).pw_uid
         assert read_pid(kms["pidfile"]) and uid_of(read_pid(kms["pidfile"])) == 0
+        # the supervisor gives the server LimitNOFILE (challenger_open_files_limit): 65536, or as much as this
+        # host lets root set (without CAP_SYS_RESOURCE the hard limit cannot be raised)
+        assert open_files(child) == expected_open_files(65536)
         # tight permissions on the store and its at-rest key, owned by the service user
         lib = kms["vars"]["challenger_store_dir"]
         assert mode_owner(lib) == (0o700, kms["user"])
@@ -280,6 +304,33 @@ class TestChallengerOnThisHost:
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == []
 
+    def test_ek_certificate_settings_install_the_ca_bundle(self, kms, tmp_path):
+        """challenger_ek_ca (a PEM file and a directory) becomes one bundle the server reads at start; taking the
+        CAs off the list removes the bundle (a CA no longer listed is no longer trusted)."""
+        from support import ek_pki
+        from support.soft_tpm import key_pool
+
+        root_key, inter_key = key_pool(2)
+        root = ek_pki.ca_certificate("Vendor EK Root CA", root_key)
+        (tmp_path / "root.pem").write_bytes(ek_pki.pem(root))
+        (tmp_path / "more").mkdir()
+        (tmp_path / "more" / "intermediate.crt").write_bytes(
+            ek_pki.pem(ek_pki.ca_certificate("Vendor EK Intermediate CA", inter_key, root, root_key)))
+        bundle = kms["vars"]["challenger_config_dir"] + "/ek-ca.pem"
+        options = {"challenger_ek_certificate": "require", "challenger_ek_ca": [str(tmp_path / "root.pem"), str(tmp_path / "more")]}
+        run = deploy(kms, **options)
+        assert run.changed > 0
+        assert mode_owner(bundle) == (0o644, "root") and open(bundle).read().count("BEGIN CERTIFICATE") == 2
+        config = open(kms["vars"]["challenger_config_dir"] + "/config.yaml").read()
+        assert "ek_certificate: require" in config and bundle in config
+        assert wait_healthy(kms["url"] + "/healthz", kms.get("cafile"))[0] == 200
+        log = open(kms["vars"]["challenger_log_dir"] + "/kcrypt-challenger.log").read()
+        assert "ek certificate require with 2 trusted CA(s)" in log.rsplit("listening on", 1)[-1]
+        assert deploy(kms, **options).changed == 0
+        assert deploy(kms).changed > 0  # back to off
+        assert not os.path.exists(bundle)
+        assert wait_healthy(kms["url"] + "/healthz", kms.get("cafile"))[0] == 200
+
     def test_absent_stops_the_server_and_keeps_the_store(self, kms):
         run = deploy(kms, challenger_state="absent")
         assert run.changed > 0
@@ -309,7 +360,7 @@ def test_systemd_unit_is_valid_and_hardened(tmp_path):
     assert run.rc == 0, run
     unit = tmp_path / "kcrypt-challenger.service"
     text = unit.read_text()
-    for line in ("Restart=on-failure", "NoNewPrivileges=true", "ProtectSystem=strict", "ProtectHome=true",
+    for line in ("Restart=on-failure", "LimitNOFILE=65536\n", "NoNewPrivileges=true", "ProtectSystem=strict", "ProtectHome=true",
                  "PrivateTmp=true", "CapabilityBoundingSet=\n", "ReadWritePaths=/var/lib/kcrypt-challenger\n",
                  "User=kcrypt-challenger", "ExecStart=%s/venv/bin/python %s/kcrypt-challenger.pyz serve "
                  "--config /etc/kcrypt-challenger/config.yaml" % (install, install)):

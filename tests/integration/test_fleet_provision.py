@@ -319,6 +319,10 @@ class TestProvisionMixed:
         assert run.stats("ghost").get("failures") == 1, run
 
     def test_kairos_config_mode(self, mixed_lab):
+        # the same node roles as the test above, so this test also runs alone (-k)
+        mixed_lab.host_vars("node1", {"node_key_source": "tpm"})
+        mixed_lab.host_vars("node2", {"node_static_passphrases": {"COS_PERSISTENT": STATIC}})
+        mixed_lab.host_vars("node3", {"node_quarantined": True})
         oem = mixed_lab.dir + "/oem"
         for host in mixed_lab.hosts:
             os.makedirs("%s/%s" % (oem, host))

@@ -64,3 +64,15 @@ def test_module_end_to_end(store_target, repo_root, subprocess_env, tmp_path):
         policy = Policy(store)
         assert policy.issue_passphrase(tpm_hash, ek_pem, {"0": "aa"}, PartitionRef(label="COS_PERSISTENT")) == PASSPHRASE.encode()
         assert len(policy.issue_passphrase(tpm_hash, ek_pem, {"0": "aa"}, PartitionRef(label="COS_OEM"))) == 44  # TOFU
+
+
+def test_pcr_upgrade_windows(store_target, repo_root, subprocess_env, tmp_path):
+    """relearn_until/relearn_to: opened, idempotent with a duration, moved in check mode (not written), refused in
+    the past, closed by learn; pcr_windows reports them; on every backend."""
+    tpm_hash, pcr7, pcr7_new = "d" * 64, "a" * 64, "b" * 64
+    result = run_playbook(repo_root, subprocess_env, "sealedvolume_window.yml", {
+        "store_args": store_args(store_target), "tpm_hash": tpm_hash, "pcr7": pcr7, "pcr7_new": pcr7_new}, tmp_path)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    assert "failed=0" in result.stdout and "ignored=1" in result.stdout
+    with store_target.open() as store:
+        assert store.find_volume(tpm_hash)["spec"]["attestation"]["pcrValues"] == {"pcrs": {"0": "", "7": pcr7}}

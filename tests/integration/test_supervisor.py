@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SUPERVISE = os.path.join(ROOT, "roles", "challenger", "files", "kcrypt_supervise.py")
 
 
-def call(action, pidfile, *command, logfile=None):
-    args = [sys.executable, SUPERVISE, action, "--pidfile", str(pidfile)]
+def call(action, pidfile, *command, logfile=None, options=()):
+    args = [sys.executable, SUPERVISE, action, "--pidfile", str(pidfile)] + list(options)
     if logfile:
         args += ["--logfile", str(logfile)]
     if command:
@@ -44,8 +44,8 @@ def supervised(tmp_path):
     logfile = tmp_path / "log" / "svc.log"
     started = []
 
-    def start(*command):
-        result = call("start", pidfile, *command, logfile=logfile)
+    def start(*command, options=()):
+        result = call("start", pidfile, *command, logfile=logfile, options=options)
         started.append(result.get("pid"))
         return result
 
@@ -102,3 +102,17 @@ def test_a_command_that_cannot_start_is_retried_and_logged(supervised):
     start("/nonexistent/kcrypt-server")
     wait_for(lambda: "cannot start the server" in logfile.read_text())
     assert call("status", pidfile)["running"] is True  # still supervising, with back-off
+
+
+def test_open_files_is_the_servers_limitnofile(supervised):
+    """--open-files N gives the server N as soft and hard RLIMIT_NOFILE, as systemd's LimitNOFILE=N does."""
+    import resource
+
+    pidfile, _logfile, start = supervised
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if os.geteuid() == 0 or hard >= 4096 else hard  # root may raise the hard limit; others up to theirs
+    result = start(*SLEEPER, options=("--open-files", str(wanted)))
+    child = result["child_pid"]
+    with open("/proc/%d/limits" % child) as handle:
+        line = [entry for entry in handle if entry.startswith("Max open files")][0]
+    assert line.split()[3:5] == [str(wanted), str(wanted)]

@@ -169,9 +169,11 @@ def test_newest_protocol_bytes_and_one_ak_across_retries(node):
         assert "Authorization" not in headers
     assert first["frames"][0] == second["frames"][0]  # checklist 16: the same transient AK on every attempt
 
-    # Message 1 (checklist 7-9): text frame, keys in Go's struct order, defer_pcr_enrollment omitted.
+    # Message 1 (checklist 7-9): text frame, keys in Go's struct order, defer_pcr_enrollment omitted; then our
+    # optional ek_certificate (a Go server's encoding/json skips a key its struct does not have).
     init = _json_frame(*second["frames"][0], WSMsgType.TEXT)
-    assert list(init) == ["ek_public", "ak_params"]
+    assert list(init) == ["ek_public", "ak_params", "ek_certificate"]
+    assert _std_b64(init["ek_certificate"]) == node.ek.certificate_der  # the EK certificate from NV 0x01c00002
     spki = _std_b64(init["ek_public"])
     assert spki == node.ek.spki_der and hashlib.sha256(spki).hexdigest() == node.ek.tpm_hash == second["tpm_hash"]
     params = init["ak_params"]

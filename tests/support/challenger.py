@@ -95,12 +95,13 @@ class ChallengerThread:
 class ChallengerProcess:
     """``kcrypt-challenger serve`` as a subprocess (the real entry point)."""
 
-    def __init__(self, args, port, env=None, log_path=None, tls=False):
+    def __init__(self, args, port, env=None, log_path=None, tls=False, preexec_fn=None):
         self.args = list(args)
         self.port = port
         self.env = env
         self.log_path = log_path
         self.tls = tls
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a lower open-file limit)
         self.process = None
 
     @property
@@ -111,7 +112,7 @@ class ChallengerProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "bin", "kcrypt-challenger")] + self.args,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, preexec_fn=self.preexec_fn,
         )
         if log is not subprocess.DEVNULL:
             log.close()

@@ -20,7 +20,9 @@ store, with the API server's rules:
   409 ``Conflict`` when it is stale, else the object is replaced and gets a new resourceVersion;
 * Secret ``stringData`` folded into base64 ``data``;
 * CustomResourceDefinitions: creating one registers its served versions, so the
-  CRD manifest must be applied before SealedVolumes can be used, as on a cluster;
+  CRD manifest must be applied before SealedVolumes can be used, as on a cluster; custom
+  objects are pruned by their version's structural schema on create and replace (fields the
+  schema does not know are dropped, as the API server does);
 * Namespaces (create, get, list, delete with their objects), which kmock's URL parser cannot read.
 
 Every request is appended to ``requests.jsonl`` in the work directory (method, path, query,
@@ -142,6 +144,18 @@ def _emulator_class():
                 raise kmock.KubernetesError(status=400, reason="BadRequest", message="unsupported label selector %r" % term)
         return lambda labels: all((labels.get(key) == value) == equal for key, value, equal in terms)
 
+    def prune(value, schema):
+        """What a structural schema keeps of ``value`` (the API server's pruning of unknown fields)."""
+        if not isinstance(schema, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+            return value
+        if isinstance(value, dict) and "properties" in schema:
+            return {key: prune(item, schema["properties"][key]) for key, item in value.items() if key in schema["properties"]}
+        if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+            return {key: prune(item, schema["additionalProperties"]) for key, item in value.items()}
+        if isinstance(value, list) and isinstance(schema.get("items"), dict):
+            return [prune(item, schema["items"]) for item in value]
+        return value
+
     class StrictEmulator(kmock.KubernetesEmulator):
         """Object requests are answered here from kmock's object store; the rest (discovery,
         watch, patch) by kmock. kmock's generic reaction matching costs ~30 ms per request,
@@ -256,6 +270,7 @@ def _emulator_class():
                 if namespace:
                     metadata["namespace"] = namespace
                 fold_string_data(request.resource, body)
+                body = self._pruned(request.resource, body)
                 if request.resource.plural == "customresourcedefinitions":
                     self._register_crd(body)
                 if key in self.objects:
@@ -281,10 +296,22 @@ def _emulator_class():
             self._version = getattr(self, "_version", 0) + 1
             return str(self._version)
 
+        def _pruned(self, resource, body):
+            schema = self.__dict__.get("_schemas", {}).get((resource.group, resource.version, resource.plural))
+            if schema is None:
+                return body
+            kept = {key: body[key] for key in ("apiVersion", "kind", "metadata") if key in body}
+            kept.update(prune({k: v for k, v in body.items() if k not in kept}, schema))
+            return kept
+
         def _register_crd(self, crd):
             spec = crd.get("spec", {})
             names = spec.get("names", {})
+            schemas = self.__dict__.setdefault("_schemas", {})
             for version in spec.get("versions", []):
+                schema = (version.get("schema") or {}).get("openAPIV3Schema")
+                if schema:
+                    schemas[(spec["group"], version["name"], names["plural"])] = schema
                 if version.get("served"):
                     key = "%s/%s/%s" % (spec["group"], version["name"], names["plural"])
                     self.resources[key] = kmock.ResourceInfo(
@@ -320,6 +347,7 @@ def _emulator_class():
                         metadata[field] = current["metadata"][field]
                 metadata["resourceVersion"] = self._next()
                 fold_string_data(request.resource, body)
+                body = self._pruned(request.resource, body)
                 self.objects[key].create(body)
                 raw = self.objects[key].raw
                 await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})

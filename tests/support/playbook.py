@@ -106,7 +106,7 @@ def environment(extra=None):
     return env
 
 
-def playbook(path, extra_vars=None, inventory=None, check=False, diff=False, timeout=600, env=None):
+def playbook(path, extra_vars=None, inventory=None, check=False, diff=False, timeout=600, env=None, limit=None):
     """Run ``ansible-playbook`` on a playbook of the checkout (relative to its root) or a path."""
     ensure_collection_link()
     args = [os.path.join(BIN, "ansible-playbook"), os.path.join(ROOT, path)]
@@ -121,6 +121,8 @@ def playbook(path, extra_vars=None, inventory=None, check=False, diff=False, tim
         args.append("--check")
     if diff:
         args.append("--diff")
+    if limit:
+        args += ["-l", limit]
     process = subprocess.run(args, capture_output=True, text=True, env=environment(env), cwd=ROOT,
                              timeout=timeout, check=False)
     return Run(args, process)

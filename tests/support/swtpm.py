@@ -37,17 +37,74 @@ def free_port_pair(host="127.0.0.1"):
     raise RuntimeError("no free port pair on %s" % host)
 
 
-def provision(state_dir, ek_cert=True):
+class Manufacturer:
+    """A TPM vendor: its own swtpm-localca CA (a root and an intermediate that signs EK certificates).
+
+    swtpm_setup's default configuration shares one local CA (/var/lib/swtpm-localca) between every
+    TPM; a Manufacturer points swtpm_setup at a CA of its own (``--config``), which swtpm_localca
+    creates on the first TPM it certifies. Both CAs of every manufacturer are named
+    swtpm-localca-rootca / swtpm-localca, as swtpm makes them: only signatures tell them apart. The TPM
+    attributes in the certificates come from the TPM (swtpm: manufacturer id:00001014, model swtpm).
+    """
+
+    def __init__(self, base_dir):
+        self.dir = base_dir
+        self.ca_dir = os.path.join(base_dir, "ca")
+        os.makedirs(self.ca_dir, exist_ok=True)
+        self.setup_config = os.path.join(base_dir, "swtpm_setup.conf")
+        localca = os.path.join(base_dir, "swtpm-localca.conf")
+        options = os.path.join(base_dir, "swtpm-localca.options")
+        with open(localca, "w") as handle:
+            handle.write("statedir = %s\nsigningkey = %s\nissuercert = %s\ncertserial = %s\n" % (
+                self.ca_dir, self.signing_key, self.intermediate, os.path.join(self.ca_dir, "certserial")))
+        with open(options, "w") as handle:
+            handle.write("--platform-manufacturer kcrypt-tests\n--platform-version 1.0\n--platform-model lab\n")
+        with open(self.setup_config, "w") as handle:
+            handle.write("create_certs_tool = %s\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = %s\n"
+                         "active_pcr_banks = sha256\n" % (shutil.which("swtpm_localca") or "/usr/bin/swtpm_localca", localca, options))
+
+    @property
+    def signing_key(self):
+        return os.path.join(self.ca_dir, "signkey.pem")
+
+    @property
+    def intermediate(self):
+        """PEM of the CA that signs the EK certificates."""
+        return os.path.join(self.ca_dir, "issuercert.pem")
+
+    @property
+    def root(self):
+        return os.path.join(self.ca_dir, "swtpm-localca-rootca-cert.pem")
+
+
+def write_nv_certificate(tcti, index, der):
+    """Replace NV ``index`` with ``der`` under the platform hierarchy, as a vendor writes its EK certificate
+    (0x01c00002) or chain (0x01c00100...); swtpm's platform authorisation is empty."""
+    env = dict(os.environ, TPM2TOOLS_TCTI=tcti, TSS2_LOG="all+NONE")
+    handle = "0x%08x" % index
+    subprocess.run(["tpm2_nvundefine", "-C", "p", handle], env=env, capture_output=True, check=False)  # absent is fine
+    attributes = "ppwrite|ppread|ownerread|authread|no_da|platformcreate"
+    for args in (["tpm2_nvdefine", "-C", "p", "-s", str(len(der)), "-a", attributes, handle],
+                 ["tpm2_nvwrite", "-C", "p", "-i", "-", handle]):
+        result = subprocess.run(args, env=env, input=der if args[0] == "tpm2_nvwrite" else None, capture_output=True, check=False)
+        if result.returncode:
+            raise RuntimeError("%s failed: %s" % (" ".join(args), result.stderr.decode(errors="replace")))
+
+
+def provision(state_dir, ek_cert=True, manufacturer=None):
     """Manufacture a TPM 2.0 state in ``state_dir``.
 
     With ``ek_cert`` the RSA EK is created, persisted at 0x81010001 and certified
     (NV 0x01c00002), like a TPM from a vendor; without it the TPM has neither and
-    the EK comes from the TCG default template.
+    the EK comes from the TCG default template. ``manufacturer`` (a Manufacturer)
+    certifies it with that vendor's CA instead of swtpm's shared local CA.
     """
     os.makedirs(state_dir, exist_ok=True)
     args = ["swtpm_setup", "--tpm2", "--tpmstate", state_dir, "--overwrite", "--pcr-banks", "sha256"]
     if ek_cert:
         args.append("--create-ek-cert")
+    if manufacturer is not None:
+        args += ["--config", manufacturer.setup_config]
     # swtpm_setup reads a config from the user's home; point it at the packaged defaults.
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -130,12 +187,13 @@ class SwTPMFactory:
             self._templates[ek_cert] = path
         return self._templates[ek_cert]
 
-    def __call__(self, ek_cert=True, fresh=False):
-        """A started swtpm. ``fresh`` provisions a new identity instead of cloning the shared one."""
+    def __call__(self, ek_cert=True, fresh=False, manufacturer=None):
+        """A started swtpm. ``fresh`` provisions a new identity instead of cloning the shared one; a ``manufacturer``
+        (a Manufacturer) certifies a new identity with its CA."""
         self._count += 1
         state_dir = os.path.join(self.base_dir, "tpm%d" % self._count)
-        if fresh:
-            provision(state_dir, ek_cert=ek_cert)
+        if fresh or manufacturer is not None:
+            provision(state_dir, ek_cert=ek_cert, manufacturer=manufacturer)
         else:
             shutil.copytree(self._template(ek_cert), state_dir)
         tpm = SwTPM(state_dir)

@@ -7,16 +7,19 @@ Private to the collection.
 
     kcrypt-challenger serve --listen 0.0.0.0:8082 --store sqlite:///var/lib/kcrypt-challenger/kms.db \\
         [--tls-cert F --tls-key F] [--enrollment tofu|registered-only] [--nonce off|when-supported|required] \\
-        [--protocols attestation,legacy] [--max-partitions-per-tpm N] [--workers N|auto] \\
+        [--protocols attestation,legacy] [--max-partitions-per-tpm N] \\
+        [--ek-certificate off|verify-if-present|require --ek-ca PATH ...] [--workers N|auto] \\
+        [--max-connections N|auto] [--max-connections-per-client N|auto] \\
         [--mdns-host kms.local --mdns-interface 192.168.1.10] [--config /etc/kcrypt-challenger/config.yaml]
 
 ``kcrypt-challenger`` with no arguments serves with the settings of the config
 file. Command-line flags override the file; the file overrides the defaults. The
 file is YAML with the flag names as keys (``listen``, ``store``, ``tls_cert``,
-``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``,
-``read_timeout``, ``max_message_size``,
-``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``,
-``log_level``); it is looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
+``tls_key``, ``enrollment``, ``nonce``, ``protocols``, ``max_partitions_per_tpm``, ``ek_certificate``,
+``ek_ca`` (a path or a list), ``request_timeout``, ``first_message_timeout``, ``read_timeout``,
+``exchange_timeout``, ``max_message_size``, ``max_connections``, ``max_connections_per_client``,
+``store_calls``, ``workers``, ``mdns_host``, ``mdns_interfaces``, ``mdns_address``, ``log_level``); it is
+looked up at ``--config``, ``$KCRYPT_CHALLENGER_CONFIG``,
 then /etc/kcrypt-challenger/config.yaml (absent is fine unless named explicitly).
 
 Admin subcommands (list, show, add, export, import, quarantine, ...) are in
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import gc
 import logging
 import multiprocessing
 import signal
@@ -39,6 +41,10 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common import mdns
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import server, worker_pool
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.listener import connection_limits, raise_open_files_limit
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.log_limits import RepeatFilter
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.memory import GarbageCollectorPacer, tune_garbage_collector
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODES as EK_CERTIFICATE_MODES, EKCertificatePolicy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.metrics import Metrics
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import ENROLLMENT_MODES, Policy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.settings import (
@@ -52,7 +58,6 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.settings import 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 
 PROG = "kcrypt-challenger"
-GC_YOUNG_THRESHOLD = 100000
 log = logging.getLogger("kcrypt.challenger")
 
 
@@ -79,8 +84,26 @@ def _add_serve_arguments(parser):
     parser.add_argument("--max-partitions-per-tpm", dest="max_partitions_per_tpm",
                         help="partitions a TPM may enrol on its own (default %d); registrations are not limited"
                              % DEFAULTS["max_partitions_per_tpm"])
-    parser.add_argument("--read-timeout", dest="read_timeout", type=float, help="seconds to wait for each node message (default 10)")
+    parser.add_argument("--ek-certificate", dest="ek_certificate", choices=EK_CERTIFICATE_MODES,
+                        help="which unknown TPMs may enrol: off (default, any TPM), verify-if-present (an EK certificate "
+                             "a TPM sends must chain to --ek-ca), require (only TPMs whose EK certificate does); "
+                             "registered TPMs are always served")
+    parser.add_argument("--ek-ca", dest="ek_ca", action="append",
+                        help="PEM/DER file or directory of TPM manufacturer CA certificates to trust (repeatable)")
+    parser.add_argument("--request-timeout", dest="request_timeout", type=float,
+                        help="seconds for the TLS handshake and then for the HTTP request (default 10)")
+    parser.add_argument("--first-message-timeout", dest="first_message_timeout", type=float,
+                        help="seconds to wait for a node's first message, while its TPM may be creating keys (default 120)")
+    parser.add_argument("--read-timeout", dest="read_timeout", type=float, help="seconds to wait for each later node message (default 10)")
+    parser.add_argument("--exchange-timeout", dest="exchange_timeout", type=float,
+                        help="seconds a whole exchange may take from the upgrade (default 150)")
     parser.add_argument("--max-message-size", dest="max_message_size", type=int, help="largest WebSocket message in bytes (default 65536)")
+    parser.add_argument("--max-connections", dest="max_connections",
+                        help="exchanges in progress at once, all workers together; more are answered 503 with Retry-After "
+                             "(default auto: from the open-file limit, at most 4096 per worker)")
+    parser.add_argument("--max-connections-per-client", dest="max_connections_per_client",
+                        help="connections one client address may hold (default auto: a quarter of max-connections; "
+                             "0: no limit, for a proxy or NAT in front of the KMS)")
     parser.add_argument("--store-calls", dest="store_calls", choices=("auto", "inline", "thread"),
                         help="run store calls on the event loop (inline) or a thread pool; auto: inline for SQLite")
     parser.add_argument("--workers", help="server processes sharing the port (SO_REUSEPORT), or auto: one per CPU "
@@ -113,11 +136,16 @@ def serve_command(args):
     workers = config["workers"]
     logging.basicConfig(level=getattr(logging, config["log_level"].upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s " + ("%(processName)s " if workers > 1 else "") + "%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # an attacker must not be able to flood the log (issue 14.6)
+        handler.addFilter(RepeatFilter())
+    config["limits"] = _connection_limits(config)
     # Opened once here even with workers: it creates the database, the schema and the key file, and a
     # store that cannot be opened fails the start with one clear error.
+    # The trusted CAs are read once: a wrong path stops the start, before anything listens.
+    config["ek_policy"] = EKCertificatePolicy.from_settings(config["ek_certificate"], config["ek_ca"])
     store = open_store(config["store"])
     ssl_context = server.tls_context(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
-    _tune_garbage_collector()
+    tune_garbage_collector()
     if workers == 1:
         try:
             asyncio.run(_serve(_challenger(config, store), config, ssl_context, on_ready=functools.partial(_announce, config, ssl_context)))
@@ -129,15 +157,20 @@ def serve_command(args):
     return _serve_workers(config, ssl_context, workers)
 
 
-def _tune_garbage_collector():
-    """Keep the cyclic garbage collector out of bursts: with the default thresholds it ran ~300 times
-    per 4000 attestations, with full collections of 14-24 ms that land in the middle of a burst (the
-    p99 of the server's share of 500 nodes at once went from 255-266 ms to 217-244 ms without them).
-    Everything loaded so far (modules, settings) is frozen, never scanned again and shared
-    copy-on-write with the workers; young objects are collected every 100000 allocations instead of 700."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+def _connection_limits(config):
+    """Raise the open-file limit as far as allowed (systemd's LimitNOFILE=, the supervisor, the container
+    runtime set the hard limit) and derive the connection limits from it; logs both."""
+    open_files, before = raise_open_files_limit()
+    limits = connection_limits(open_files, config["workers"], config["max_connections"], config["max_connections_per_client"])
+    log.info("open files: %d per process%s; max_connections %d (%d per worker), %d connections per worker, %s",
+             open_files, "" if open_files == before else " (raised from %d)" % before, limits.max_connections,
+             limits.worker_exchanges, limits.worker_connections,
+             ("%d per client address per worker" % limits.per_client) if limits.per_client else "no per-client limit")
+    if limits.worker_exchanges * config["workers"] < limits.max_connections:
+        log.warning("max_connections %d is more than %d worker(s) can hold with %d open files each; each serves at most %d "
+                    "(raise LimitNOFILE or add workers)", limits.max_connections, config["workers"], open_files,
+                    limits.worker_exchanges)
+    return limits
 
 
 def _serve_workers(config, ssl_context, workers):
@@ -166,9 +199,12 @@ def _serve_workers(config, ssl_context, workers):
 
 def _challenger(config, store, metrics=None):
     return server.Challenger(
-        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"]),
-        nonce_mode=config["nonce"], read_timeout=config["read_timeout"],
-        max_message_size=config["max_message_size"], store_calls=store_calls(config), ready_check=store.ping, metrics=metrics,
+        Policy(store, enrollment=config["enrollment"], max_partitions_per_tpm=config["max_partitions_per_tpm"],
+               ek_certificates=config.get("ek_policy")),
+        nonce_mode=config["nonce"], request_timeout=config["request_timeout"],
+        first_message_timeout=config["first_message_timeout"], read_timeout=config["read_timeout"],
+        exchange_timeout=config["exchange_timeout"], max_message_size=config["max_message_size"],
+        store_calls=store_calls(config), ready_check=store.ping, metrics=metrics, limits=config["limits"],
         protocols=config["protocols"],
     )
 
@@ -177,9 +213,11 @@ def _announce(config, ssl_context, port, workers=1):
     """Log where the server listens and start the mDNS announcement if asked; returns the announcer or None."""
     scheme = "https" if ssl_context else "http"
     host = "[%s]" % config["host"] if ":" in config["host"] else config["host"]
-    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, nonce %s, store calls %s, workers %d)", scheme,
-             host, port, config["store"], ",".join(config["protocols"]), config["enrollment"], config["nonce"],
-             store_calls(config), workers)
+    ek_policy = config.get("ek_policy")
+    log.info("listening on %s://%s:%d (store %s, protocols %s, enrollment %s, ek certificate %s, nonce %s, store calls %s, "
+             "workers %d)", scheme, host, port, config["store"], ",".join(config["protocols"]), config["enrollment"],
+             "%s with %d trusted CA(s)" % (ek_policy.mode, len(ek_policy.trusted)) if ek_policy and ek_policy.enabled else "off",
+             config["nonce"], store_calls(config), workers)
     if not config["mdns_host"]:
         return None
     announcer = mdns.Announcer(host_name=config["mdns_host"], port=port, addresses=config["mdns_address"] or None,
@@ -200,9 +238,11 @@ async def _serve(challenger, config, ssl_context, on_ready=None, reuse_port=Fals
         if on_ready is not None:
             started.append(on_ready(port))
 
+    collector = loop.create_task(GarbageCollectorPacer().run())
     try:
         await server.serve_forever(challenger, config["host"], config["port"], ssl_context, on_started, stop, reuse_port)
     finally:
+        collector.cancel()
         for announcer in started:
             if announcer is not None:
                 announcer.stop()

@@ -14,6 +14,9 @@ Private to the collection. ``cli/challenger.py`` mounts them with
     kcrypt-challenger import FILE|- [--replace]
     kcrypt-challenger quarantine|unquarantine NAME|TPM_HASH
     kcrypt-challenger delete NAME|TPM_HASH [--purge-secrets]
+    kcrypt-challenger pcr-window open TPM_HASH --pcr 7 [--pcr 0] --until 2h|TIME [--to 7=HEX] [--dry-run]
+    kcrypt-challenger pcr-window close TPM_HASH [--pcr 7 ...] [--dry-run]     (no --pcr: every window)
+    kcrypt-challenger pcr-window status TPM_HASH
     kcrypt-challenger check
     kcrypt-challenger recovery show NAME|TPM_HASH [--partition LABEL] [--reason TEXT] [-o text|json]
     kcrypt-challenger recovery audit [-o text|json]
@@ -88,6 +91,15 @@ def add_subcommands(subparsers, common=None):
     parser.add_argument("target", metavar="NAME|TPM_HASH")
     parser = command("unquarantine", cmd_unquarantine, "serve a quarantined TPM again")
     parser.add_argument("target", metavar="NAME|TPM_HASH")
+
+    parser = command("pcr-window", cmd_pcr_window, "open, close or show PCR upgrade windows (JSON on stdout)")
+    parser.add_argument("action", choices=("open", "close", "status"))
+    parser.add_argument("tpm_hash", metavar="TPM_HASH")
+    parser.add_argument("--pcr", action="append", default=[], help="PCR index (repeatable); close without --pcr closes all")
+    parser.add_argument("--until", help="open: when the window closes, a time (2026-12-06T18:00:00Z) or a duration (2h, 90m)")
+    parser.add_argument("--to", action="append", default=[], metavar="PCR=HEX",
+                        help="open: the only new value the PCR's window accepts (from an upgraded reference node)")
+    parser.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
 
     parser = command("delete", cmd_delete, "remove a registration (its Secrets are kept unless --purge-secrets)")
     parser.add_argument("target", metavar="NAME|TPM_HASH")
@@ -437,4 +449,38 @@ def cmd_recovery_audit(args):
         out.write("%s %s SealedVolume %s partition %s (Secret %s) by %s%s\n" % (
             event["time"], event["action"], event["sealedvolume"], event["partition"], event["secret"], event["actor"],
             (": " + event["reason"]) if event.get("reason") else ""))
+    return 0
+
+
+def cmd_pcr_window(args):
+    """One JSON object: the TPM's volume, its PCR values and windows (registration.pcr_window_report), what changed."""
+    relearn_to = {}
+    for item in args.to:
+        index, sep, value = item.partition("=")
+        if not sep:
+            raise KcryptError("--to takes PCR=HEX, not %r" % item)
+        relearn_to[index] = value
+    with _open(args) as store:
+        skipped = {}
+        if args.action == "status":
+            volume = store.find_volume(reg.validate_tpm_hash(args.tpm_hash))
+            if volume is None:
+                raise KcryptError("TPM %s is not registered" % args.tpm_hash)
+            changed = False
+        else:
+            if args.action == "open":
+                plan, skipped = reg.plan_pcr_window(store, args.tpm_hash, args.pcr, args.until, relearn_to)
+            else:
+                if args.until or args.to:
+                    raise KcryptError("close takes only --pcr")
+                plan, skipped = reg.plan_pcr_window(store, args.tpm_hash, close_pcrs=args.pcr or "all")
+            changed = plan.changed
+            volume = plan.after
+            if changed and not args.dry_run:
+                volume = reg.apply_plan(store, plan)
+    pcr_values = ((volume["spec"].get("attestation") or {}).get("pcrValues") or {})
+    _out(args).write(json.dumps({
+        "volume": st.volume_name(volume), "tpm_hash": volume["spec"]["TPMHash"], "changed": changed,
+        "pcrs": pcr_values.get("pcrs") or {}, "windows": reg.pcr_window_report(volume), "skipped": skipped,
+    }, indent=2, sort_keys=True) + "\n")
     return 0

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, field, replace
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
-from urllib.request import urlopen
+from urllib.request import build_opener
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
@@ -429,7 +429,8 @@ def fetch_config_url(url, timeout=FETCH_TIMEOUT, attempts=FETCH_ATTEMPTS, retry_
             reason = "the time for fetching config_urls ran out"
             break
         try:
-            with urlopen(url, timeout=left) as response:  # nosec: the operator's own config URL
+            # build_opener().open is what urlopen does, without Ansible's fetch_url: this runs on nodes without ansible-core
+            with build_opener().open(url, timeout=left) as response:  # nosec: the operator's own config URL
                 if response.status != 200:
                     reason = "unexpected status %d" % response.status
                     continue

@@ -17,7 +17,9 @@ Behaviour follows upstream's clients (spec §2.A "Client behaviour", §2.B):
   never retried); PCRs 0, 7, 11 of the SHA-256 bank are quoted. Unlike upstream
   HEAD the quote is bound to the activation secret (upstream's pending fix,
   §2.A.2): servers that do not check the qualifying data ignore it, servers
-  that do require it, so there is nothing to negotiate;
+  that do require it, so there is nothing to negotiate. The init also carries
+  the EK certificate and the CA certificates the TPM keeps in NV
+  (``ek_certificate``, ``ek_chain``), which upstream servers ignore;
 * legacy protocol: ``/getPass`` with the Bearer TPM token; ``generated_by: tpm``
   passphrases are decrypted by the TPM key at ``c_index``; ``No secret found
   for`` makes the node generate a passphrase, encrypt it to that key and post it
@@ -27,7 +29,11 @@ Behaviour follows upstream's clients (spec §2.A "Client behaviour", §2.B):
   trust store cannot verify fails at once, with Go's wording
   (``x509: certificate signed by unknown authority``) in the message;
 * ``mdns``: the ``.local`` host is resolved with mdns.resolve_url and dialled as
-  ``ip:port`` with the original ``Host`` header (spec §7).
+  ``ip:port`` with the original ``Host`` header (spec §7);
+* a busy KMS (HTTP 503 before the upgrade, e.g. at its ``max_connections``) is
+  retried after its ``Retry-After`` (at most 10 s) instead of ``retry_delay``,
+  stretched by a random 0-50 % so a fleet refused at one moment does not come
+  back at one moment. It still counts as an attempt: a call stays bounded.
 
 ``escrow_recovery_key`` stores a partition's recovery key in a kairos.kcrypt KMS (``/recovery-escrow``,
 ours): the newest protocol's messages 1-3, the proof carrying the key, with the same retries.
@@ -36,6 +42,7 @@ ours): the newest protocol's messages 1-3, the proof carrying the key, with the 
 from __future__ import annotations
 
 import dataclasses
+import random
 import socket
 import ssl
 import time
@@ -55,6 +62,8 @@ CLIENT_PROTOCOLS = (PROTOCOL_ATTESTATION, PROTOCOL_LEGACY)
 DIAL_TIMEOUT = 10.0  # upstream abandons the WebSocket dial after 10 s
 UNKNOWN_AUTHORITY = "x509: certificate signed by unknown authority"
 MAX_LEGACY_GENERATIONS = 3  # upstream resets its attempt counter after every post; we bound it
+MAX_RETRY_AFTER = 10.0  # seconds: a KMS (or a proxy in front of it) cannot park a booting node for long
+RETRY_JITTER = 0.5  # a busy KMS's Retry-After is stretched by up to 50 %, so refused nodes come back spread out
 # OpenSSL verify codes meaning "no trusted issuer", which Go reports as an unknown authority.
 # 7 (signature failure): a trusted CA with the issuer's name did not sign it (e.g. a CA re-made
 # under the same name); Go's chain building reports that as an unknown authority too.
@@ -63,6 +72,23 @@ _UNKNOWN_ISSUER_CODES = (2, 7, 18, 19, 20, 21)
 
 class AttestationRejected(KcryptError):
     """The KMS refused this TPM (quarantine, PCR/EK mismatch, unknown TPM...). Never retried."""
+
+
+class KmsBusy(KcryptError):
+    """The KMS answered 503 before the upgrade: retried after ``retry_after`` seconds (its Retry-After)."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value):
+    """A Retry-After header as seconds within [0, MAX_RETRY_AFTER]; None for a missing or unusable value
+    (an HTTP date, which a KMS does not send, is treated as missing)."""
+    text = str(value or "").strip()
+    if not text.isdigit() or len(text) > 6:
+        return None
+    return min(float(text), MAX_RETRY_AFTER)
 
 
 class _Fatal(KcryptError):
@@ -198,6 +224,11 @@ class _KmsExchange:
                 raise _Fatal("%s answers 404%s: this KMS cannot escrow recovery keys (it is not a kairos.kcrypt challenger, "
                              "an older one, or one that does not serve the attestation protocol); keep the recovery key on "
                              "the controller (recovery_escrow=controller)" % (url, ' "%s"' % said if said else "")) from None
+            if error.status_code == 503:  # busy (max_connections): no work was done, come back later
+                headers = getattr(error, "resp_headers", None) or {}
+                retry_after = retry_after_seconds(headers.get("retry-after"))
+                raise KmsBusy("the KMS at %s is busy: HTTP 503%s" % (url, ' "%s"' % said if said else ""),
+                              retry_after) from None
             hint = "is challenger_server the KMS origin, without a path?"
             if error.status_code == 404:  # the two protocol generations do not negotiate (checklist 50)
                 hint += (" A KMS of the other protocol generation answers 404 too: set protocol to %s"
@@ -257,6 +288,13 @@ def _short_text(body, limit=300):
     return line if len(line) <= limit else line[:limit] + "..."
 
 
+def retry_pause(config, error):
+    """Seconds to wait before the next attempt: ``retry_delay``, or a busy KMS's Retry-After with jitter."""
+    if not isinstance(error, KmsBusy):
+        return config.retry_delay
+    return max(error.retry_after or 0.0, config.retry_delay) * (1 + RETRY_JITTER * random.random())  # nosec: jitter, not crypto
+
+
 def _retry(config, attempt, log, describe, failed="no passphrase for"):
     """Call ``attempt()`` up to ``config.attempts`` times; AttestationRejected and _Fatal end at once."""
     last = None
@@ -271,7 +309,11 @@ def _retry(config, attempt, log, describe, failed="no passphrase for"):
             last = error
             log("attempt %d/%d failed: %s" % (number, config.attempts, error))
         if number < int(config.attempts):
-            time.sleep(config.retry_delay)
+            pause = retry_pause(config, last)
+            if isinstance(last, KmsBusy):
+                log("the KMS asked to retry after %s s; waiting %.1f s" % (
+                    "?" if last.retry_after is None else "%g" % last.retry_after, pause))
+            time.sleep(pause)
     raise KcryptError("%s %s from %s after %d attempts; last error: %s"
                       % (failed, describe, config.challenger_server, config.attempts, last))
 
@@ -283,10 +325,16 @@ class _Attestation(_KmsExchange):
         super().__init__(config, partition, log)
         self.tpm = tpm
         ek = tpm.endorsement_key()
+        # Our addition to the init (upstream servers ignore it): the EK certificate and its CAs from NV, so a
+        # KMS that admits only genuine TPMs can check the manufacturer's signature.
+        chain = tpm.ek_certificate_chain() if ek.certificate is not None else ()
         self.ak = tpm.create_ak()  # one transient AK per call, reused by every attempt
         params = messages.AttestationParameters.from_attestation_key(self.ak)
-        self.init = messages.write_json(messages.init_message(ek.spki_der, params, config.defer_pcr_enrollment))
-        log("TPM hash %s, transient AK created" % ek.tpm_hash)
+        self.init = messages.write_json(messages.init_message(
+            ek.spki_der, params, config.defer_pcr_enrollment, ek_certificate=ek.certificate_der, ek_chain=chain))
+        log("TPM hash %s, %s, transient AK created" % (
+            ek.tpm_hash, "EK certificate and %d CA certificate(s) from NV" % len(chain) if ek.certificate is not None
+            else "no EK certificate"))
 
     def _exchange(self, path, proof_message, parse_response):
         """Messages 1 to 4 on ``path``: ``proof_message(secret, pcr_quote)`` makes message 3, ``parse_response`` reads 4."""

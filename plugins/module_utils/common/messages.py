@@ -26,6 +26,7 @@ import binascii
 import json
 from dataclasses import dataclass, field
 
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common import pcrs as pcr_indexes
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
 QUOTE_PCRS = (0, 7, 11)  # hard-coded by upstream clients
@@ -40,6 +41,16 @@ RECOVERY_ESCROW_PATH = "/recovery-escrow"
 # Recovery-key escrow: bounds both ends check (our keys are 71 ASCII bytes, see node/recovery.py)
 MIN_RECOVERY_KEY_SIZE = 16
 MAX_RECOVERY_KEY_SIZE = 256
+
+# A message of either protocol holds at most 5 JSON objects, nested 3 deep. Python's json module recurses
+# per level (60,000 "[" raise RecursionError), so a frame with more objects or arrays than this is refused
+# before it is parsed: counting "{" and "[" is one pass in C and bounds the depth as well.
+MAX_JSON_CONTAINERS = 64
+
+# Our addition to the newest protocol's init (docs/challenger.md, "EK certificates"): the EK certificate and the
+# CA certificates the TPM keeps in NV. Upstream's servers decode the init with Go's encoding/json, which ignores
+# fields it does not know, so a node may always send them.
+MAX_EK_CHAIN = 8
 
 # Legacy protocol
 BEARER_PREFIX = "Bearer TPM"
@@ -122,14 +133,21 @@ def write_json(obj):
 
 
 def load_json_object(data, what):
-    """Parse one JSON object from a frame (text or bytes). Raises ProtocolError naming ``what``."""
+    """Parse one JSON object from a frame (text or bytes). Raises ProtocolError naming ``what``.
+
+    A frame with more than MAX_JSON_CONTAINERS objects and arrays is refused unparsed.
+    """
     if isinstance(data, (bytes, bytearray)):
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("%s is not UTF-8 JSON" % what) from None
+    if data.count("{") + data.count("[") > MAX_JSON_CONTAINERS:
+        raise ProtocolError("%s has too many nested JSON objects or arrays (a message has at most %d)" % (what, MAX_JSON_CONTAINERS))
     try:
         obj = json.loads(data)
+    except RecursionError:  # unreachable after the count above; kept so no input can escape as a traceback
+        raise ProtocolError("%s has too many nested JSON objects or arrays" % what) from None
     except ValueError as error:
         if not data.strip():
             raise ProtocolError("unexpected end of JSON input") from None
@@ -236,13 +254,19 @@ class AttestationInit:
     ek_public: bytes  # DER SubjectPublicKeyInfo of the EK
     ak_params: object  # the embedded JSON value (AttestationParameters.from_json decodes it)
     defer_pcr_enrollment: bool = False
+    ek_certificate: bytes = b""  # ours: DER EK certificate from NV 0x01c00002, b"" when the TPM has none
+    ek_chain: tuple = ()  # ours: DER CA certificates from the TPM's EK chain NV indices
 
 
-def init_message(ek_spki_der, ak_params, defer_pcr_enrollment=False):
-    """Client → server message 1 (``omitempty`` on the deferral flag, as upstream)."""
+def init_message(ek_spki_der, ak_params, defer_pcr_enrollment=False, ek_certificate=b"", ek_chain=()):
+    """Client → server message 1 (``omitempty`` on the deferral flag, as upstream, and on our two fields)."""
     message = {"ek_public": b64encode(ek_spki_der), "ak_params": ak_params.to_json()}
     if defer_pcr_enrollment:
         message["defer_pcr_enrollment"] = True
+    if ek_certificate:
+        message["ek_certificate"] = b64encode(ek_certificate)
+    if ek_chain:
+        message["ek_chain"] = [b64encode(certificate) for certificate in ek_chain[:MAX_EK_CHAIN]]
     return message
 
 
@@ -252,7 +276,20 @@ def parse_init(obj):
         ek_public=b64decode(_field(obj, "ek_public"), "Go struct field AttestationInit.ek_public"),
         ak_params=_raw_json_field(obj, "ak_params"),
         defer_pcr_enrollment=_bool_field(obj, "defer_pcr_enrollment", "AttestationInit.defer_pcr_enrollment"),
+        ek_certificate=b64decode(_field(obj, "ek_certificate"), "Go struct field AttestationInit.ek_certificate"),
+        ek_chain=_certificate_list(_field(obj, "ek_chain"), "Go struct field AttestationInit.ek_chain"),
     )
+
+
+def _certificate_list(value, where):
+    """A ``[][]byte`` of at most MAX_EK_CHAIN certificates (None is empty, as in Go)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ProtocolError("json: cannot unmarshal %s into %s of type [][]uint8" % (_json_type(value), where))
+    if len(value) > MAX_EK_CHAIN:
+        raise ProtocolError("%s holds %d certificates; at most %d are accepted" % (where, len(value), MAX_EK_CHAIN))
+    return tuple(b64decode(item, where) for item in value)
 
 
 def challenge_message(encrypted_credential):
@@ -308,9 +345,12 @@ class PCRQuote:
             raise ProtocolError("json: cannot unmarshal %s into Go struct field .pcrs of type map[int][]uint8" % _json_type(raw_pcrs))
         pcrs = {}
         for key, value in raw_pcrs.items():
-            if not key.isdigit() or (len(key) > 1 and key[0] == "0") or int(key) > 23:
-                raise ProtocolError("invalid PCR index %r in quote (valid range: 0-23)" % key)
-            pcrs[int(key)] = b64decode(value, "PCR %s" % key)
+            index = pcr_indexes.pcr_index(key)  # ASCII decimal 0-23, read as Go's strconv does ("07" is 7)
+            if index is None:
+                raise ProtocolError("invalid PCR index %r in quote (valid range: 0-23)" % key[:16])
+            if index in pcrs:
+                raise ProtocolError("PCR %d is given twice in the quote's PCR map" % index)
+            pcrs[index] = b64decode(value, "PCR %d" % index)
         return cls(
             version=version,
             quote=b64decode(_field(quote, "quote"), "Go struct field .quote.quote"),

@@ -81,6 +81,12 @@ ATTR_DECRYPT = 0x00020000
 ATTR_SIGN = 0x00040000
 
 MIN_RSA_BITS = 2048
+# What TPMs make (TCG EK templates, go-attestation's AK template): RSA-2048/3072/4096 with exponent 65537 (0 in
+# a TPMT_PUBLIC). Anything else is refused before an RSA operation: a 2048-bit exponent costs 4-10x the CPU of
+# a whole exchange and a 16384-bit modulus more (issue 14.4).
+RSA_KEY_BITS = (2048, 3072, 4096)
+RSA_EXPONENT = 65537
+MAX_EK_SPKI_SIZE = 2048  # an RSA-4096 SubjectPublicKeyInfo is 550 bytes
 SECRET_SIZE = 32  # go-attestation activationSecretLen
 SEED_SIZE = 16  # symBlockSize: AES-128 seed for an RSA-2048 EK
 IDENTITY_LABEL = b"IDENTITY\x00"
@@ -119,7 +125,9 @@ EK_CACHE_SIZE = 4096  # nodes that attest again reuse the parsed key and its enc
 def load_ek_spki(der):
     """The EK from ``ek_public`` (DER SPKI) as an PresentedEK. Only RSA EKs exist here (spec §1.1).
 
-    The TPM hash is taken over the re-encoded SPKI, as upstream does, not over the bytes sent.
+    The TPM hash is taken over the re-encoded SPKI, as upstream does, not over the bytes sent. A key
+    parsed here is cached only by ``remember_ek``, once its TPM has proven it holds it: unauthenticated
+    requests cannot fill the cache (or push real nodes out of it).
     """
     require("cryptography", "to read the EK")
     der = bytes(der)
@@ -127,14 +135,22 @@ def load_ek_spki(der):
     if ek is not None:
         _EK_CACHE.move_to_end(der)
         return ek
+    if len(der) > MAX_EK_SPKI_SIZE:
+        raise ProtocolError("parse EK SPKI: %d bytes, more than any TPM EK (at most %d)" % (len(der), MAX_EK_SPKI_SIZE))
     try:
-        ek = PresentedEK.from_key(_check_ek(identity.load_spki(der)))
-    except (ValueError, TypeError) as error:
+        key = identity.load_spki(der)
+    except (ValueError, TypeError, crypto_exceptions.UnsupportedAlgorithm) as error:
         raise ProtocolError("parse EK SPKI: %s" % (error or "not a DER SubjectPublicKeyInfo")) from None
+    return PresentedEK.from_key(_check_ek(key))
+
+
+def remember_ek(der, ek):
+    """Cache a PresentedEK whose TPM passed an attestation, for its next one."""
+    der = bytes(der)
     _EK_CACHE[der] = ek
+    _EK_CACHE.move_to_end(der)
     if len(_EK_CACHE) > EK_CACHE_SIZE:
         _EK_CACHE.popitem(last=False)
-    return ek
 
 
 def load_ek_pem(pem):
@@ -148,7 +164,7 @@ def load_ek_pem(pem):
             key = serialization.load_pem_public_key(text.encode("ascii"))
         else:
             raise ProtocolError("invalid pemBytes: the EK is neither a CERTIFICATE nor a PUBLIC KEY PEM block")
-    except ValueError as error:
+    except (ValueError, crypto_exceptions.UnsupportedAlgorithm) as error:
         raise ProtocolError("error parsing the EK PEM: %s" % error) from None
     return _check_ek(key)
 
@@ -156,9 +172,16 @@ def load_ek_pem(pem):
 def _check_ek(key):
     if not isinstance(key, rsa.RSAPublicKey):
         raise ProtocolError("the EK is a %s key; only RSA EKs are supported" % type(key).__name__)
-    if key.key_size < MIN_RSA_BITS:
-        raise ProtocolError("the EK is RSA-%d; at least %d bits are required" % (key.key_size, MIN_RSA_BITS))
+    if key.key_size not in RSA_KEY_BITS:
+        raise ProtocolError("the EK is RSA-%d; TPM EKs are RSA-2048, 3072 or 4096" % key.key_size)
+    exponent = key.public_numbers().e
+    if exponent != RSA_EXPONENT:
+        raise ProtocolError("the EK has %s; TPMs use 65537" % _describe_exponent(exponent))
     return key
+
+
+def _describe_exponent(exponent):
+    return "exponent of %d bits" % exponent.bit_length() if exponent.bit_length() > 32 else "exponent %d" % exponent
 
 
 # -- TPM structures ----------------------------------------------------------
@@ -235,6 +258,7 @@ def check_ak_parameters(params):
         raise ProtocolError(
             "attestation key too small: must be at least %d bits but was %d bits" % (MIN_RSA_BITS, detail.keyBits)
         )
+    modulus = _check_ak_rsa_parameters(detail.keyBits, detail.exponent, _tpm2b(pub.unique.rsa))
     name_hash = HASH_BY_ALG.get(pub.nameAlg)
     if name_hash is None:
         raise ProtocolError("HashConstructor() failed: name algorithm 0x%x is not supported" % pub.nameAlg)
@@ -259,7 +283,10 @@ def check_ak_parameters(params):
     sign_hash = HASH_BY_ALG.get(scheme.details.rsassa.hashAlg) if scheme.scheme == ALG_RSASSA else None
     if sign_hash is None:
         raise ProtocolError("the AK's signing scheme must be RSASSA with SHA-256/384/512")
-    public_key = rsa.RSAPublicNumbers(detail.exponent or 65537, int.from_bytes(_tpm2b(pub.unique.rsa), "big")).public_key()
+    try:
+        public_key = rsa.RSAPublicNumbers(RSA_EXPONENT, modulus).public_key()
+    except ValueError as error:  # unreachable after _check_ak_rsa_parameters; no input may escape as a traceback
+        raise ProtocolError("the AK's RSA public key is invalid: %s" % error) from None
     try:
         public_key.verify(
             _rsassa_signature(params.create_signature, "DecodeSignature()", sign_hash),
@@ -270,6 +297,22 @@ def check_ak_parameters(params):
     except crypto_exceptions.InvalidSignature:
         raise ProtocolError("could not verify attestation: crypto/rsa: verification error") from None
     return CheckedAK(public_key, name)
+
+
+def _check_ak_rsa_parameters(key_bits, exponent, modulus_bytes):
+    """The AK's modulus as an int, if its size and exponent are what a TPM makes; else ProtocolError."""
+    if key_bits not in RSA_KEY_BITS:
+        raise ProtocolError("the AK is RSA-%d; TPMs make RSA-2048, 3072 or 4096 AKs" % key_bits)
+    if exponent not in (0, RSA_EXPONENT):  # 0 is the default exponent, 2^16+1 (TPM 2.0 Part 2, TPMS_RSA_PARMS)
+        raise ProtocolError("the AK exponent %d; TPMs use 65537 (0 in the public area)" % exponent)
+    if len(modulus_bytes) != key_bits // 8:
+        raise ProtocolError("the AK modulus is %d bytes; an RSA-%d key has %d" % (len(modulus_bytes), key_bits, key_bits // 8))
+    modulus = int.from_bytes(modulus_bytes, "big")
+    if modulus.bit_length() != key_bits:
+        raise ProtocolError("the AK modulus of RSA-%d has %d significant bits" % (key_bits, modulus.bit_length()))
+    if not modulus & 1:
+        raise ProtocolError("the AK modulus is even")
+    return modulus
 
 
 def _rsassa_signature(data, what, expected_hash):
@@ -470,6 +513,8 @@ class VerifiedAttestation:
     pcrs: dict  # {"0": hex, ...}
     defer_pcr_enrollment: bool
     nonce_bound: bool  # the quote carried the activation secret
+    ek_certificate: bytes = b""  # DER, as the node sent it (checked by the policy before an enrolment)
+    ek_chain: tuple = ()  # DER CA certificates from the TPM's NV, as the node sent them
 
 
 class AttestationSession:
@@ -516,12 +561,15 @@ class AttestationSession:
             pcrs, bound = verify_quote(self._ak, pcr_quote, self._secret, self.nonce_mode)
         except Rejection as error:
             raise StageError(STAGE_VERIFY, str(error), rejection=True) from None
+        remember_ek(self._init.ek_public, self._ek)
         return VerifiedAttestation(
             tpm_hash=self.tpm_hash,
             ek_pem=self._ek.pem,
             pcrs=pcrs_for_policy(pcrs),
             defer_pcr_enrollment=self._init.defer_pcr_enrollment,
             nonce_bound=bound,
+            ek_certificate=self._init.ek_certificate,
+            ek_chain=self._init.ek_chain,
         )
 
 

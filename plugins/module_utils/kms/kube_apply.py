@@ -30,12 +30,23 @@ dynamic_errors = optional_import("kubernetes.dynamic.exceptions")
 
 
 def is_subset(wanted, live):
-    """True when every field of ``wanted`` has the same value in ``live`` (lists item by item)."""
+    """True when every field of ``wanted`` has the same value in ``live`` (lists item by item); a field wanted
+    as null must be absent (in a JSON merge patch, null removes the field)."""
     if isinstance(wanted, dict):
-        return isinstance(live, dict) and all(key in live and is_subset(value, live[key]) for key, value in wanted.items())
+        return isinstance(live, dict) and all(live.get(key) is None if value is None else key in live and is_subset(value, live[key])
+                                              for key, value in wanted.items())
     if isinstance(wanted, list):
         return isinstance(live, list) and len(wanted) == len(live) and all(map(is_subset, wanted, live))
     return wanted == live
+
+
+def without_nulls(value):
+    """``value`` without null fields: what a merge patch's null means (absent) when the object is created."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
 
 
 def flatten(objects):
@@ -107,7 +118,7 @@ class Applier:
             if current is None:
                 result["created"].append(label(obj))
                 if not self.check_mode:
-                    resource.create(body=obj, namespace=namespace)
+                    resource.create(body=without_nulls(obj), namespace=namespace)
             elif not is_subset(obj, current):
                 result["updated"].append(label(obj))
                 if not self.check_mode:

@@ -25,6 +25,7 @@ RECOVERY_SECRET_KEY = "recovery-key"
 RECOVERY_NAME_SUFFIX = "-recovery"
 
 
+
 def _is_alnum(char):
     return "a" <= char <= "z" or "A" <= char <= "Z" or "0" <= char <= "9"
 

@@ -26,6 +26,11 @@ OUTCOME_DISCONNECTED = "disconnected"  # the node went away or sent an oversized
 OUTCOME_ERROR = "error"  # the KMS failed (store unreachable): the node retries
 OUTCOMES = (OUTCOME_SUCCESS, OUTCOME_REJECTED, OUTCOME_BAD_REQUEST, OUTCOME_TIMEOUT, OUTCOME_DISCONNECTED, OUTCOME_ERROR)
 
+# Why a connection was turned away before any exchange (kms/listener.py, kms/server.py).
+REFUSED_MAX_CONNECTIONS = "max_connections"  # HTTP 503 + Retry-After: the exchange cap is reached
+REFUSED_PER_CLIENT = "per_client"  # closed at accept: the address holds its share of connections
+REFUSALS = (REFUSED_MAX_CONNECTIONS, REFUSED_PER_CLIENT)
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -43,7 +48,9 @@ class Metrics:
     _HISTOGRAM = _ATTESTATIONS + len(PROTOCOL_LABELS) * _OUTCOMES
     _SUMS = _HISTOGRAM + len(PROTOCOL_LABELS) * _BUCKETS
     _IN_FLIGHT = _SUMS + len(PROTOCOL_LABELS)
-    SIZE = _IN_FLIGHT + 1
+    _REFUSED = _IN_FLIGHT + 1
+    _OPEN = _REFUSED + len(REFUSALS)
+    SIZE = _OPEN + 1
 
     def __init__(self, shared=None, slot=0):
         if shared is None:
@@ -54,6 +61,7 @@ class Metrics:
         self._base = slot * self.SIZE
         self._protocol_index = {p: i for i, p in enumerate(PROTOCOL_LABELS)}
         self._outcome_index = {o: i for i, o in enumerate(OUTCOMES)}
+        self._refusal_index = {r: i for i, r in enumerate(REFUSALS)}
 
     @classmethod
     def shared_array(cls, slots):
@@ -67,6 +75,22 @@ class Metrics:
     @in_flight.setter
     def in_flight(self, value):
         self._values[self._base + self._IN_FLIGHT] = value
+
+    def in_flight_total(self):
+        """Exchanges in flight in every worker (each writes its own slot: a racy but lock-free sum)."""
+        values, size = self._values, self.SIZE
+        return int(sum(values[offset] for offset in range(self._IN_FLIGHT, len(values), size)))
+
+    @property
+    def open_connections(self):
+        return int(self._values[self._base + self._OPEN])
+
+    @open_connections.setter
+    def open_connections(self, value):
+        self._values[self._base + self._OPEN] = value
+
+    def refused(self, reason):
+        self._values[self._base + self._REFUSED + self._refusal_index[reason]] += 1
 
     def observe(self, protocol_name, outcome, seconds):
         p = self._protocol_index[protocol_name]
@@ -114,5 +138,13 @@ class Metrics:
             "# HELP kcrypt_attestations_in_flight Exchanges in progress.",
             "# TYPE kcrypt_attestations_in_flight gauge",
             "kcrypt_attestations_in_flight %d" % totals[self._IN_FLIGHT],
+            "# HELP kcrypt_connections_open TCP connections the challenger holds (every state, every worker).",
+            "# TYPE kcrypt_connections_open gauge",
+            "kcrypt_connections_open %d" % totals[self._OPEN],
+            "# HELP kcrypt_connections_refused_total Connections turned away before an exchange: max_connections "
+            "(HTTP 503 with Retry-After), per_client (closed: the address holds its share).",
+            "# TYPE kcrypt_connections_refused_total counter",
         ]
+        for r, reason in enumerate(REFUSALS):
+            lines.append('kcrypt_connections_refused_total{reason="%s"} %d' % (reason, totals[self._REFUSED + r]))
         return "\n".join(lines) + "\n"

@@ -27,6 +27,9 @@ listed in docs/store.md ("Compatibility"):
 * A volume with ``attestation`` is served over ``/tpm-attestation`` only
   (volume_attestation.legacy_refusal): the legacy protocol has no quote.
 * No write when nothing changed (upstream updates unconditionally).
+* With ``ek_certificates`` (kms/ek_certificate.py), an unknown TPM enrols only if its EK
+  certificate chains to a trusted manufacturer CA (or, ``verify-if-present``, sends none);
+  TPMs with a SealedVolume are served by it.
 
 Every refusal is a PolicyRejection raised before anything is written.
 """
@@ -42,6 +45,7 @@ import time
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import EKCertificatePolicy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     DEFAULT_SECRET_PATH,
     clean_kube_name,
@@ -66,6 +70,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestati
     learn_attestation,
     legacy_refusal,
     normalize_pcrs,
+    relearn_pcrs,
     should_defer_pcrs,
     verify_attestation,
 )
@@ -81,6 +86,7 @@ DEFAULT_MAX_PARTITIONS_PER_TPM = 16
 MAX_PARTITIONS_LIMIT = 1024
 
 log = logging.getLogger("kcrypt.policy")
+audit_log = logging.getLogger("kcrypt.audit")
 
 
 class _Retry(Exception):
@@ -142,42 +148,52 @@ class Policy(object):
     served; a registered partition without a Secret still gets a generated one).
     ``max_partitions_per_tpm``: how many partitions a TPM may have before TOFU stops adding
     more (registrations by an administrator are not limited).
+    ``ek_certificates``: an EKCertificatePolicy deciding which unknown TPMs may enrol
+    (default: any, as upstream).
     """
 
-    def __init__(self, store, enrollment=ENROLLMENT_TOFU, max_partitions_per_tpm=DEFAULT_MAX_PARTITIONS_PER_TPM):
+    def __init__(self, store, enrollment=ENROLLMENT_TOFU, max_partitions_per_tpm=DEFAULT_MAX_PARTITIONS_PER_TPM,
+                 ek_certificates=None):
         if enrollment not in ENROLLMENT_MODES:
             raise KcryptError("enrollment must be one of %s, got %r" % (", ".join(ENROLLMENT_MODES), enrollment))
         self.store = store
         self.enrollment = enrollment
         self.max_partitions_per_tpm = parse_max_partitions(max_partitions_per_tpm)
+        self.ek_certificates = ek_certificates or EKCertificatePolicy()
 
     # -- newest protocol ---------------------------------------------------
 
-    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False):
+    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False, ek_certificate=b"",
+                         ek_chain=()):
         """Return the passphrase bytes for ``partition`` of the TPM, or raise PolicyRejection.
 
         ``ek_pem``: the EK as ``PUBLIC KEY`` PEM (identity.public_key_pem); ``pcrs``:
-        ``{"0": hex, ...}`` from the verified quote. Store failures raise StoreError
-        (a KcryptError that is not a rejection: the node may retry).
+        ``{"0": hex, ...}`` from the verified quote; ``ek_certificate``/``ek_chain``: the DER
+        certificates the node sent (checked only before an enrolment). Store failures raise
+        StoreError (a KcryptError that is not a rejection: the node may retry).
         """
         check_partition(partition)
         pcrs = normalize_pcrs(pcrs)
+        admission = _Admission(self.ek_certificates, tpm_hash, ek_pem, ek_certificate, ek_chain)
         for attempt in range(MAX_ATTEMPTS):
             try:
-                return self._issue(tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment)
+                return self._issue(tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment, admission)
             except _Retry as exc:
                 log.debug("TPM %s: %s; retrying (attempt %d)", tpm_hash[:8], exc, attempt + 1)
                 time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise KcryptError("TPM %s: the store kept changing under %d attempts; try again" % (tpm_hash[:8], MAX_ATTEMPTS))
 
-    def _issue(self, tpm_hash, ek_pem, pcrs, partition, defer):
+    def _issue(self, tpm_hash, ek_pem, pcrs, partition, defer, admission):
         volume = self.store.find_volume(tpm_hash)
         if defer and should_defer_pcrs(defer, volume):
             pcrs = {index: "" for index in pcrs}
         if volume is None:
             if self.enrollment != ENROLLMENT_TOFU:
                 raise PolicyRejection("TPM %s is not registered and enrollment is registered-only" % tpm_hash)
-            return self._enroll(tpm_hash, ek_pem, pcrs, partition)
+            verdict = admission.verdict()
+            if not verdict.admitted:
+                raise PolicyRejection("TPM %s refused on first contact: %s" % (tpm_hash, verdict.describe()))
+            return self._enroll(tpm_hash, ek_pem, pcrs, partition, verdict)
 
         spec = volume["spec"]
         index = find_partition(volume, partition)
@@ -193,7 +209,7 @@ class Policy(object):
             return self._add_partition(volume, tpm_hash, partition)
         return self._existing_partition(volume, index, tpm_hash, ek_pem, pcrs, partition)
 
-    def _enroll(self, tpm_hash, ek_pem, pcrs, partition):
+    def _enroll(self, tpm_hash, ek_pem, pcrs, partition, verdict):
         """New TPM: Secret first (created or reused), then the SealedVolume (spec §3.4 step 7)."""
         name = self._free_volume_name(tpm_hash)
         entry = partition_entry(partition)
@@ -207,7 +223,8 @@ class Policy(object):
             self.store.create_volume(doc)
         except AlreadyExists:
             raise _Retry("SealedVolume %s was created concurrently" % name)
-        log.info("TPM %s enrolled on first use as SealedVolume %s (%s)", tpm_hash[:8], name, partition.describe())
+        log.info("TPM %s enrolled on first use as SealedVolume %s (%s); %s", tpm_hash[:8], name, partition.describe(),
+                 verdict.describe())
         return passphrase
 
     def _free_volume_name(self, tpm_hash):
@@ -244,15 +261,21 @@ class Policy(object):
         spec_partition = spec["partitions"][index]
         name = volume_name(volume)
         changed = False
+        relearned = []
         if not names_secret(spec_partition):
             changed = self._settle_secret(volume, index, tpm_hash, partition)
         if spec.get("attestation") is None:
             spec["attestation"] = initial_attestation(ek_pem, pcrs)  # nothing verified yet: learn everything
             changed = True
-        elif learn_attestation(spec["attestation"], ek_pem, pcrs):
-            changed = True
+        else:
+            changed = learn_attestation(spec["attestation"], ek_pem, pcrs) or changed
+            relearned = relearn_pcrs(spec["attestation"], pcrs)  # changed inside an upgrade window
+            changed = changed or bool(relearned)
         if changed:
             self._update(volume)
+        for pcr, old, new, until in relearned:
+            audit_log.info("pcr-relearn volume=%s tpm_hash=%s pcr=%s old=%s new=%s window_until=%s", name, tpm_hash,
+                           pcr, old, new, until)
         return self._read_passphrase(name, spec_partition)
 
     def _settle_secret(self, volume, index, tpm_hash, partition):
@@ -416,6 +439,22 @@ class Policy(object):
         except AlreadyExists:
             return False
         return True
+
+
+class _Admission(object):
+    """The EK certificate verdict of one request, computed at most once and only when the TPM is unknown."""
+
+    def __init__(self, ek_certificates, tpm_hash, ek_pem, certificate, chain):
+        self._args = (tpm_hash, ek_pem, certificate or b"", tuple(chain or ()))
+        self._policy = ek_certificates
+        self._verdict = None
+
+    def verdict(self):
+        if self._verdict is None:
+            self._verdict = self._policy.admit(*self._args)
+            if not self._verdict.admitted:
+                log.warning("TPM %s refused on first contact: %s", self._args[0], self._verdict.describe())
+        return self._verdict
 
 
 def parse_max_partitions(value):

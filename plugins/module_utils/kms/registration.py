@@ -12,6 +12,7 @@ is written; a plan never carries a passphrase in its diff or summary.
 from __future__ import annotations
 
 import copy
+import datetime
 import re
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
@@ -39,9 +40,17 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
     new_secret,
     new_volume,
     normalize_volume,
+    parse_rfc3339,
+    rfc3339,
     strip_server_fields,
     volume_name,
     yaml_text,
+)
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import (
+    RELEARN_TO,
+    RELEARN_UNTIL,
+    close_window,
+    open_windows,
 )
 
 x509 = optional_import("cryptography.x509")
@@ -50,6 +59,7 @@ serialization = optional_import("cryptography.hazmat.primitives.serialization")
 LEARN, RELEARN, ENFORCE, IGNORE = "learn", "relearn", "enforce", "ignore"
 UPDATE_ON_CREATE, UPDATE_ALWAYS = "on_create", "always"
 PCR_VALUE = re.compile(r"^[0-9a-f]{64}$")
+DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 MANAGED_BY = "kairos.kcrypt"
 
 
@@ -166,15 +176,20 @@ def ek_pem_from_text(text, tpm_hash):
     return identity.public_key_pem(key)
 
 
-def attestation_after(existing, wish, tpm_hash):
+def attestation_after(existing, wish, tpm_hash, now=None):
     """The ``spec.attestation`` a wish leads to, given what the server stored (``existing``, may be None).
 
-    ``wish = {"ek": learn|relearn|enforce, "ek_public_key": PEM, "pcrs": {index: learn|relearn|ignore|hex}}``:
+    ``wish = {"ek": learn|relearn|enforce, "ek_public_key": PEM, "pcrs": {index: learn|relearn|ignore|hex},
+    "relearn_until": timestamp or duration, "relearn_to": {index: hex}}``:
     ``learn`` keeps a learned value (else "" = learn on next contact), ``relearn`` forgets it,
     ``enforce``/hex set the value, ``ignore`` (PCRs) drops the key = never checked.
+    With ``relearn_until``, ``relearn`` keeps the value and opens an upgrade window instead
+    (volume_attestation.py): until then a changed value is learned once, and only
+    ``relearn_to``'s value when one is given; a PCR in any other mode has no window.
     Timestamps the server wrote are kept.
     """
     existing = existing or {}
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     result = {}
     ek_mode = wish.get("ek") or LEARN
     if ek_mode == RELEARN and wish.get("ek_public_key"):
@@ -189,18 +204,38 @@ def attestation_after(existing, wish, tpm_hash):
         result["ekPublicKey"] = ""
     else:
         raise RegistrationError("attestation.ek must be learn, relearn or enforce, got %r" % ek_mode)
-    stored = ((existing.get("pcrValues") or {}).get("pcrs")) or {}
-    pcrs = {}
-    for index, mode in sorted((wish.get("pcrs") or {}).items(), key=lambda item: int(str(item[0])) if str(item[0]).isdigit() else -1):
-        key = str(index)
-        if not key.isdigit() or not 0 <= int(key) <= 23:
-            raise RegistrationError("attestation.pcrs: %r is not a PCR index (0-23)" % (index,))
-        key = str(int(key))
-        mode = str(mode).strip().lower()
+    stored_values = existing.get("pcrValues") or {}
+    stored = stored_values.get("pcrs") or {}
+    modes = {}
+    for index, mode in (wish.get("pcrs") or {}).items():
+        modes[_pcr_key(index, "attestation.pcrs")] = str(mode).strip().lower()
+    deadline = relearn_deadline(wish.get("relearn_until"), now)
+    targets = {}
+    for index, value in (wish.get("relearn_to") or {}).items():
+        key = _pcr_key(index, "attestation.relearn_to")
+        if modes.get(key) != RELEARN:
+            raise RegistrationError("attestation.relearn_to.%s: PCR %s is not in relearn mode in attestation.pcrs" % (key, key))
+        if deadline is None:
+            raise RegistrationError("attestation.relearn_to needs attestation.relearn_until (how long the window stays open)")
+        value = str(value).strip().lower()
+        if not PCR_VALUE.match(value):
+            raise RegistrationError("attestation.relearn_to.%s must be a SHA-256 value (64 hex), got %r" % (key, value))
+        targets[key] = value
+    still_open = open_windows(stored_values, now)
+    pcrs, until, to = {}, {}, {}
+    for key in sorted(modes, key=int):
+        mode = modes[key]
         if mode == LEARN:
             pcrs[key] = stored.get(key) or ""
+        elif mode == RELEARN and deadline is not None and stored.get(key):
+            pcrs[key] = stored[key]
+            window = still_open.get(key)
+            # a duration re-opens nothing: an open window keeps its deadline (a re-run is not a change)
+            until[key] = window.until if window is not None and deadline.duration else deadline.until
+            if key in targets:
+                to[key] = targets[key]
         elif mode == RELEARN:
-            pcrs[key] = ""
+            pcrs[key] = targets.get(key, "")  # nothing learned to restore: learn now, or enforce the known-good value
         elif mode == IGNORE:
             continue
         elif PCR_VALUE.match(mode):
@@ -210,10 +245,122 @@ def attestation_after(existing, wish, tpm_hash):
                                     % (key, mode))
     if pcrs:
         result["pcrValues"] = {"pcrs": pcrs}
+        if until:
+            result["pcrValues"][RELEARN_UNTIL] = until
+        if to:
+            result["pcrValues"][RELEARN_TO] = to
     for stamp in ("enrolledAt", "lastVerifiedAt"):
         if existing.get(stamp):
             result[stamp] = existing[stamp]
     return result
+
+
+def _pcr_key(index, where):
+    key = str(index).strip()
+    if not key.isdigit() or not 0 <= int(key) <= 23:
+        raise RegistrationError("%s: %r is not a PCR index (0-23)" % (where, index))
+    return str(int(key))
+
+
+class _Deadline(object):
+    def __init__(self, until, duration):
+        self.until = until  # RFC 3339, UTC
+        self.duration = duration  # given as a duration (relative to the run), not as a time
+
+
+def relearn_deadline(value, now):
+    """``relearn_until``: an RFC 3339 time or a duration from ``now`` (``2h``, ``90m``, ``1d12h``), in the future.
+    Returns a _Deadline, or None when not given."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    match = DURATION.match(text.lower())
+    if match and any(match.groups()):
+        days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        span = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        if not span:
+            raise RegistrationError("attestation.relearn_until %r is no time at all" % text)
+        return _Deadline(rfc3339(now + span), True)
+    moment = parse_rfc3339(text)
+    if moment is None:
+        raise RegistrationError("attestation.relearn_until must be a duration such as 2h, 90m or 1d12h, or a time such "
+                                "as 2026-12-06T18:00:00Z, got %r" % text)
+    if moment <= now:
+        raise RegistrationError("attestation.relearn_until %s is in the past; a window must close in the future" % text)
+    return _Deadline(rfc3339(moment), False)
+
+
+def pcr_window_report(volume, now=None):
+    """{index: {"state": "open"|"expired", "until", "value", "relearn_to"?}} of a volume's upgrade windows,
+    for results and playbook reports (an expired window changes nothing: its old value is enforced)."""
+    pcr_values = (((volume or {}).get("spec") or {}).get("attestation") or {}).get("pcrValues") or {}
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    opened = open_windows(pcr_values, now)
+    report = {}
+    for index, until in sorted((pcr_values.get(RELEARN_UNTIL) or {}).items(), key=lambda item: int(item[0])):
+        entry = {"state": "open" if index in opened else "expired", "until": until,
+                 "value": (pcr_values.get("pcrs") or {}).get(index, "")}
+        if (pcr_values.get(RELEARN_TO) or {}).get(index):
+            entry["relearn_to"] = pcr_values[RELEARN_TO][index]
+        report[index] = entry
+    return report
+
+
+def plan_pcr_window(store, tpm_hash, open_pcrs=(), until=None, relearn_to=None, close_pcrs=(), now=None):
+    """Open (or move) the upgrade windows of ``open_pcrs`` and close those of ``close_pcrs`` (``"all"``: every one),
+    leaving the rest of the TPM's registration as it is (other windows included). A PCR whose value is not
+    enforced (still to learn, or not checked) gets no window and is listed in the returned ``skipped``.
+
+    Returns (Plan, skipped {index: why}). Raises RegistrationError and writes nothing on bad input.
+    """
+    tpm_hash = validate_tpm_hash(tpm_hash)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    existing = store.find_volume(tpm_hash)
+    if existing is None:
+        raise RegistrationError("TPM %s is not registered" % tpm_hash)
+    open_keys = [_pcr_key(index, "pcrs to open") for index in open_pcrs]
+    targets = {_pcr_key(index, "relearn_to"): str(value).strip().lower() for index, value in (relearn_to or {}).items()}
+    for key, value in targets.items():
+        if key not in open_keys:
+            raise RegistrationError("relearn_to.%s: PCR %s is not among the PCRs to open" % (key, key))
+        if not PCR_VALUE.match(value):
+            raise RegistrationError("relearn_to.%s must be a SHA-256 value (64 hex), got %r" % (key, value))
+    deadline = relearn_deadline(until, now) if open_keys else None
+    if open_keys and deadline is None:
+        raise RegistrationError("opening a PCR window needs relearn_until (a time, or a duration such as 2h)")
+    after = copy.deepcopy(existing)
+    attestation = after["spec"].get("attestation")
+    pcr_values = (attestation or {}).get("pcrValues")
+    stored = (pcr_values or {}).get("pcrs") or {}
+    skipped = {}
+    if close_pcrs == "all":
+        closing = list((pcr_values or {}).get(RELEARN_UNTIL) or {})
+    else:
+        closing = [_pcr_key(index, "pcrs to close") for index in close_pcrs]
+    for key in closing:
+        if pcr_values:
+            close_window(pcr_values, key)
+    still_open = open_windows(pcr_values, now)
+    for key in open_keys:
+        if key not in stored:
+            skipped[key] = "not checked for this TPM"
+            continue
+        if not stored[key]:
+            skipped[key] = "not learned yet: the next contact learns it"
+            continue
+        window = still_open.get(key)
+        pcr_values.setdefault(RELEARN_UNTIL, {})[key] = window.until if window is not None and deadline.duration else deadline.until
+        if key in targets:
+            pcr_values.setdefault(RELEARN_TO, {})[key] = targets[key]
+        else:
+            (pcr_values.get(RELEARN_TO) or {}).pop(key, None)
+            if RELEARN_TO in pcr_values and not pcr_values[RELEARN_TO]:
+                del pcr_values[RELEARN_TO]
+    try:
+        normalize_volume(after)
+    except InvalidDocument as exc:
+        raise RegistrationError(str(exc))
+    return Plan(strip_server_fields(existing), after), skipped
 
 
 # ---------------------------------------------------------------------------
@@ -294,20 +441,21 @@ def plan_registration(store, tpm_hash, partitions, name=None, quarantined=None, 
     """Plan a registration (state present) against the store's current content.
 
     ``partitions``: PartitionWish list — the complete list (module), or partitions to add
-    when ``merge_partitions`` (CLI ``add``: existing ones are kept). ``quarantined``/``attestation``
-    None leave the stored value alone (None on create). Raises RegistrationError, writes nothing.
+    when ``merge_partitions`` (CLI ``add``: existing ones are kept); None keeps the stored ones.
+    ``quarantined``/``attestation`` None leave the stored value alone (None on create). Raises
+    RegistrationError, writes nothing.
     """
     tpm_hash = validate_tpm_hash(tpm_hash)
     if update_passphrase not in (UPDATE_ON_CREATE, UPDATE_ALWAYS):
         raise RegistrationError("update_passphrase must be on_create or always")
-    wishes = [wish.validate(index) for index, wish in enumerate(partitions)]
+    wishes = [wish.validate(index) for index, wish in enumerate(partitions or [])]
     existing = find_target(store, tpm_hash, name)
     name = volume_name(existing) if existing else (name or default_volume_name(tpm_hash))
     before = strip_server_fields(existing) if existing else None
     spec = copy.deepcopy(existing["spec"]) if existing else {"TPMHash": tpm_hash, "partitions": []}
     current = spec.get("partitions") or []
 
-    entries = list(current) if merge_partitions else []
+    entries = list(current) if merge_partitions or partitions is None else []
     for wish in wishes:
         matched = [p for p in current if wish.ref().matches(p)]
         entry = wish.entry(matched[0] if matched else None)

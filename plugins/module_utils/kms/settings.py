@@ -14,6 +14,7 @@ import os
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.attestation import NONCE_MODES, NONCE_WHEN_SUPPORTED
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import MODE_OFF, parse_mode
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import (
     DEFAULT_MAX_PARTITIONS_PER_TPM,
     ENROLLMENT_MODES,
@@ -35,8 +36,15 @@ DEFAULTS = {
     "nonce": NONCE_WHEN_SUPPORTED,
     "protocols": list(PROTOCOL_NAMES),  # both, for fleets with Kairos nodes of either generation
     "max_partitions_per_tpm": DEFAULT_MAX_PARTITIONS_PER_TPM,
+    "ek_certificate": MODE_OFF,  # upstream: any TPM that passes credential activation may enrol
+    "ek_ca": [],  # PEM/DER files or directories of TPM manufacturer CA certificates
+    "request_timeout": 10.0,
+    "first_message_timeout": 120.0,
     "read_timeout": 10.0,
+    "exchange_timeout": 150.0,
     "max_message_size": 64 * 1024,
+    "max_connections": "auto",
+    "max_connections_per_client": "auto",
     "store_calls": "auto",
     "workers": 1,
     "mdns_host": "",
@@ -44,7 +52,8 @@ DEFAULTS = {
     "mdns_address": "",
     "log_level": "info",
 }
-SETTING_TYPES = {"read_timeout": float, "max_message_size": int}
+SETTING_TYPES = {"request_timeout": float, "first_message_timeout": float, "read_timeout": float, "exchange_timeout": float,
+                 "max_message_size": int}
 MAX_WORKERS = 64
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -86,11 +95,21 @@ def settings(args):
             result[key] = kind(result[key])
         except (TypeError, ValueError):
             raise KcryptError("%s must be a number, not %r" % (key, result[key])) from None
+    for key in ("request_timeout", "first_message_timeout", "read_timeout", "exchange_timeout"):
+        if not result[key] > 0:
+            raise KcryptError("%s must be a positive number of seconds, not %r" % (key, result[key]))
+    if result["exchange_timeout"] < result["first_message_timeout"]:
+        raise KcryptError("exchange_timeout (%gs) must be at least first_message_timeout (%gs)"
+                          % (result["exchange_timeout"], result["first_message_timeout"]))
     if isinstance(result["mdns_interfaces"], str):
         result["mdns_interfaces"] = [i for i in result["mdns_interfaces"].replace(",", " ").split() if i]
     result["workers"] = parse_workers(result["workers"])
     result["protocols"] = list(parse_protocols(result["protocols"]))
     result["max_partitions_per_tpm"] = parse_max_partitions(result["max_partitions_per_tpm"])
+    result["max_connections"] = parse_count(result["max_connections"], "max_connections", minimum=1)
+    result["max_connections_per_client"] = parse_count(result["max_connections_per_client"], "max_connections_per_client", minimum=0)
+    result["ek_certificate"] = parse_mode(result["ek_certificate"])
+    result["ek_ca"] = parse_paths(result["ek_ca"], "ek_ca")
     if result["enrollment"] not in ENROLLMENT_MODES:
         raise KcryptError("enrollment must be one of %s, not %r" % (", ".join(ENROLLMENT_MODES), result["enrollment"]))
     if result["nonce"] not in NONCE_MODES:
@@ -114,6 +133,30 @@ def parse_workers(value):
     if not 1 <= number <= MAX_WORKERS:
         raise KcryptError("workers must be between 1 and %d, not %d" % (MAX_WORKERS, number))
     return number
+
+
+def parse_count(value, name, minimum):
+    """A connection limit: a whole number >= ``minimum``, or ``auto`` (None: derived from the open-file limit)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise KcryptError("%s must be a number or auto, not %r" % (name, value)) from None
+    if number < minimum:
+        raise KcryptError("%s must be at least %d, not %d" % (name, minimum, number))
+    return number
+
+
+def parse_paths(value, key):
+    """A list of paths from a list, or one path as text."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
+        raise KcryptError("%s must be a path or a list of paths, not %r" % (key, value))
+    return list(value)
 
 
 def parse_listen(value):

@@ -45,7 +45,10 @@ DEFAULT_SQLITE_PATH = "/var/lib/kcrypt-challenger/kms.db"
 
 # The CRD schema (spec §4) as key -> type; nested dicts describe objects.
 PARTITION_KEYS = {"label": str, "deviceName": str, "uuid": str, "secret": {"name": str, "path": str}}
-ATTESTATION_KEYS = {"ekPublicKey": str, "pcrValues": {"pcrs": "pcrs"}, "enrolledAt": str, "lastVerifiedAt": str}
+# pcrValues.relearnUntil / relearnTo (ours, issue 16): PCR upgrade windows, see volume_attestation.py. Upstream's
+# CRD prunes them, which closes every window (the old values stay enforced); docs/store.md.
+ATTESTATION_KEYS = {"ekPublicKey": str, "pcrValues": {"pcrs": "pcrs", "relearnUntil": "pcrs", "relearnTo": "pcrs"},
+                    "enrolledAt": str, "lastVerifiedAt": str}
 SPEC_KEYS = {"TPMHash": str, "partitions": [PARTITION_KEYS], "quarantined": bool, "attestation": ATTESTATION_KEYS}
 
 
@@ -165,7 +168,28 @@ class Store(object):
 
 def now_rfc3339():
     """UTC time as Kubernetes' metav1.Time writes it (seconds, ``Z``)."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.datetime.now(datetime.timezone.utc))
+
+
+def rfc3339(moment):
+    """An aware datetime as metav1.Time writes it: UTC, whole seconds, ``Z``."""
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text):
+    """An aware datetime from ``2026-12-06T10:00:00Z`` (fractions and ``+01:00`` offsets too), or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    value = text.strip()
+    if value[-1:] in ("Z", "z"):
+        value = value[:-1] + "+00:00"
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None or "T" not in value.upper():
+        return None
+    return moment.astimezone(datetime.timezone.utc)
 
 
 def new_volume(name, tpm_hash, partitions=(), quarantined=False, attestation=None, namespace=None):

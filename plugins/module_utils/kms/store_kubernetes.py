@@ -57,10 +57,16 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names impor
     TPM_HASH_LABEL,
     safe_kube_name,
 )
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import RELEARN_TO, RELEARN_UNTIL
 
 kclient = optional_import("kubernetes.client")
 kconfig = optional_import("kubernetes.config")
 urllib3 = optional_import("urllib3")
+
+
+class CRDPruned(StoreError):
+    """The API server dropped fields of a SealedVolume (its CRD is older than the collection's)."""
+
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 LIST_PAGE = 500
@@ -83,6 +89,23 @@ def load_api_client(kubeconfig=None, context=None, pool_size=32):
                                % (" from %s" % kubeconfig if kubeconfig else "", exc))
     configuration.connection_pool_maxsize = pool_size  # the server calls from many threads
     return kclient.ApiClient(configuration)
+
+
+def _check_windows_kept(sent, stored):
+    """``stored``, or CRDPruned when the API server dropped PCR upgrade windows (our fields, issue 16) that ``sent``
+    had: the cluster runs upstream's CRD, which prunes them. What it kept is written; the old PCR values stay
+    enforced, so nothing is weaker than asked; the administrator must know that the window did not open."""
+    def windows(doc):
+        values = ((doc.get("spec") or {}).get("attestation") or {}).get("pcrValues") or {}
+        return {key: values[key] for key in (RELEARN_UNTIL, RELEARN_TO) if values.get(key)}
+
+    lost = sorted(key for key in windows(sent) if key not in windows(stored))
+    if lost:
+        raise CRDPruned("SealedVolume %s was written, but the cluster's SealedVolume CRD pruned "
+                        "spec.attestation.pcrValues.%s (upstream's CRD does not have it): the PCR upgrade window is "
+                        "not open and the old values stay enforced. Apply kairos.kcrypt's deploy/kubernetes/crd.yaml "
+                        "(a superset of upstream's) and run again." % (stored["metadata"].get("name", ""), " and ".join(lost)))
+    return stored
 
 
 def default_namespace():
@@ -214,18 +237,20 @@ class KubernetesStore(Store):
         doc = normalize_volume(doc)
         name = doc["metadata"]["name"]
         try:
-            return self._volume(self._call("creating SealedVolume %s" % name, self.custom.create_namespaced_custom_object,
-                                           GROUP, VERSION, self.namespace, PLURAL, self._volume_body(doc, False)))
+            stored = self._volume(self._call("creating SealedVolume %s" % name, self.custom.create_namespaced_custom_object,
+                                             GROUP, VERSION, self.namespace, PLURAL, self._volume_body(doc, False)))
         except Conflict:
             raise AlreadyExists("SealedVolume %s already exists" % name)
+        return _check_windows_kept(doc, stored)
 
     def update_volume(self, doc):
         doc = normalize_volume(doc)
         name = doc["metadata"]["name"]
         if not resource_version(doc):
             raise Conflict("SealedVolume %s: an update needs the resourceVersion it was read at" % name)
-        return self._volume(self._call("updating SealedVolume %s" % name, self.custom.replace_namespaced_custom_object,
-                                       GROUP, VERSION, self.namespace, PLURAL, name, self._volume_body(doc, True)))
+        stored = self._volume(self._call("updating SealedVolume %s" % name, self.custom.replace_namespaced_custom_object,
+                                         GROUP, VERSION, self.namespace, PLURAL, name, self._volume_body(doc, True)))
+        return _check_windows_kept(doc, stored)
 
     def delete_volume(self, name):
         try:

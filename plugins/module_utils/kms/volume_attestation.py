@@ -5,12 +5,25 @@
 
 Private to the collection. Pure functions over the CRD's ``spec.attestation``; the
 policy (kms/policy.py) calls them with what the node proved.
+
+PCR upgrade windows (ours, issue 16): ``pcrValues.relearnUntil`` maps a PCR index to the
+time its window closes, and ``pcrValues.relearnTo`` (optional) to the known-good value an
+upgraded reference node has. While a PCR's window is open the stored value is still
+accepted; a different value is accepted too (only ``relearnTo``'s, when it is set) and is
+then learned: the stored value becomes the new one and the window of that PCR closes, so
+the PCR is enforced again at once. A window that expires without such a contact changes
+nothing: the old value is enforced, as it always was. Nothing runs at expiry.
 """
 
 from __future__ import annotations
 
+import datetime
+
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import now_rfc3339
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import now_rfc3339, parse_rfc3339, rfc3339
+
+RELEARN_UNTIL = "relearnUntil"
+RELEARN_TO = "relearnTo"
 
 
 class PolicyRejection(KcryptError):
@@ -18,9 +31,9 @@ class PolicyRejection(KcryptError):
     the node as ``Attestation verification failed: <text>`` (never retried by clients)."""
 
 
-def verify_pcrs(stored, current):
-    """Upstream verifyPCRValuesSelective. ``stored`` is ``spec.attestation.pcrValues`` (or None),
-    ``current`` the node's ``{"0": hex}`` (or None). Raises PolicyRejection with upstream's text."""
+def verify_pcrs(stored, current, now=None):
+    """Upstream verifyPCRValuesSelective, plus open upgrade windows. ``stored`` is ``spec.attestation.pcrValues``
+    (or None), ``current`` the node's ``{"0": hex}`` (or None). Raises PolicyRejection with upstream's text."""
     stored_pcrs = (stored or {}).get("pcrs") if stored is not None else None
     if stored_pcrs is None:
         return
@@ -30,6 +43,7 @@ def verify_pcrs(stored, current):
             if stored_pcrs[index] != "":
                 raise PolicyRejection("no current PCR values provided but PCR%s is required" % index)
         return
+    windows = open_windows(stored, now)
     for index in order:
         expected = stored_pcrs[index]
         if expected == "":
@@ -38,7 +52,64 @@ def verify_pcrs(stored, current):
         if value == "":
             raise PolicyRejection("PCR%s mismatch: expected %s, but not provided in current values" % (index, expected))
         if value != expected:
-            raise PolicyRejection("PCR%s changed - boot state verification failed: expected %s, got %s" % (index, expected, value))
+            window = windows.get(index)
+            if window is None:
+                raise PolicyRejection("PCR%s changed - boot state verification failed: expected %s, got %s" % (index, expected, value))
+            if window.target and value != window.target:
+                raise PolicyRejection("PCR%s changed - boot state verification failed: expected %s, got %s (its upgrade "
+                                      "window until %s accepts only %s)" % (index, expected, value, window.until, window.target))
+
+
+class Window(object):
+    """An open upgrade window of one PCR: when it closes, and the one new value it accepts ("" = any)."""
+
+    def __init__(self, until, target=""):
+        self.until = until
+        self.target = target
+
+
+def open_windows(pcr_values, now=None):
+    """{index: Window} of the PCRs whose window is open at ``now`` (an aware datetime; default: now) and whose
+    value is enforced. An unreadable deadline counts as closed."""
+    pcr_values = pcr_values or {}
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    stored = pcr_values.get("pcrs") or {}
+    targets = pcr_values.get(RELEARN_TO) or {}
+    windows = {}
+    for index, until in (pcr_values.get(RELEARN_UNTIL) or {}).items():
+        deadline = parse_rfc3339(until)
+        if deadline is not None and now < deadline and stored.get(index):
+            windows[index] = Window(rfc3339(deadline), targets.get(index, ""))
+    return windows
+
+
+def relearn_pcrs(attestation, current, now=None):
+    """Learn the PCRs that changed inside their open window (verify_pcrs accepted them): the stored value becomes
+    the new one and the PCR's window closes. Mutates ``attestation``; returns [(index, old, new, until)]."""
+    pcr_values = (attestation or {}).get("pcrValues")
+    if not pcr_values or not current:
+        return []
+    stored = pcr_values.get("pcrs") or {}
+    events = []
+    for index, window in sorted(open_windows(pcr_values, now).items(), key=lambda item: _pcr_order(item[0])):
+        value = current.get(index, "")
+        if value and value != stored[index] and (not window.target or value == window.target):
+            events.append((index, stored[index], value, window.until))
+            stored[index] = value
+            close_window(pcr_values, index)
+    if events:
+        attestation["lastVerifiedAt"] = rfc3339(now) if now else now_rfc3339()
+    return events
+
+
+def close_window(pcr_values, index):
+    """Remove PCR ``index``'s window; the maps go when they are empty (as if there never was one)."""
+    for key in (RELEARN_UNTIL, RELEARN_TO):
+        entries = pcr_values.get(key)
+        if entries is not None:
+            entries.pop(index, None)
+            if not entries:
+                del pcr_values[key]
 
 
 def verify_ek(attestation, ek_pem):
@@ -48,7 +119,7 @@ def verify_ek(attestation, ek_pem):
         raise PolicyRejection("EK public key does not match enrolled key - potential TPM impersonation")
 
 
-def verify_attestation(attestation, ek_pem, pcrs):
+def verify_attestation(attestation, ek_pem, pcrs, now=None):
     """Upstream verifyAttestationData for an existing volume; nil attestation = nothing to verify."""
     if attestation is None:
         return
@@ -58,7 +129,7 @@ def verify_attestation(attestation, ek_pem, pcrs):
         raise PolicyRejection("EK verification failed: %s" % exc)
     if pcrs is not None:
         try:
-            verify_pcrs(attestation.get("pcrValues"), pcrs)
+            verify_pcrs(attestation.get("pcrValues"), pcrs, now)
         except PolicyRejection as exc:
             raise PolicyRejection("PCR verification failed: %s" % exc)
 

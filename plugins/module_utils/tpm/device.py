@@ -27,6 +27,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import o
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError, TPMError, TPMNotFoundError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.pcrs import is_decimal, pcr_index
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.messages import MAX_EK_CHAIN
 
 # ESYS prints expected failures (probing absent NV indices) to stderr; keep it quiet
 # unless the caller asked for TSS logging explicitly.
@@ -36,12 +37,16 @@ tss = optional_import("tpm2_pytss")
 tss_utils = optional_import("tpm2_pytss.utils")
 x509 = optional_import("cryptography.x509")
 rsa = optional_import("cryptography.hazmat.primitives.asymmetric.rsa")
+serialization = optional_import("cryptography.hazmat.primitives.serialization")
 
 ENV_TPM_DEVICE = "KCRYPT_TPM_DEVICE"
 DEFAULT_DEVICES = ("/dev/tpmrm0", "/dev/tpm0")
 KNOWN_TCTIS = ("device", "swtpm", "mssim", "tabrmd", "libtpms", "cmd")
 
 EK_PERSISTENT_HANDLE = 0x81010001  # where go-attestation persists the RSA EK
+# TCG TPM v2.0 Provisioning Guidance 2.2.1.5.2: the CA certificates that issued the EK certificate, one or
+# more DER certificates per index (Intel PTT keeps its whole chain in 0x01c00100).
+EK_CHAIN_NV_RANGE = (0x01C00100, 0x01C001FF)
 SRK_PERSISTENT_HANDLE = 0x81000001  # where go-attestation persists its SRK (AK parent)
 DEFAULT_C_INDEX = 0x81000008  # upstream tpm-helpers default for the offline RSA key
 DEFAULT_NV_INDEX = 0x01500000  # upstream kcrypt default for the offline blob
@@ -205,9 +210,13 @@ class EndorsementKey:
     def certificate_pem(self):
         if self.certificate is None:
             return None
-        from cryptography.hazmat.primitives.serialization import Encoding  # local: only used here
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
-        return self.certificate.public_bytes(Encoding.PEM).decode("ascii")
+    @property
+    def certificate_der(self):
+        if self.certificate is None:
+            return b""
+        return self.certificate.public_bytes(serialization.Encoding.DER)
 
 
 @dataclass(frozen=True)
@@ -233,38 +242,6 @@ def _rsa_public_key(public_area):
     exponent = public_area.parameters.rsaDetail.exponent or 65537
     modulus = int.from_bytes(bytes(public_area.unique.rsa), "big")
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
-
-
-TCG_NV_CERT_HEADER = b"\x10\x01\x00"  # TCG PC Client Platform TPM Profile, 7.3.2: tag 0x1001, then a 0x00
-
-
-def ek_certificate_der(data):
-    """The certificate's DER from the bytes an EK certificate NV index holds (go-attestation ParseEKCertificate).
-
-    Some TPMs store it wrapped as ``10 01 00 LL LL`` + DER (LL LL: big-endian length); the header is
-    stripped. A length longer than the data is a ValueError, as in go-attestation (whose EKs() then
-    falls back to the template EK). Trailing padding after the DER is dropped.
-    """
-    data = bytes(data)
-    if len(data) > 5 and data[:3] == TCG_NV_CERT_HEADER:
-        length = int.from_bytes(data[3:5], "big")
-        if len(data) < length + 5:
-            raise ValueError("the NV header announces a %d-byte certificate in %d bytes" % (length, len(data) - 5))
-        data = data[5 : 5 + length]
-    return _der_prefix(data)
-
-
-def _der_prefix(data):
-    """The first DER element of ``data``: EK certificates in NV are often zero-padded."""
-    if len(data) < 2 or data[0] != 0x30:
-        return data
-    length = data[1]
-    offset = 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(data[2 : 2 + count], "big")
-        offset = 2 + count
-    return data[: offset + length]
 
 
 def _rsa_template(attrs, symmetric=None, scheme=None, unique=None, key_bits=2048):
@@ -465,12 +442,28 @@ class TPM:
             return None
         require("cryptography", "to read the EK certificate")
         try:
-            certificate = x509.load_der_x509_certificate(ek_certificate_der(cert_der))
+            certificate = x509.load_der_x509_certificate(identity.certificate_der(cert_der))
             if not isinstance(certificate.public_key(), rsa.RSAPublicKey):
                 return None
         except ValueError:
             return None
         return certificate
+
+    def ek_certificate_chain(self):
+        """The CA certificates a vendor stored in NV to complete the EK certificate's chain, in NV order.
+
+        Best effort: an index this process may not read is skipped (the KMS then needs the vendor's
+        intermediate CAs in its own bundle). At most MAX_EK_CHAIN certificates, what the KMS accepts.
+        """
+        certificates = []
+        for index in self._handles(EK_CHAIN_NV_RANGE[0]):
+            if index > EK_CHAIN_NV_RANGE[1]:
+                break
+            try:
+                certificates.extend(identity.split_certificates(self.nv_read(index) or b""))
+            except TPMError:
+                continue
+        return tuple(certificates[:MAX_EK_CHAIN])
 
     def _create_primary_public(self, hierarchy, template, what):
         handle = None

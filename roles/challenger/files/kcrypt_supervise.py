@@ -8,7 +8,7 @@ challenger what its systemd unit gives it elsewhere: one background instance wit
 PID file, output appended to a log file, the service user's identity, and a restart
 after a failure (``Restart=on-failure``, with back-off) but not after a clean stop.
 
-    kcrypt_supervise.py start   --pidfile P --logfile L [--user U] [--group G] -- COMMAND...
+    kcrypt_supervise.py start   --pidfile P --logfile L [--user U] [--group G] [--open-files N] -- COMMAND...
     kcrypt_supervise.py stop    --pidfile P
     kcrypt_supervise.py restart --pidfile P --logfile L [...] -- COMMAND...
     kcrypt_supervise.py status  --pidfile P
@@ -26,6 +26,9 @@ exists once.
 holds the supervisor's PID; ``<pidfile>.child`` the server's. A PID is trusted only
 while that process's command line still names the PID file, so a stale file (after a
 reboot, with the PID reused) is never mistaken for the service.
+
+``--open-files N`` is systemd's ``LimitNOFILE=N``: the server starts with N as its soft and hard
+RLIMIT_NOFILE (set before the privileges are dropped, so it may be raised above the supervisor's own).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import grp
 import json
 import os
 import pwd
+import resource
 import signal
 import subprocess
 import sys
@@ -113,6 +117,18 @@ def identity(user, group):
     return entry.pw_uid, gid, groups
 
 
+def set_open_files(limit):
+    """LimitNOFILE=limit for this process and what it runs; as much as allowed when not privileged."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (ValueError, OSError):
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+        except (ValueError, OSError):
+            pass  # keep the inherited limit; the server logs the one it got
+
+
 def supervise(args):
     """The daemon: run the command, restart it after failures, stop it on SIGTERM."""
     ident = identity(args.user, args.group)
@@ -130,6 +146,8 @@ def supervise(args):
 
     def drop_privileges():
         os.setsid()
+        if args.open_files:
+            set_open_files(args.open_files)
         if ident:
             uid, gid, groups = ident
             os.setgroups(groups)
@@ -264,6 +282,8 @@ def main(argv=None):
     parser.add_argument("--user", default="")
     parser.add_argument("--group", default="")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--open-files", dest="open_files", type=int, default=0,
+                        help="RLIMIT_NOFILE of the server (soft and hard), like systemd's LimitNOFILE")
     args = parser.parse_args(argv)
     args.pidfile = os.path.abspath(args.pidfile)
     args.command = command

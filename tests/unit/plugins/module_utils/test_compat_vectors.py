@@ -11,12 +11,13 @@ import os
 import struct
 
 import tpm2_pytss as tss
+import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store, volume_attestation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 EK_AUTH_POLICY = "837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa"  # spec §1.1 "8371…69AA"
@@ -91,18 +92,53 @@ def test_crd_has_upstreams_names_and_schema():
     (version,) = spec["versions"]
     assert (version["name"], version["served"], version["storage"], version["subresources"]) == ("v1alpha1", True, True, {"status": {}})
     schema = version["schema"]["openAPIV3Schema"]
-    assert _properties(schema["properties"]["spec"]) == {
-        "TPMHash": "string",
-        "partitions": [{"label": "string", "deviceName": "string", "uuid": "string",
-                        "secret": {"name": "string", "path": "string"}}],
-        "quarantined": "boolean",
-        "attestation": {"ekPublicKey": "string", "pcrValues": {"pcrs": {"*": "string"}},
-                        "enrolledAt": "string", "lastVerifiedAt": "string"},
-    }
+    ours = _properties(schema["properties"]["spec"])
+    added = ours["attestation"]["pcrValues"]
+    assert added.pop("relearnUntil") == added.pop("relearnTo") == {"*": "string"}  # our addition: PCR upgrade windows
+    assert ours == UPSTREAM_SPEC  # everything else is upstream's schema
     assert set(schema["properties"]) == {"apiVersion", "kind", "metadata", "spec", "status"}
     assert not version["schema"]["openAPIV3Schema"].get("required") and "required" not in schema["properties"]["spec"]
 
     assert _store_schema(store.SPEC_KEYS) == _properties(schema["properties"]["spec"])  # the store writes what the CRD holds
+
+
+# Upstream's SealedVolume spec (spec §4, controller-gen output of kcrypt-challenger HEAD), as _properties() shows it.
+UPSTREAM_SPEC = {
+    "TPMHash": "string",
+    "partitions": [{"label": "string", "deviceName": "string", "uuid": "string",
+                    "secret": {"name": "string", "path": "string"}}],
+    "quarantined": "boolean",
+    "attestation": {"ekPublicKey": "string", "pcrValues": {"pcrs": {"*": "string"}},
+                    "enrolledAt": "string", "lastVerifiedAt": "string"},
+}
+
+
+def _prune(value, schema):
+    """What a structural CRD schema keeps of ``value`` (the API server drops unknown fields)."""
+    if isinstance(schema, list):
+        return [_prune(item, schema[0]) for item in value]
+    if isinstance(schema, dict) and "*" in schema:
+        return dict(value)
+    if isinstance(schema, dict):
+        return {key: _prune(item, schema[key]) for key, item in value.items() if key in schema}
+    return value
+
+
+def test_upstreams_crd_accepts_our_volumes_and_prunes_only_the_upgrade_windows():
+    """A volume with an open PCR window under upstream's CRD: the window maps are pruned, nothing else; the old
+    value is then enforced (the window is closed, never the check)."""
+    old, new = "a" * 64, "b" * 64
+    spec = {"TPMHash": "f" * 64, "partitions": [{"label": "COS_PERSISTENT", "secret": {"name": "s", "path": "passphrase"}}],
+            "attestation": {"ekPublicKey": "PEM", "enrolledAt": "2026-12-01T00:00:00Z",
+                            "pcrValues": {"pcrs": {"0": "", "7": old}, "relearnUntil": {"7": "2999-01-01T00:00:00Z"},
+                                          "relearnTo": {"7": new}}}}
+    pruned = _prune(spec, UPSTREAM_SPEC)
+    assert pruned["attestation"]["pcrValues"] == {"pcrs": {"0": "", "7": old}}
+    spec["attestation"]["pcrValues"] = {"pcrs": {"0": "", "7": old}}
+    assert pruned == spec
+    volume_attestation.verify_pcrs(pruned["attestation"]["pcrValues"], {"0": old, "7": old})
+    with pytest.raises(volume_attestation.PolicyRejection, match="PCR7 changed"):
+        volume_attestation.verify_pcrs(pruned["attestation"]["pcrValues"], {"0": old, "7": new})
 
 
 def _store_schema(keys):

@@ -129,3 +129,16 @@ def test_the_checker_sees_a_function_level_import(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from %s.common import errors\n" % PREFIX)
     assert _imports(str(sample)) == [("common.errors", 2, True)]
+
+
+def test_test_files_have_unique_names():
+    """The unit tests mirror module_utils, so names repeat across folders; pytest imports test files without
+    packages (rootdir-relative basenames), and two files of one name make a whole run fail to collect."""
+    tests_root = os.path.join(os.path.dirname(__file__), "..", "..", "..")
+    seen = {}
+    for folder, dirs, files in os.walk(tests_root):
+        dirs[:] = [d for d in dirs if d not in ("output", "__pycache__")]
+        for name in files:
+            if name.startswith("test_") and name.endswith(".py"):
+                seen.setdefault(name, []).append(os.path.relpath(os.path.join(folder, name), tests_root))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

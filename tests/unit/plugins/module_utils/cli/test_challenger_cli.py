@@ -65,6 +65,11 @@ def test_flags_override_the_config_file(tmp_path):
         ("max_partitions_per_tpm: 0\n", "max_partitions_per_tpm must be a whole number from 1 to 1024, not 0"),
         ("max_partitions_per_tpm: 2.5\n", "max_partitions_per_tpm must be a whole number"),
         ("max_partitions_per_tpm: lots\n", "max_partitions_per_tpm must be a number"),
+        ("max_connections: 0\n", "max_connections must be at least 1, not 0"),
+        ("max_connections: lots\n", "max_connections must be a number or auto"),
+        ("max_connections_per_client: -1\n", "max_connections_per_client must be at least 0"),
+        ("first_message_timeout: 0\n", "first_message_timeout must be a positive number"),
+        ("exchange_timeout: 30\n", r"exchange_timeout \(30s\) must be at least first_message_timeout \(120s\)"),
     ],
 )
 def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
@@ -72,6 +77,17 @@ def test_bad_config_files_are_refused_clearly(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(KcryptError, match=message):
         _settings(["serve", "--config", str(path)])
+
+
+def test_connection_budget_settings(tmp_path):
+    config = _settings(["serve"])
+    assert (config["request_timeout"], config["first_message_timeout"], config["read_timeout"], config["exchange_timeout"]) == (10, 120, 10, 150)
+    assert config["max_connections"] is None and config["max_connections_per_client"] is None  # auto
+    path = tmp_path / "config.yaml"
+    path.write_text("max_connections: 5000\nmax_connections_per_client: 0\nfirst_message_timeout: 60\n")
+    config = _settings(["serve", "--config", str(path), "--max-connections", "auto", "--request-timeout", "5"])
+    assert (config["max_connections"], config["max_connections_per_client"]) == (None, 0)
+    assert (config["first_message_timeout"], config["request_timeout"]) == (60.0, 5.0)
 
 
 def test_named_config_must_exist(tmp_path):

@@ -209,7 +209,7 @@ def test_scan_ignores_invalid_or_missing_headers(tmp_path):
         write(served / "remote_config_1.yaml", "#cloud-config\nconfig_url: %s\nremote_key_1: remote_value_1" % server.url("remote_config_2.yaml"))
         write(served / "remote_config_2.yaml", "#invalid-header\nremote_key_2: remote_value_2")
         warnings = []
-        values, _ = kc.load_values([str(oem)], "", warn=warnings.append, retry_delay=0)
+        values, _sources = kc.load_values([str(oem)], "", warn=warnings.append, retry_delay=0)
     assert "local_key_2" not in values and "remote_key_2" not in values
     assert values["config_url"].endswith("remote_config_2.yaml")
     assert (values["local_key_1"], values["remote_key_1"]) == ("local_value_1", "remote_value_1")
@@ -221,5 +221,5 @@ def test_scan_reads_comments_before_the_header(tmp_path):
     oem = tmp_path / "oem"
     write(oem / "local_config.yaml", "## template: jinja\n#cloud-config\nlocal_key_1: local_value_1\n")
     write(oem / "local_config_2.yaml", "\n# this is a comment\n## then another comment\n#and the last one\n\n#cloud-config\nlocal_key_2: local_value_2\n")
-    values, _ = kc.load_values([str(oem)], "")
+    values, _sources = kc.load_values([str(oem)], "")
     assert (values["local_key_1"], values["local_key_2"]) == ("local_value_1", "local_value_2")

@@ -50,3 +50,45 @@ def test_certificate_pem_accepts_text_or_a_file(tmp_path):
     assert client.certificate_pem(str(path)) == pem
     with pytest.raises(KcryptError, match="cannot read /nonexistent/ca.pem"):
         client.certificate_pem("/nonexistent/ca.pem")
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("1", 1.0), (" 3 ", 3.0), ("0", 0.0),
+    ("600", client.MAX_RETRY_AFTER),  # a KMS or proxy cannot park a booting node for ten minutes
+    (None, None), ("", None), ("-1", None), ("1.5", None), ("Wed, 21 Oct 2026 07:28:00 GMT", None),
+    ("9" * 4000, None),  # bounded before int()
+])
+def test_retry_after_header(header, seconds):
+    assert client.retry_after_seconds(header) == seconds
+
+
+def test_a_busy_kms_is_retried_after_its_retry_after_with_jitter(monkeypatch):
+    pauses, logged, answers = [], [], [client.KmsBusy("busy", 3.0), client.KmsBusy("busy", None), KcryptError("reset"), b"key"]
+    monkeypatch.setattr(client.time, "sleep", pauses.append)
+
+    def attempt():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    config = client.ClientConfig("http://kms", attempts=5, retry_delay=1.0)
+    assert client._retry(config, attempt, logged.append, "COS_PERSISTENT") == b"key"
+    assert 3.0 <= pauses[0] <= 3.0 * (1 + client.RETRY_JITTER)  # Retry-After, stretched
+    assert 1.0 <= pauses[1] <= 1.0 * (1 + client.RETRY_JITTER)  # busy without a usable header: retry_delay, stretched
+    assert pauses[2] == 1.0  # any other failure: retry_delay exactly, as upstream
+    assert "the KMS asked to retry after 3 s" in logged[1] and "after ? s" in logged[3]
+
+
+def test_busy_answers_still_count_as_attempts(monkeypatch):
+    monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
+    calls = []
+
+    def attempt():
+        calls.append(1)
+        raise client.KmsBusy("the KMS at ws://kms/tpm-attestation is busy: HTTP 503", 1.0)
+
+    config = client.ClientConfig("http://kms", attempts=4, retry_delay=1.0)
+    with pytest.raises(KcryptError, match="after 4 attempts; last error: .*busy: HTTP 503"):
+        client._retry(config, attempt, lambda line: None, "COS_PERSISTENT")
+    assert len(calls) == 4

@@ -12,6 +12,7 @@ import struct
 
 import pytest
 import tpm2_pytss as tss
+from cryptography.hazmat.primitives import serialization
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity, messages as protocol
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import attestation
@@ -69,10 +70,28 @@ def test_pcr_map_keys_are_decimal_strings_in_go_order():
     assert parsed.pcrs == quote.pcrs
 
 
-@pytest.mark.parametrize("key", ["-1", "24", "07", "x", ""])
+@pytest.mark.parametrize("key", ["-1", "24", "+7", "x", "", " 7", "7 ", "\u00b2", "\u0661", "\uff17", "1" * 5000])
 def test_pcr_map_rejects_bad_indices(key):
+    """ASCII decimal 0-23 only (common/pcrs.py): int() would raise on '\u00b2' and read '\u0661' (Arabic-Indic one) as 1."""
     with pytest.raises(protocol.ProtocolError, match="invalid PCR index"):
         protocol.PCRQuote.from_json({"quote": {}, "pcrs": {key: "AA=="}})
+
+
+def test_pcr_map_reads_keys_as_go_does_and_refuses_a_pcr_given_twice():
+    assert list(protocol.PCRQuote.from_json({"quote": {}, "pcrs": {"07": "AA=="}}).pcrs) == [7]  # strconv.ParseInt("07") = 7
+    with pytest.raises(protocol.ProtocolError, match="PCR 7 is given twice"):
+        protocol.PCRQuote.from_json({"quote": {}, "pcrs": {"7": "AA==", "07": "AQ=="}})
+
+
+@pytest.mark.parametrize("nested", ["[" * 60000 + "]" * 60000, '{"a":' * 60000 + "1" + "}" * 60000, "[" * 65 + "]" * 65])
+def test_deeply_nested_json_is_refused_before_parsing(nested):
+    """Python's json raises RecursionError on deep nesting; a message holds a handful of objects, so more is refused."""
+    for frame in ('{"ek_public": %s}' % nested, nested):
+        with pytest.raises(protocol.ProtocolError, match="too many nested JSON objects or arrays"):
+            protocol.load_json_object(frame, "attestation.AttestationInit")
+    token = protocol.BEARER_PREFIX + base64.b64encode(('{"EK": %s}' % nested).encode()).decode()
+    with pytest.raises(protocol.ProtocolError, match="too many nested JSON objects or arrays"):
+        protocol.parse_legacy_token(token)
 
 
 def test_challenge_and_response_shapes():
@@ -133,6 +152,92 @@ def test_ek_must_be_rsa_2048(keys):
         attestation.load_ek_spki(identity.spki_der(p256))
     with pytest.raises(protocol.ProtocolError, match="parse EK SPKI"):
         attestation.load_ek_spki(b"\x30\x03garbage")
+
+
+def _rsa_public(bits, exponent=65537):
+    """An RSA public key with a modulus of exactly ``bits`` bits (not a real key: no primes needed to test parameter checks)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.RSAPublicNumbers(exponent, (1 << (bits - 1)) | (1 << (bits // 2)) | 1).public_key()
+
+
+@pytest.mark.parametrize("bits", [2048, 3072, 4096])
+def test_ek_sizes_of_the_tcg_templates_are_accepted(bits):
+    assert attestation.load_ek_spki(identity.spki_der(_rsa_public(bits))).public_key.key_size == bits
+
+
+@pytest.mark.parametrize(
+    "bits, exponent, message",
+    [
+        (2048, 3, "exponent 3; TPMs use 65537"),
+        (2048, (1 << 2046) | 1, "exponent of 2047 bits; TPMs use 65537"),  # 4-10x the CPU of an init (issue 14.4)
+        (16384, 65537, "RSA-16384; TPM EKs are RSA-2048, 3072 or 4096|2086 bytes, more than any TPM EK"),
+        (2560, 65537, "RSA-2560; TPM EKs are RSA-2048, 3072 or 4096"),
+    ],
+    ids=["e=3", "e-of-2047-bits", "rsa-16384", "rsa-2560"],
+)
+def test_ek_parameters_no_tpm_produces_are_refused_before_any_rsa_operation(bits, exponent, message, node, monkeypatch):
+    der = identity.spki_der(_rsa_public(bits, exponent))
+    with pytest.raises(protocol.ProtocolError, match=message):
+        attestation.load_ek_spki(der)
+    monkeypatch.setattr(attestation, "make_credential", lambda *a, **k: pytest.fail("MakeCredential ran for a refused EK"))
+    init = protocol.go_json({"ek_public": protocol.b64encode(der), "ak_params": node.attestation_parameters().to_json()})
+    with pytest.raises(attestation.StageError, match="Challenge generation: generating challenge: .*(%s)" % message):
+        attestation.AttestationSession().challenge(init)
+    pem = _rsa_public(bits, exponent).public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(protocol.ProtocolError, match=message):
+        attestation.LegacyAuth(protocol.legacy_token(pem, node.attestation_parameters()))
+
+
+def test_ek_with_an_unknown_key_algorithm_is_a_parse_error():
+    """cryptography raises UnsupportedAlgorithm (not ValueError) for an OID it does not know."""
+    oid = b"\x06\x03\x2a\x03\x04"  # 1.2.3.4
+    algorithm = b"\x30" + bytes([len(oid)]) + oid
+    body = algorithm + b"\x03\x03\x00\x01\x02"
+    der = b"\x30" + bytes([len(body)]) + body
+    with pytest.raises(protocol.ProtocolError, match="parse EK SPKI"):
+        attestation.load_ek_spki(der)
+    pem = b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(der) + b"-----END PUBLIC KEY-----\n"
+    with pytest.raises(protocol.ProtocolError, match="error parsing the EK PEM"):
+        attestation.load_ek_pem(pem)
+
+
+def _ak_public(node, exponent=0, modulus=None, key_bits=2048):
+    """The go-attestation AK's TPMT_PUBLIC with one parameter changed."""
+    public, dummy = tss.TPMT_PUBLIC.unmarshal(node.ak_public_area(key_bits=key_bits))
+    public.parameters.rsaDetail.exponent = exponent
+    if modulus is not None:
+        public.unique.rsa = modulus
+    return public.marshal()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"exponent": 1}, "AK exponent 1; TPMs use 65537"),
+        ({"exponent": 2}, "AK exponent 2; TPMs use 65537"),
+        ({"exponent": 3}, "AK exponent 3; TPMs use 65537"),
+        ({"exponent": 0xFFFFFFFF}, "AK exponent 4294967295; TPMs use 65537"),
+        ({"modulus": b"\x07"}, "the AK modulus is 1 bytes; an RSA-2048 key has 256"),
+        ({"modulus": b"\xff" * 255}, "the AK modulus is 255 bytes; an RSA-2048 key has 256"),
+        ({"modulus": b"\x00" + b"\xff" * 255}, "the AK modulus of RSA-2048 has 2040 significant bits"),
+        ({"modulus": b"\xff" * 255 + b"\xfe"}, "the AK modulus is even"),
+        ({"key_bits": 2560}, "AK is RSA-2560; TPMs make RSA-2048, 3072 or 4096 AKs"),
+        ({"key_bits": 16384}, "AK is RSA-16384; TPMs make RSA-2048, 3072 or 4096 AKs"),
+    ],
+)
+def test_ak_parameters_no_tpm_produces_are_refused_before_any_rsa_operation(node, change, message, monkeypatch):
+    params = node.attestation_parameters(public=_ak_public(node, **change))
+    monkeypatch.setattr(attestation.padding, "PKCS1v15", lambda: pytest.fail("an RSA verification ran for a refused AK"))
+    with pytest.raises(protocol.ProtocolError, match=message):
+        attestation.check_ak_parameters(params)
+
+
+def test_ak_exponent_65537_written_out_is_the_default_exponent(node):
+    """TPM 2.0 Part 2: exponent 0 means 2^16+1; a TPM may also report 65537 itself."""
+    public = _ak_public(node, exponent=65537)
+    params = node.attestation_parameters(public=public)
+    assert attestation.check_ak_parameters(params).public_key.public_numbers().e == 65537
 
 
 def test_check_ak_parameters_accepts_a_go_attestation_ak(node):
@@ -233,6 +338,20 @@ def test_full_exchange_verifies_and_reports_policy_inputs(node):
     assert verified.nonce_bound and not verified.defer_pcr_enrollment
 
 
+def test_only_an_attested_ek_is_cached(node, keys):
+    """A request that fails authentication leaves nothing behind, not even in the EK cache (issue 14)."""
+    stranger = SoftTPM(keys[2], keys[3])
+    attestation._EK_CACHE.pop(stranger.ek_spki_der, None)
+    session = attestation.AttestationSession()
+    session.challenge(protocol.go_json(stranger.init_message()))
+    with pytest.raises(attestation.StageError, match="invalid secret"):
+        session.verify(protocol.go_json({"secret": protocol.b64encode(b"\x00" * 32), "pcr_quote": {}}))
+    assert stranger.ek_spki_der not in attestation._EK_CACHE
+    session, proof = _session_with_proof(stranger)
+    session.verify(protocol.go_json(proof))
+    assert attestation._EK_CACHE[stranger.ek_spki_der].tpm_hash == stranger.tpm_hash
+
+
 def test_a_proof_from_another_exchange_is_an_invalid_secret(node):
     _other, replayed = _session_with_proof(node)
     session, _own_proof = _session_with_proof(node)
@@ -323,7 +442,7 @@ def test_missing_or_malformed_ak_params(node):
     for ak_params, message in ((None, "unexpected end of JSON input"), ("x", "cannot unmarshal string"),
                                ({"Public": 1}, "cannot unmarshal number")):
         frame = protocol.go_json(dict(init, ak_params=ak_params))
-        with pytest.raises(attestation.StageError, match="Challenge generation: generating challenge: .*" + message):
+        with pytest.raises(attestation.StageError, match="Challenge generation: generating challenge: .*(%s)" % message):
             attestation.AttestationSession().challenge(frame)
 
 

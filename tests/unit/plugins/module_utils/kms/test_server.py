@@ -10,6 +10,7 @@ can assert it was (or was not) consulted.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -23,10 +24,10 @@ import websocket
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import metrics, server
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import listener, metrics, server
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import PolicyRejection
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import StoreUnavailable
-from support import soft_tpm
+from support import go_legacy_client as go_client, raw_ws, soft_tpm
 from support.challenger import ChallengerThread, connect, soft_attest
 from support.soft_tpm import SoftTPM
 
@@ -41,7 +42,7 @@ class FakePolicy:
         self.fail = None
         self.legacy_answer = {"passphrase": "static", "error": "", "generated_by": ""}
 
-    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False):
+    def issue_passphrase(self, tpm_hash, ek_pem, pcrs, partition, defer_pcr_enrollment=False, ek_certificate=b"", ek_chain=()):
         self.calls.append(("issue", tpm_hash, pcrs, partition, defer_pcr_enrollment))
         if self.fail:
             raise self.fail  # pylint: disable=raising-bad-type
@@ -83,7 +84,7 @@ def policy():
 
 @pytest.fixture
 def kms(policy):
-    with ChallengerThread(server.Challenger(policy, read_timeout=0.5, max_message_size=8192)) as running:
+    with ChallengerThread(server.Challenger(policy, read_timeout=0.5, first_message_timeout=0.5, request_timeout=0.5, max_message_size=8192)) as running:
         yield running
 
 
@@ -319,20 +320,60 @@ def test_legacy_path_with_a_doubled_slash_is_served(kms, policy, node):
         connect(kms.ws_url, path="//elsewhere")
 
 
-def test_legacy_bad_token_and_wrong_answer(kms, policy, node):
-    ws = connect(kms.ws_url, path=protocol.GET_PASS_PATH, headers={"Authorization": "Bearer TPMnot-base64!"})
-    try:
-        assert protocol.parse_legacy_payload(ws.recv())["error"].startswith("the TPM token is not base64")
-    finally:
-        ws.close()
-    ws = connect(kms.ws_url, path=protocol.GET_PASS_PATH, headers={"Authorization": node.legacy_token()})
-    try:
-        ws.recv()
-        ws.send_binary(protocol.legacy_answer(b"\x00" * 32))
-        assert protocol.parse_legacy_payload(ws.recv())["error"] == "TPM authentication failed: invalid challenge response"
-    finally:
-        ws.close()
+def _bad_tokens(node):
+    ek_pem, params = node.ek_pem, node.attestation_parameters()
+    nested = base64.b64encode(('{"EK": ' + "[" * 5000 + "]" * 5000 + "}").encode()).decode()
+    small_ek = "-----BEGIN PUBLIC KEY-----\nMFwwDQYJKoZIhvcNAQEBBQADSwAwSAJBAMvYQ6zXmYC6ySh3bHr9tQ9J7BswnmWNg9c1j0HJcU3sf7w9" \
+               "YfGjVXAW2QIb9Ckfi93yRVC6nw0kXSAyH3NMR+cCAwEAAQ==\n-----END PUBLIC KEY-----\n"
+    return {
+        "no token": ("", "missing 'Authorization: Bearer TPM...' header"),
+        "not base64": ("Bearer TPMnot-base64!", "the TPM token is not base64"),
+        "not an object": (protocol.BEARER_PREFIX + base64.b64encode(b"[1]").decode(), "cannot unmarshal array"),
+        "deeply nested": (protocol.BEARER_PREFIX + nested, "too many nested JSON objects or arrays"),
+        "RSA-512 EK": (protocol.legacy_token(small_ek, params), "the EK is RSA-512"),
+        "no AK": (protocol.BEARER_PREFIX + base64.b64encode(protocol.go_json({"EK": protocol.b64encode(ek_pem.encode())}).encode()).decode(),
+                  "unexpected end of JSON input"),
+    }
+
+
+@pytest.mark.parametrize("path", [protocol.GET_PASS_PATH, protocol.POST_PASS_PATH])
+@pytest.mark.parametrize("case", ["no token", "not base64", "not an object", "deeply nested", "RSA-512 EK", "no AK"])
+def test_legacy_token_refusals_close_without_a_payload_so_go_clients_retry(kms, policy, node, path, case, caplog):
+    """Checklist 18, issue 13.5: tpm-helpers' Connection decodes the first frame as a Challenge and dereferences
+    its EC; an {"error": ...} payload there crashes a legacy Go client. Like upstream's /getPass, the server closes
+    (1008, the reason in the close frame) and writes the reason to its log and audit line."""
+    token, reason = _bad_tokens(node)[case]
+    with caplog.at_level(logging.INFO, logger="kcrypt.audit"):
+        with pytest.raises(go_client.GoError, match=r"^reading challenge: websocket: close 1008 \(policy violation\): .*") as info:
+            go_client.get(kms.ws_url + path, token, {"label": "COS_PERSISTENT"}, go_client.soft_tpm_activation(node))
+        time.sleep(0.1)
+    assert reason[:40] in str(info.value) or len(reason) > 100
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "kcrypt.audit"]
+    assert "outcome=bad_request" in line and reason in line
     assert policy.calls == []
+
+
+def test_legacy_wrong_answer_closes_without_a_payload_as_upstream(kms, policy, node, caplog):
+    with caplog.at_level(logging.INFO, logger="kcrypt.audit"):
+        with pytest.raises(go_client.GoError) as info:
+            go_client.get(kms.ws_url + protocol.GET_PASS_PATH, node.legacy_token(), {"label": "COS_PERSISTENT"},
+                          lambda ec: protocol.legacy_answer(b"\x00" * 32))
+        time.sleep(0.1)
+    assert str(info.value) == ("reading payload from tpm get: websocket: close 1008 (policy violation): "
+                               "TPM authentication failed: invalid challenge response")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "kcrypt.audit"]
+    assert "outcome=rejected" in line and "invalid challenge response" in line and node.tpm_hash in line
+    assert policy.calls == []
+
+
+def test_legacy_go_client_gets_its_payload(kms, policy, node):
+    payload = go_client.get(kms.ws_url + protocol.GET_PASS_PATH, node.legacy_token(), {"label": "COS_PERSISTENT"},
+                            go_client.soft_tpm_activation(node))
+    assert protocol.parse_legacy_payload(payload) == {"passphrase": "static", "error": "", "generated_by": ""}
+    policy.legacy_answer = {"passphrase": "", "error": "No secret found for %s and COS_PERSISTENT" % node.tpm_hash, "generated_by": ""}
+    payload = go_client.get(kms.ws_url + protocol.GET_PASS_PATH, node.legacy_token(), {"label": "COS_PERSISTENT"},
+                            go_client.soft_tpm_activation(node))
+    assert protocol.parse_legacy_payload(payload)["error"].startswith("No secret found for")  # after auth: upstream's payload
 
 
 def test_legacy_post_pass(kms, policy, node):
@@ -475,3 +516,143 @@ def test_recovery_escrow_policy_rejection_and_store_failure(kms, policy, node):
     policy.fail = StoreUnavailable("database is locked")
     data, closed = _escrow(kms, node, b"k" * 32)
     assert closed and int.from_bytes(data[:2], "big") == 1011 and b"database is locked" in data
+
+
+# -- the connection budget (issue 14.7, 13.4, 15) ---------------------------------------------------------
+
+
+def _budget_kms(policy, **settings):
+    settings.setdefault("max_message_size", 8192)
+    return ChallengerThread(server.Challenger(policy, **settings))
+
+
+def test_pings_do_not_extend_the_wait_for_the_first_message(policy):
+    """aiohttp's receive(timeout) restarts on every control frame: a client pinging every 0.2 s was never closed."""
+    with _budget_kms(policy, first_message_timeout=1.0, read_timeout=1.0) as kms, raw_ws.RawSocket(kms.port) as sock:
+        assert sock.upgrade()[0] == 101
+        started = time.monotonic()
+        frames = []
+        sock.sock.settimeout(0.25)
+        while time.monotonic() - started < 6 and not any(op == raw_ws.OP_CLOSE for op, dummy in frames):
+            sock.send(raw_ws.frame(raw_ws.OP_PING, b"keepalive"))  # every 0.25 s, as a keep-alive would
+            try:
+                while True:
+                    frames.append(sock.read_frame())
+            except socket.timeout:
+                pass
+        elapsed = time.monotonic() - started
+    texts = [json.loads(payload)["error"] for op, payload in frames if op == raw_ws.OP_TEXT]
+    assert texts == ["WebSocket read: reading attestation init: no attestation init within 1s"]
+    assert 0.9 < elapsed < 3.0  # the deadline held, with margin for a loaded machine
+    assert policy.calls == []
+
+
+def test_the_whole_exchange_has_a_deadline(policy, node):
+    with _budget_kms(policy, first_message_timeout=1.0, read_timeout=5.0, exchange_timeout=1.5) as kms:
+        ws = connect(kms.ws_url)
+        try:
+            time.sleep(0.8)  # within the first message's deadline
+            ws.send(protocol.write_json(node.init_message()))
+            ws.recv()  # the challenge
+            started = time.monotonic()
+            error = json.loads(ws.recv())["error"]  # never answered: the exchange's deadline, not read_timeout's 5 s
+            waited = time.monotonic() - started
+        finally:
+            ws.close()
+    assert error == "Proof read: reading proof: no proof before the end of the exchange (1.5s after the upgrade)"
+    assert waited < 2.5
+    assert policy.calls == []
+
+
+def test_a_flood_of_control_frames_is_refused(policy, caplog):
+    with _budget_kms(policy) as kms, raw_ws.RawSocket(kms.port) as sock, caplog.at_level(logging.INFO, logger="kcrypt.audit"):
+        assert sock.upgrade()[0] == 101
+        sock.send(b"".join(raw_ws.frame(raw_ws.OP_PING, b"x") for dummy in range(server.MAX_CONTROL_FRAMES + 1)))
+        frames = sock.read_until_close()
+        time.sleep(0.1)
+    pongs = [f for f in frames if f[0] == raw_ws.OP_PONG]
+    assert len(pongs) == server.MAX_CONTROL_FRAMES
+    assert frames[-1][0] == raw_ws.OP_CLOSE and raw_ws.close_code(frames[-1][1]) == 1008
+    assert any("outcome=bad_request" in r.getMessage() and "more than 16 control frames" in r.getMessage()
+               for r in caplog.records if r.name == "kcrypt.audit")
+
+
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.mark.parametrize("replace, by", [
+    (_KEY.encode(), "\u00e9".encode() * 12),  # non-ASCII key: aiohttp raised ValueError, HTTP 500 (issue 14.5)
+    (_KEY.encode(), b"not base64 at all!!!!!!!"),
+    (_KEY.encode(), base64.b64encode(b"x" * 15) + b"="),
+    (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: \xff"),  # echoed in aiohttp's 400 text: HTTP 500 (fuzzing)
+    (b"Upgrade: websocket", b"Upgrade: \xffwebsocket"),
+    (b"Connection: Upgrade", b"Connection: \xffUpgrade"),
+])
+def test_a_malformed_handshake_is_a_400_without_a_traceback(policy, replace, by, caplog):
+    with _budget_kms(policy) as kms, caplog.at_level(logging.INFO):
+        with raw_ws.RawSocket(kms.port) as sock:
+            sock.send(raw_ws.upgrade_request(key=_KEY).replace(replace, by))
+            status, _headers, body = sock.read_http()
+        time.sleep(0.1)
+    assert status == 400 and (b"Sec-WebSocket" in body or b"expects a WebSocket upgrade" in body)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    audit = [r.getMessage() for r in caplog.records if r.name == "kcrypt.audit"]
+    assert len(audit) == 1 and "outcome=bad_request" in audit[0] and "WebSocket handshake refused" in audit[0]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # a TLS ClientHello on the plain port
+    b"GET /tpm-attestation HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\n\r\n",
+])
+def test_malformed_http_is_one_log_line_not_a_traceback(policy, request_bytes, caplog):
+    """aiohttp logged every malformed request it answered with 400 as an ERROR with a traceback (3,024 in the attack run)."""
+    with _budget_kms(policy) as kms, caplog.at_level(logging.DEBUG):
+        with raw_ws.RawSocket(kms.port) as sock:
+            sock.send(request_bytes)
+            status, _headers, _body = sock.read_http()
+        time.sleep(0.1)
+    assert status == 400
+    assert not [r for r in caplog.records if r.exc_info and r.levelno > logging.DEBUG]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_busy_kms_answers_503_with_retry_after_and_keeps_answering_operations(policy, node):
+    """Issue 15: beyond max_connections an upgrade gets a retryable 503 before any work; probes and /metrics still answer."""
+    limits = listener.ConnectionLimits(max_connections=2, worker_exchanges=2, worker_connections=64, per_client=0)
+    with _budget_kms(policy, limits=limits, first_message_timeout=10.0) as kms:
+        held = [connect(kms.ws_url), connect(kms.ws_url)]  # upgraded, no init yet: two exchanges in flight
+        try:
+            with raw_ws.RawSocket(kms.port) as sock:
+                status, headers, body = sock.upgrade()
+                assert sock.closed_by_server(5)  # Connection: close, so the slot is free at once
+            for path in ("/healthz", "/readyz", "/metrics"):
+                assert urllib.request.urlopen(kms.url + path, timeout=5).status == 200
+            text = urllib.request.urlopen(kms.url + "/metrics", timeout=5).read().decode()
+            with pytest.raises(websocket.WebSocketBadStatusException) as info:  # what a websocket library reports
+                connect(kms.ws_url, path=protocol.GET_PASS_PATH)
+            assert info.value.status_code == 503
+        finally:
+            for ws in held:
+                ws.close()
+        assert protocol.parse_response(soft_attest(kms.ws_url, node))[0] == PASSPHRASE  # capacity is back
+    assert status == 503 and headers["retry-after"] == "1" and headers.get("connection", "").lower() == "close"
+    assert body.startswith(b"KMS busy")
+    assert 'kcrypt_connections_refused_total{reason="max_connections"} 1' in text
+    assert "kcrypt_attestations_in_flight 2" in text
+    assert [c[0] for c in policy.calls] == ["issue"]
+
+
+def test_max_connections_counts_every_worker(policy):
+    """Workers share one metrics block; the cap is the sum of their exchanges in flight."""
+    shared = metrics.Metrics.shared_array(2)
+    other_worker = metrics.Metrics(shared, 1)
+    other_worker.in_flight = 3
+    limits = listener.ConnectionLimits(max_connections=3, worker_exchanges=3, worker_connections=64, per_client=0)
+    with _budget_kms(policy, limits=limits, metrics=metrics.Metrics(shared, 0)) as kms:
+        with raw_ws.RawSocket(kms.port) as sock:
+            assert sock.upgrade()[0] == 503
+        other_worker.in_flight = 2
+        with raw_ws.RawSocket(kms.port) as sock:
+            assert sock.upgrade()[0] == 101

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import ek_certificate_der
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.identity import certificate_der as ek_certificate_der
 
 DER = bytes.fromhex("3003020101")  # a minimal DER SEQUENCE stands in for a certificate
 
