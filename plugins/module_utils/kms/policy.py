@@ -72,7 +72,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestati
     normalize_pcrs,
     relearn_pcrs,
     should_defer_pcrs,
-    verify_attestation,
+    verify_volume,
 )
 
 ENROLLMENT_TOFU = "tofu"
@@ -195,16 +195,8 @@ class Policy(object):
                 raise PolicyRejection("TPM %s refused on first contact: %s" % (tpm_hash, verdict.describe()))
             return self._enroll(tpm_hash, ek_pem, pcrs, partition, verdict)
 
-        spec = volume["spec"]
         index = find_partition(volume, partition)
-        if spec.get("quarantined"):
-            raise PolicyRejection("TPM is quarantined")
-        attestation = spec.get("attestation")
-        try:
-            verify_attestation(attestation, ek_pem, pcrs)
-        except PolicyRejection as exc:
-            raise PolicyRejection("attestation verification failed: %s" % exc)
-
+        verify_volume(volume["spec"], ek_pem, pcrs)
         if index is None:
             return self._add_partition(volume, tpm_hash, partition)
         return self._existing_partition(volume, index, tpm_hash, ek_pem, pcrs, partition)

@@ -7,9 +7,13 @@ Private to the collection.
 
 * :func:`escrow` runs in the server (``/recovery-escrow``) after the same TPM proof as
   ``/tpm-attestation`` (credential activation, then a quote bound to the activation secret): the
-  TPM must be registered, not quarantined, pass its SealedVolume's EK/PCR checks, and the
+  TPM must be registered, not quarantined, pass its SealedVolume's EK/PCR checks (the same
+  ``volume_attestation.verify_volume`` as a passphrase, PCR upgrade windows included), and the
   partition must be one of its SealedVolume's. Nothing is learned or enrolled here: an escrow
-  only ever writes the recovery-key Secret of that one partition.
+  only ever writes the recovery-key Secret of that one partition. The EK certificate policy
+  (kms/ek_certificate.py) decides which unknown TPMs may enrol; an escrow needs a SealedVolume,
+  which only an enrolment that passed it or an administrator's registration creates, so with
+  ``--ek-certificate require`` a TPM without an accepted certificate cannot escrow either.
 * :func:`reveal` runs in the admin tools (``kcrypt-challenger recovery show``, the
   ``kairos_recovery_key`` module). Each partition's audit event is recorded *before* its key is
   read; when the event cannot be recorded, nothing is read.
@@ -36,7 +40,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import new
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import (
     PolicyRejection,
     normalize_pcrs,
-    verify_attestation,
+    verify_volume,
 )
 
 ESCROWED_AT_ANNOTATION = "kcrypt.kairos.io/escrowed-at"
@@ -71,12 +75,7 @@ def escrow(store, tpm_hash, ek_pem, pcrs, partition, recovery_key):
         raise PolicyRejection("TPM %s is not registered: a recovery key is escrowed only for a partition the KMS "
                               "already serves (fetch the partition's key first)" % tpm_hash)
     spec = volume["spec"]
-    if spec.get("quarantined"):
-        raise PolicyRejection("TPM is quarantined")
-    try:
-        verify_attestation(spec.get("attestation"), ek_pem, normalize_pcrs(pcrs))
-    except PolicyRejection as error:
-        raise PolicyRejection("attestation verification failed: %s" % error) from None
+    verify_volume(spec, ek_pem, normalize_pcrs(pcrs))
     spec_partition = None
     for candidate in spec.get("partitions") or []:
         if partition.matches(candidate):

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery, store as st, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, recovery, store as st, store_factory
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
     RECOVERY_SECRET_KEY,
     SECRET_TYPE_LABEL,
@@ -72,6 +74,46 @@ def test_escrow_refused_for_a_quarantined_tpm(kms_store):
     with pytest.raises(PolicyRejection, match="TPM is quarantined"):
         recovery.escrow(kms_store, HASH, EK, PCRS, PartitionRef(label="COS_PERSISTENT"), KEY)
     assert kms_store.get_recovery_secret("node1-cos-persistent-recovery") is None
+
+
+def _in_hours(hours):
+    return st.rfc3339(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours))
+
+
+@pytest.mark.parametrize("window, pcr0, accepted", [
+    (None, PCRS["0"], True),
+    (None, "11" * 32, False),  # a changed PCR without a window
+    ({"relearnUntil": {"0": 1}}, "11" * 32, True),  # inside an open window: any new value
+    ({"relearnUntil": {"0": 1}, "relearnTo": {"0": "11" * 32}}, "11" * 32, True),  # the known-good value
+    ({"relearnUntil": {"0": 1}, "relearnTo": {"0": "22" * 32}}, "11" * 32, False),  # another value than relearnTo
+    ({"relearnUntil": {"0": -1}}, "11" * 32, False),  # an expired window: the old value is enforced
+], ids=["unchanged", "changed", "window", "window-to", "window-other", "expired"])
+def test_escrow_and_a_passphrase_take_the_same_pcr_policy(tmp_path, window, pcr0, accepted):
+    """A weaker path enforces what the strongest does: /recovery-escrow accepts exactly the PCRs /tpm-attestation
+    accepts, upgrade windows included; the escrow learns nothing (the window stays for the passphrase)."""
+    pcr_values = {"pcrs": {"0": PCRS["0"], "7": PCRS["7"]}}
+    for key, by_pcr in (window or {}).items():
+        pcr_values[key] = {index: _in_hours(value) if key == "relearnUntil" else value for index, value in by_pcr.items()}
+    outcomes = []
+    with store_factory.open_store("sqlite://%s/kms.db" % tmp_path) as kms_store:
+        kms_store.create_volume(st.new_volume("node1", HASH, partitions=[{"label": "COS_PERSISTENT"}],
+                                              attestation={"ekPublicKey": EK, "pcrValues": pcr_values}))
+        pcrs = dict(PCRS, **{"0": pcr0})
+        for call in (lambda: recovery.escrow(kms_store, HASH, EK, pcrs, PartitionRef(label="COS_PERSISTENT"), KEY),
+                     lambda: policy.Policy(kms_store).issue_passphrase(HASH, EK, pcrs, PartitionRef(label="COS_PERSISTENT"))):
+            try:
+                call()
+                outcomes.append(True)
+            except PolicyRejection as error:
+                assert "PCR verification failed: PCR0 changed" in str(error)
+                outcomes.append(False)
+            if not outcomes[-1] or len(outcomes) > 1:
+                continue
+            # after the escrow, before the passphrase: nothing learned, the window is still open
+            assert kms_store.get_volume("node1")["spec"]["attestation"]["pcrValues"] == pcr_values
+        escrowed = kms_store.get_recovery_secret("node1-cos-persistent-recovery")
+    assert outcomes == [accepted, accepted]
+    assert (escrowed is not None) == accepted
 
 
 class FailingAudit:
