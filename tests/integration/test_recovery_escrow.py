@@ -7,7 +7,9 @@ devices, the challenger on 127.0.0.1 over SQLite and over the Kubernetes API emu
 * the escrowed key opens the partition (cryptsetup --test-passphrase), the node's result never holds it;
 * neither protocol hands it to a node, whatever partition, label, name or Secret name is asked for,
   and ``/postPass`` cannot overwrite it;
-* an escrow without a valid TPM proof, for another TPM's partition, or for a quarantined TPM writes nothing;
+* an escrow without a valid TPM proof (wrong credential, broken or unbound quote, PCRs the quote does not sign),
+  for another TPM's partition, with bad partition headers (over-long, bad characters, none), or for a
+  quarantined TPM writes nothing;
 * every read by an administrator is audited first (CLI and module);
 * rotation replaces it, the old key no longer opens, a crash in the middle keeps an escrowed key that opens;
 * the controller escrow (the key returned once) stays available.
@@ -36,6 +38,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, recovery as kms_recovery, server, store, store_factory
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import RECOVERY_SECRET_KEY, SECRET_TYPE_LABEL
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, key_source, luks, recovery
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
 from support import playbook
 from support.challenger import ChallengerThread, connect
 from support.loopdisk import make_ext4, opens_with, unique_label
@@ -240,6 +243,107 @@ def test_escrow_needs_a_tpm_proof_and_writes_only_the_nodes_own_partition(kms_st
         with sqlite3.connect(kms_store.path) as db:
             assert sorted(r[0] for r in db.execute("SELECT name FROM recovery_secrets")) == sorted(
                 [secret_name, "stranger-stranger-data-recovery"])
+
+
+def stored_state(kms_store):
+    """Everything an escrow could write: the recovery Secrets' names, and each SealedVolume with its version."""
+    if isinstance(kms_store, store_factory.store_sqlite.SQLiteStore):
+        with sqlite3.connect(kms_store.path) as db:
+            names = sorted(r[0] for r in db.execute("SELECT name FROM recovery_secrets"))
+    else:
+        kubeconfig = kms_store.test_url.split("kubeconfig=")[1].split("&")[0]
+        api = kconfig.new_client_from_config(config_file=kubeconfig)
+        try:
+            names = sorted(s.metadata.name for s in kclient.CoreV1Api(api).list_namespaced_secret(kms_store.recovery_namespace).items)
+        finally:
+            api.close()
+    volumes = sorted((v["metadata"]["name"], v["metadata"].get("resourceVersion"), json.dumps(v["spec"], sort_keys=True))
+                     for v in kms_store.list_volumes())
+    return names, volumes
+
+
+def tpm_escrow(kms_thread, node, headers, recovery_key=b"r" * 40, forge=None):
+    """One /recovery-escrow exchange driven by hand with the node's swtpm (the client's own steps, to change one).
+
+    ``headers``: the handshake's headers (None: none at all); ``forge(tpm, ak, secret, pcr_quote)`` returns the
+    (secret, pcr_quote) to send instead of the genuine ones. Returns the KMS's answer."""
+    with TPM(node.tcti) as tpm:
+        ek = tpm.endorsement_key()
+        ak = tpm.create_ak()
+        init = protocol.init_message(ek.spki_der, protocol.AttestationParameters.from_attestation_key(ak))
+        header = ["%s: %s" % item for item in (headers or {}).items()]
+        ws = websocket.create_connection(kms_thread.ws_url + protocol.RECOVERY_ESCROW_PATH, header=header, timeout=30,
+                                         suppress_origin=True)
+        try:
+            ws.send(protocol.write_json(init))
+            challenge = protocol.parse_challenge(protocol.load_json_object(ws.recv(), "challenge"))
+            secret = tpm.activate_credential(ak, challenge.credential, challenge.secret)
+            quote, signature = tpm.quote(ak, protocol.QUOTE_PCRS, qualifying_data=secret)
+            pcr_quote = protocol.PCRQuote(protocol.QUOTE_VERSION, quote, signature, tpm.pcr_read(protocol.QUOTE_PCRS))
+            if forge:
+                secret, pcr_quote = forge(tpm, ak, secret, pcr_quote)
+            ws.send(protocol.write_json(protocol.escrow_message(secret, pcr_quote, recovery_key)))
+            return protocol.load_json_object(ws.recv(), "response")
+        finally:
+            ws.close()
+
+
+def _other_pcrs(tpm, ak, secret, pcr_quote):
+    pcrs = dict(pcr_quote.pcrs)
+    pcrs[0] = bytes(32) if pcrs[0] != bytes(32) else b"\1" * 32
+    return secret, dataclasses.replace(pcr_quote, pcrs=pcrs)
+
+
+def _unbound_quote(tpm, ak, secret, pcr_quote):
+    quote, signature = tpm.quote(ak, protocol.QUOTE_PCRS, qualifying_data=b"")
+    return secret, dataclasses.replace(pcr_quote, quote=quote, signature=signature)
+
+
+# A registration holding partitions a node must not be able to name: were the request's values not checked
+# before matching, each bad header below would match one of them and its recovery key would be written.
+ODD_PARTITIONS = [{"label": "L" * 256}, {"label": "BAD\tLABEL"}, {"deviceName": "vda5;reboot"}, {"deviceName": "n" * 65},
+                  {"uuid": "u" * 65}]
+
+
+@pytest.mark.parametrize("headers, refusal", [
+    ({"label": "L" * 256, "name": "", "uuid": ""}, "invalid partition: label is longer than 255 bytes (256 bytes)"),
+    ({"label": "BAD\tLABEL", "name": "", "uuid": ""}, "invalid partition: label holds control characters"),
+    ({"label": "", "name": "vda5;reboot", "uuid": ""}, "invalid partition: name holds characters other than"),
+    ({"label": "", "name": "n" * 65, "uuid": ""}, "invalid partition: name is longer than 64 bytes"),
+    ({"label": "", "name": "", "uuid": "u" * 65}, "invalid partition: uuid is longer than 64 bytes"),
+    ({"label": "", "name": "", "uuid": ""}, "invalid partition: the request names no partition"),
+    ({"label": "", "name": "", "uuid": "unknown"}, "invalid partition: the request names no partition"),
+    (None, "invalid partition: the request names no partition"),  # no headers at all
+], ids=["long-label", "control-label", "bad-name", "long-name", "long-uuid", "empty", "unknown-uuid", "none"])
+def test_escrow_with_bad_partition_headers_is_refused_and_writes_nothing(kms_store, node, headers, refusal):
+    kms_store.create_volume(store.new_volume("odd", node.tpm_hash, partitions=[{"label": "COS_PERSISTENT"}] + ODD_PARTITIONS))
+    before = stored_state(kms_store)
+    with kms(kms_store) as kms_thread:
+        answer = tpm_escrow(kms_thread, node, headers)
+        assert list(answer) == ["error"] and answer["error"].startswith("Attestation verification failed: " + refusal), answer
+        assert stored_state(kms_store) == before
+        # the same TPM and proof with a good header escrows: the refusal was the header's
+        assert tpm_escrow(kms_thread, node, {"label": "COS_PERSISTENT", "name": "", "uuid": ""}) == {"escrowed": True}
+    assert stored_state(kms_store)[0] == ["odd-cos-persistent-recovery"]
+
+
+@pytest.mark.parametrize("forge, refusal", [
+    (lambda tpm, ak, secret, pcr_quote: (bytes(32), pcr_quote), "invalid secret"),  # wrong credential
+    (lambda tpm, ak, secret, pcr_quote: (secret, dataclasses.replace(pcr_quote, signature=pcr_quote.signature[:-1] + bytes(
+        [pcr_quote.signature[-1] ^ 1]))), "quote signature verification failed"),  # the quote's signature broken
+    (_other_pcrs, "the PCR values do not match the quoted digest"),  # PCR values the quote does not sign
+    (_unbound_quote, "qualifying data does not match the nonce"),  # a genuine quote, not bound to this exchange
+], ids=["wrong-credential", "bad-signature", "other-pcrs", "unbound-quote"])
+def test_an_unauthenticated_escrow_writes_nothing(kms_store, node, forge, refusal):
+    """The node's own TPM, its own registered partition: only the proof is wrong, and nothing is written."""
+    kms_store.create_volume(store.new_volume("own", node.tpm_hash, partitions=[{"label": "COS_PERSISTENT"}]))
+    headers = {"label": "COS_PERSISTENT", "name": "", "uuid": ""}
+    before = stored_state(kms_store)
+    with kms(kms_store) as kms_thread:
+        answer = tpm_escrow(kms_thread, node, headers, forge=forge)
+        assert "escrowed" not in answer and refusal in answer["error"], answer
+        assert stored_state(kms_store) == before == ([], before[1])
+        assert tpm_escrow(kms_thread, node, headers) == {"escrowed": True}  # the genuine proof is accepted
 
 
 def test_recovery_secrets_live_apart_with_their_own_label(kms_store):
