@@ -656,3 +656,28 @@ def test_max_connections_counts_every_worker(policy):
         other_worker.in_flight = 2
         with raw_ws.RawSocket(kms.port) as sock:
             assert sock.upgrade()[0] == 101
+
+
+def test_recovery_escrow_shares_the_admission_and_the_connection_budget(policy, node):
+    """/recovery-escrow counts against max_connections like /tpm-attestation (503 + Retry-After beyond, before any
+    work), and its first message has the same deadline."""
+    limits = listener.ConnectionLimits(max_connections=1, worker_exchanges=1, worker_connections=64, per_client=0)
+    with _budget_kms(policy, limits=limits, first_message_timeout=1.0, read_timeout=1.0) as kms:
+        held = connect(kms.ws_url, path=protocol.RECOVERY_ESCROW_PATH)  # an escrow in flight, silent
+        try:
+            with raw_ws.RawSocket(kms.port) as sock:
+                status, headers, dummy = sock.upgrade()  # /tpm-attestation while the escrow holds the only place
+            with pytest.raises(websocket.WebSocketBadStatusException) as info:
+                connect(kms.ws_url, path=protocol.RECOVERY_ESCROW_PATH)
+            started = time.monotonic()
+            error = json.loads(held.recv())["error"]  # the held escrow is closed at the first message's deadline
+            waited = time.monotonic() - started
+        finally:
+            held.close()
+        assert status == 503 and headers["retry-after"] == "1"
+        assert info.value.status_code == 503 and info.value.resp_headers["retry-after"] == "1"
+        assert error == "WebSocket read: reading attestation init: no attestation init within 1s" and waited < 3.0
+        time.sleep(0.2)  # the audit and in-flight count are updated after the close
+        answer, closed = _escrow(kms, node, b"k" * 32)  # capacity is back
+        assert answer == {"escrowed": True} and closed
+    assert [call[0] for call in policy.calls] == ["escrow"]
