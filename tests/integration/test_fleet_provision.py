@@ -364,7 +364,11 @@ class TestProvisionMixed:
         assert all(" unchanged " in line for line in summary(again).values())
 
     def test_recovery_keys_are_kept_on_the_controller(self, mixed_lab):
-        # node1 (offline) and node2 (static key in the KMS) are encrypted: each gets a recovery key slot
+        # node1 (offline) and node2 (static key in the KMS) are encrypted: each gets a recovery key slot. The node
+        # roles are set here too, so this test also runs alone (-k, or on another xdist worker than the first test).
+        mixed_lab.host_vars("node1", {"node_key_source": "tpm"})
+        mixed_lab.host_vars("node2", {"node_static_passphrases": {"COS_PERSISTENT": STATIC}})
+        mixed_lab.host_vars("node3", {"node_quarantined": True})
         keys_dir = mixed_lab.work + "/recovery"
         os.makedirs(keys_dir, mode=0o700)
         extra = {"node_recovery_key": True, "node_recovery_key_dir": keys_dir}
