@@ -401,7 +401,9 @@ def test_every_read_is_audited_first(kms_store, node, loop_disks, tmp_path):
     assert not result.get("failed") and result["changed"] is False, result
     (entry,) = result["recovery_keys"]
     assert entry["recovery_key"].encode() == key and entry["escrowed"]
-    status, output = run_module(tmp_path, "kairos_recovery_key", **dict(args, reveal=False))
+    check_args = dict(args)
+    check_args["reveal"] = False
+    status, output = run_module(tmp_path, "kairos_recovery_key", **check_args)
     assert "recovery_key" not in status["recovery_keys"][0] and status["recovery_keys"][0]["escrowed"]
     assert key.decode() not in output
     events = kms_store.audit_events()

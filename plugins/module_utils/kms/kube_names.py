@@ -25,7 +25,6 @@ RECOVERY_SECRET_KEY = "recovery-key"
 RECOVERY_NAME_SUFFIX = "-recovery"
 
 
-
 def _is_alnum(char):
     return "a" <= char <= "z" or "A" <= char <= "Z" or "0" <= char <= "9"
 
