@@ -54,6 +54,12 @@ KEY_SOURCE_REQUIRED_IF = [
     ("key_source", "kms", ("challenger_server",)),
 ]
 
+# kairos.kcrypt.recovery_escrow: where kairos_luks_encrypt and kairos_luks_rekey keep a new recovery key
+# (node/recovery.py ESCROWS). With kms, the KMS is the one the key_source group names.
+RECOVERY_ESCROW_SPEC = {
+    "recovery_escrow": {"type": "str", "default": "controller", "choices": ["controller", "kms"]},
+}
+
 PARTITION_SELECTOR_OPTIONS = {
     "label": {"type": "str"},
     "device": {"type": "path"},

@@ -48,6 +48,13 @@ options:
         as C(kustomize)'s C(namespace) does. Empty keeps the namespaces the objects name.
     type: str
     default: ""
+  namespace_map:
+    description:
+      - Namespaces to replace, as a mapping from the namespace an object names to the one to put it in instead.
+        O(namespace) applies to the objects it does not map. ServiceAccount subjects of RoleBindings still go to O(namespace).
+      - The challenger role maps the recovery-key namespace V(kcrypt-recovery) of C(deploy/kubernetes/rbac.yaml) this way.
+    type: dict
+    default: {}
   kubeconfig:
     description:
       - Path of the kubeconfig file. If omitted, the in-cluster service account is used when the task runs in a pod,
@@ -101,6 +108,7 @@ def main():
             objects=dict(type="list", elements="dict", required=True),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             namespace=dict(type="str", default=""),
+            namespace_map=dict(type="dict", default={}),
             kubeconfig=dict(type="path"),
             context=dict(type="str"),
         ),
@@ -108,7 +116,8 @@ def main():
     )
     params = module.params
     result = run_or_fail(module, kube_apply.apply_objects, params["objects"], state=params["state"], namespace=params["namespace"],
-                         kubeconfig=params["kubeconfig"], context=params["context"], check_mode=module.check_mode)
+                         kubeconfig=params["kubeconfig"], context=params["context"], check_mode=module.check_mode,
+                         namespace_map=params["namespace_map"])
     module.exit_json(**result)
 
 

@@ -98,10 +98,9 @@ options:
     description:
       - Also add a recovery key in a second key slot. It is a random 256-bit key in the format that
         systemd-cryptenroll uses for recovery keys.
-      - The new key is returned once, in RV(partitions[].recovery_key), and never again. Store it somewhere
-        safe, such as a vault.
-      - "The task must set C(no_log: true) so the key stays out of logs. The module refuses to run otherwise."
+      - O(recovery_escrow) says where the key is kept.
       - A partition that already has a recovery key is left as it is.
+        M(kairos.kcrypt.kairos_luks_rekey) with O(kairos.kcrypt.kairos_luks_rekey#module:recovery_key=true) replaces it.
     type: bool
     default: false
 extends_documentation_fragment:
@@ -109,12 +108,14 @@ extends_documentation_fragment:
   - kairos.kcrypt.key_source
   - kairos.kcrypt.tpm
   - kairos.kcrypt.offline_key
+  - kairos.kcrypt.recovery_escrow
   - kairos.kcrypt.attributes
 attributes:
   check_mode:
     support: full
     details:
-      - Check mode makes all the checks of a real run. It creates no NV blob, no TPM key and no KMS enrolment.
+      - Check mode makes all the checks of a real run. It creates no NV blob, no TPM key, no KMS enrolment and
+        escrows no recovery key.
       - With O(key_source=kms), it asks the KMS only for partitions that are already encrypted, to test their
         key. A booting node makes the same request.
   diff_mode:
@@ -158,6 +159,16 @@ EXAMPLES = r"""
     recovery_key: true
   no_log: true
   register: encrypted
+
+- name: Encrypt with a KMS key and escrow a recovery key in the same KMS
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - label: COS_PERSISTENT
+    mode: in_place
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+    recovery_key: true
+    recovery_escrow: kms
 
 - name: Preview what would change
   kairos.kcrypt.kairos_luks_encrypt:
@@ -212,21 +223,22 @@ partitions:
       description: Whether this partition changed.
       type: bool
     recovery_key_added:
-      description: Whether a recovery key was added now.
+      description: Whether a recovery key was added now (or would be, in check mode).
       type: bool
     recovery_key:
       description: The new recovery key. Only present when it was added by this run. Store it now.
       type: str
-      returned: when a recovery key was added
+      returned: when a recovery key was added with O(recovery_escrow=controller)
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import (
-    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, TPM_SPEC, generate_argspec, hide_secrets, run_or_fail,
+    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, RECOVERY_ESCROW_SPEC, TPM_SPEC, generate_argspec, hide_secrets,
+    run_or_fail,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery
 
 # The options that say how to format, by the names LuksOptions.from_options takes.
 LUKS_OPTIONS = ("type", "cipher", "keysize", "hash", "sector_size", "pbkdf")
@@ -238,6 +250,7 @@ def argument_spec():
         KEY_SOURCE_SPEC,
         TPM_SPEC,
         OFFLINE_KEY_SPEC,
+        RECOVERY_ESCROW_SPEC,
         mode=dict(type="str", required=True, choices=list(encryption.MODES)),
         wipe=dict(type="bool", default=False),
         type=dict(type="str", default="luks2", choices=["luks2"]),
@@ -279,14 +292,15 @@ def run(module, results):
         wipe=params["wipe"],
         options=luks.LuksOptions.from_options(**{name: params[name] for name in LUKS_OPTIONS}),
         recovery_key=params["recovery_key"],
+        recovery_escrow=recovery.build_escrow(params["recovery_escrow"] if params["recovery_key"] else "controller", params),
     )
     source = key_source.build(params)
     hide_secrets(module, source)
     plans = encryption.plan(request, source)
-    if any(p.add_recovery_key for p in plans) and not module.no_log:
+    if any(p.add_recovery_key for p in plans) and request.recovery_escrow.returns_key and not module.no_log:
         raise KcryptError(
-            "recovery_key=true returns the new recovery key in the result: set 'no_log: true' on the task "
-            "so it stays out of logs. Nothing was changed."
+            "recovery_key=true with recovery_escrow=controller returns the new recovery key in the result: set "
+            "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). Nothing was changed."
         )
     diff = {"before": state_text(plans, "before"), "after": state_text(plans, "after")}
     if module.check_mode:

@@ -24,6 +24,10 @@ description:
     updated, for example with C(kcrypt-challenger add --update-passphrase). O(step=finish) checks that the KMS
     now serves the new key and that it opens the partition, then removes the old key slots.
     The C(kairos.kcrypt.rekey) playbook runs these steps.
+  - With O(recovery_key=true) the recovery key is rotated too, after the main key's round (O(step=all), or
+    O(step=finish) with O(key_source=kms)). O(step=recovery) rotates only the recovery key. A new recovery key is
+    added and kept first (returned, or escrowed in the KMS with O(recovery_escrow=kms)); only then are the old
+    recovery-key slots removed. Rotate it after every use of the recovery key.
 options:
   new_passphrase:
     description:
@@ -44,20 +48,31 @@ options:
       - V(all) does the whole re-key. It is for O(key_source=tpm) and O(key_source=passphrase).
       - V(add) only adds the new key. V(finish) only removes the old key slots, once the source serves the new key.
         O(key_source=kms) needs V(add), then the KMS update, then V(finish).
+      - V(recovery) leaves the main key alone and only rotates the recovery key (O(recovery_key) is implied),
+        authorised by the key the source serves now.
     type: str
-    choices: [all, add, finish]
+    choices: [all, add, finish, recovery]
     default: all
+  recovery_key:
+    description:
+      - Rotate the partition's recovery key in this round (O(rekey_id)), or add one where there is none.
+        The new key is kept as O(recovery_escrow) says before the old recovery-key slots are removed.
+      - A partition whose recovery key of round O(rekey_id) is in place and alone is left as it is.
+      - Needs O(rekey_id) with every key source.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - kairos.kcrypt.partitions
   - kairos.kcrypt.key_source
   - kairos.kcrypt.tpm
   - kairos.kcrypt.offline_key
+  - kairos.kcrypt.recovery_escrow
   - kairos.kcrypt.attributes
 attributes:
   check_mode:
     support: full
     details:
-      - Check mode reads the current key and tests it, and changes no key slot, token or NV blob.
+      - Check mode reads the current key and tests it, and changes no key slot, token or NV blob. It escrows nothing.
   diff_mode:
     support: none
   idempotent:
@@ -110,6 +125,16 @@ EXAMPLES = r"""
     challenger_server: https://kms.example.com:8082
     rekey_id: "2026-12"
     step: finish
+
+- name: After the recovery key was used, replace it and its copy in the KMS
+  kairos.kcrypt.kairos_luks_rekey:
+    partitions:
+      - label: COS_PERSISTENT
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+    rekey_id: "2026-12-recovery"
+    step: recovery
+    recovery_escrow: kms
 """
 
 RETURN = r"""
@@ -147,6 +172,13 @@ partitions:
     changed:
       description: Whether this partition changed.
       type: bool
+    recovery_key_rotated:
+      description: Whether a new recovery key was added now and the old recovery-key slots removed (or would be, in check mode).
+      type: bool
+    recovery_key:
+      description: The new recovery key. Store it now.
+      type: str
+      returned: when a recovery key was rotated with O(recovery_escrow=controller)
 nv_rewritten:
   description: With O(key_source=tpm), whether the NV blob was replaced (or would be, in check mode).
   returned: always
@@ -156,10 +188,11 @@ nv_rewritten:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common import (
-    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, TPM_SPEC, generate_argspec, hide_secrets, run_or_fail,
+    KEY_SOURCE_REQUIRED_IF, KEY_SOURCE_SPEC, OFFLINE_KEY_SPEC, PARTITIONS_SPEC, RECOVERY_ESCROW_SPEC, TPM_SPEC, generate_argspec, hide_secrets,
+    run_or_fail,
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, rekey
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery, rekey
 
 
 def argument_spec():
@@ -168,15 +201,23 @@ def argument_spec():
         KEY_SOURCE_SPEC,
         TPM_SPEC,
         OFFLINE_KEY_SPEC,
+        RECOVERY_ESCROW_SPEC,
         new_passphrase=dict(type="str", no_log=True),
         rekey_id=dict(type="str"),
-        step=dict(type="str", default="all", choices=list(rekey.STEPS)),
+        step=dict(type="str", default="all", choices=list(rekey.STEPS) + ["recovery"]),
+        recovery_key=dict(type="bool", default=False, no_log=False),
     )
 
 
 def check_request(params, source):
     """KcryptError when the options do not fit the key source (before anything is read or changed)."""
     name, step = source.name, params["step"]
+    if rotates_recovery(params) and not params["rekey_id"]:
+        raise KcryptError("rotating the recovery key needs rekey_id to name the round (a second run with it changes nothing)")
+    if step == "recovery":
+        if params["new_passphrase"]:
+            raise KcryptError("step=recovery changes only the recovery key; new_passphrase is not used")
+        return
     if name in ("tpm", "kms") and not params["rekey_id"]:
         raise KcryptError("key_source=%s draws a new random key on each run: give rekey_id to name the round" % name)
     if name == "tpm" and params["new_passphrase"]:
@@ -192,35 +233,79 @@ def check_request(params, source):
         raise KcryptError("key_source=%s step=%s needs new_passphrase" % (name, step))
 
 
-def entry(device, outcome):
-    return {
+def rotates_recovery(params):
+    """Whether this run rotates the recovery key: step=recovery, or recovery_key=true at the end of a round."""
+    return params["step"] == "recovery" or (params["recovery_key"] and params["step"] in ("all", "finish"))
+
+
+def entry(device, outcome, recovery_outcome=None):
+    recovery_outcome = recovery_outcome or {"rotated": False, "removed_slots": [], "recovery_key": None}
+    result = {
         "device": device.path,
         "name": device.name,
         "label": device.label,
         "luks_uuid": device.uuid,
         "partuuid": device.partuuid,
         "added": outcome["added"],
-        "removed_slots": outcome["removed_slots"],
-        "changed": bool(outcome["added"] or outcome["removed_slots"]),
+        "removed_slots": outcome["removed_slots"] + recovery_outcome["removed_slots"],
+        "changed": bool(outcome["added"] or outcome["removed_slots"] or recovery_outcome["rotated"]),
+        "recovery_key_rotated": recovery_outcome["rotated"],
     }
+    if recovery_outcome["recovery_key"] is not None:
+        result["recovery_key"] = recovery_outcome["recovery_key"].decode("ascii")
+    return result
+
+
+def current_key(params, source, fresh):
+    """``key_for(device)`` of the recovery rotation: the key that opens the partition after the main-key round.
+
+    A passphrase round changed it to new_passphrase; the TPM and the KMS are asked again (``fresh``, a new
+    key source: the NV blob was rewritten, the KMS Secret updated).
+    """
+    def key_for(device):
+        if source.name == "passphrase":
+            new = params["new_passphrase"]
+            return new.encode("utf-8") if new and params["step"] == "all" else source.existing_key(device)
+        return fresh.existing_key(device, device.label)
+    return key_for
 
 
 def run(module):
-    """Re-key every partition; the result's fields."""
+    """Re-key every partition (and rotate its recovery key); the result's fields."""
     params = module.params
     source = key_source.build(params)
     hide_secrets(module, source)
     check_request(params, source)
+    escrow = recovery.build_escrow(params["recovery_escrow"] if rotates_recovery(params) else "controller", params)
+    if rotates_recovery(params) and escrow.returns_key and not module.no_log:
+        raise KcryptError("rotating the recovery key with recovery_escrow=controller returns the new key in the result: set "
+                          "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). "
+                          "Nothing was changed.")
+    fresh = None
+    if source.name != "passphrase":
+        fresh = key_source.build(params)
+        hide_secrets(module, fresh)
     devices = rekey.encrypted_devices(encryption.selectors(params["partitions"]))
     options = rekey.new_key_options(source)
     rekey_id = params["rekey_id"] or None
-    if source.name == "tpm":
+    if params["step"] == "recovery":
+        outcomes, rewritten = {d.path: {"added": False, "removed_slots": []} for d in devices}, False
+    elif source.name == "tpm":
         outcomes, rewritten = rekey.rekey_tpm(devices, source, rekey_id, options, module.check_mode, module.debug)
     else:
         new_key = params["new_passphrase"].encode("utf-8") if params["new_passphrase"] else None
         outcomes = rekey.rekey_with_source(devices, source, params["step"], new_key, rekey_id, options, module.check_mode)
         rewritten = False
-    entries = [entry(d, outcomes[d.path]) for d in devices]
+    recovered = {}
+    if rotates_recovery(params):
+        if module.check_mode and any(o["added"] for o in outcomes.values()):
+            # the main key is not really added in check mode, so the key after the round cannot open anything yet
+            recovered = {d.path: {"rotated": not recovery.round_done(luks.read_header(d.path), rekey_id),
+                                  "removed_slots": [], "recovery_key": None} for d in devices}
+        else:
+            recovered = rekey.rotate_recovery(devices, current_key(params, source, fresh), escrow, rekey_id, options,
+                                              module.check_mode)
+    entries = [entry(d, outcomes[d.path], recovered.get(d.path)) for d in devices]
     return {"changed": any(e["changed"] for e in entries) or rewritten, "partitions": entries, "nv_rewritten": rewritten}
 
 

@@ -86,6 +86,14 @@ class TestChallengerOnKubernetes:
         assert verbs == {"sealedvolumes": {"get", "list", "create", "update"}, "secrets": {"get", "create"}}
         binding = fetch(dynamic, "rbac.authorization.k8s.io/v1", "RoleBinding", "kcrypt-challenger", "kcrypt")
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kcrypt-challenger", "namespace": "kcrypt"}]
+        # recovery keys: their own namespace, where the server writes Secrets and reads none
+        assert fetch(dynamic, "v1", "Namespace", "kcrypt-recovery") is not None
+        role = fetch(dynamic, "rbac.authorization.k8s.io/v1", "Role", "kcrypt-challenger-recovery", "kcrypt-recovery")
+        assert [(rule["resources"], set(rule["verbs"])) for rule in role["rules"]] == [(["secrets"], {"create", "update"})]
+        binding = fetch(dynamic, "rbac.authorization.k8s.io/v1", "RoleBinding", "kcrypt-challenger-recovery", "kcrypt-recovery")
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kcrypt-challenger", "namespace": "kcrypt"}]
+        for namespace in ("kcrypt", "kcrypt-recovery"):
+            assert fetch(dynamic, "rbac.authorization.k8s.io/v1", "Role", "kcrypt-recovery-reader", namespace) is not None
         settings = yaml.safe_load(fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt")["data"]["config.yaml"])
         assert settings["store"] == "kubernetes://?namespace=kcrypt"  # the pod's own account, no kubeconfig
         assert settings["listen"] == "0.0.0.0:8082" and settings["tls_cert"] == ""
@@ -132,6 +140,9 @@ class TestChallengerOnKubernetes:
     def test_another_namespace(self, cluster, dynamic):
         deploy(cluster, challenger_kubernetes_namespace="kcrypt-other", challenger_kubernetes_replicas=1)
         binding = fetch(dynamic, "rbac.authorization.k8s.io/v1", "RoleBinding", "kcrypt-challenger", "kcrypt-other")
+        assert binding["subjects"][0]["namespace"] == "kcrypt-other"
+        assert fetch(dynamic, "v1", "Namespace", "kcrypt-other-recovery") is not None
+        binding = fetch(dynamic, "rbac.authorization.k8s.io/v1", "RoleBinding", "kcrypt-challenger-recovery", "kcrypt-other-recovery")
         assert binding["subjects"][0]["namespace"] == "kcrypt-other"
         assert fetch(dynamic, "v1", "ServiceAccount", "kcrypt-challenger", "kcrypt-other") is not None
         settings = yaml.safe_load(fetch(dynamic, "v1", "ConfigMap", "kcrypt-challenger", "kcrypt-other")["data"]["config.yaml"])

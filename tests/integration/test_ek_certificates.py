@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import shutil
+import sqlite3
 import time
 
 import pytest
@@ -242,6 +243,34 @@ def test_the_legacy_protocol_enrols_nobody_and_serves_registrations(sqlite_store
         assert client.get_passphrase(_config(kms, tpms["b"], protocol="legacy"), PERSISTENT) == b"registered-by-an-admin"
         assert client.get_passphrase(_config(kms, tpms["b"]), PERSISTENT) == b"registered-by-an-admin"
     assert [v["metadata"]["name"] for v in sqlite_store.list_volumes()] == ["vendor-b-node"]
+
+
+def _recovery_secrets(sqlite_store):
+    with sqlite3.connect(sqlite_store.path) as db:
+        return sorted(row[0] for row in db.execute("SELECT name FROM recovery_secrets"))
+
+
+def test_recovery_escrow_takes_the_same_admission(sqlite_store, tpms, trusted_a):
+    """/recovery-escrow needs a SealedVolume, which under ``require`` only a TPM with an accepted EK certificate gets
+    by itself: B's TPM and one without certificate can neither enrol nor escrow, and nothing is written; A's TPM
+    escrows once enrolled, and B's once an administrator registered it (as /tpm-attestation then serves it)."""
+    key = b"recovery-key-" * 4
+    with _kms(sqlite_store, "require", [trusted_a]) as kms:
+        for vendor in ("b", "plain"):
+            with pytest.raises(client.AttestationRejected) as info:
+                client.escrow_recovery_key(_config(kms, tpms[vendor]), PERSISTENT, key)
+            assert "TPM %s is not registered" % tpms[vendor].identity.tpm_hash in str(info.value)
+            _refused(kms, tpms[vendor], "EK certificate")  # and /tpm-attestation does not enrol it either
+            with pytest.raises(client.AttestationRejected, match="is not registered"):
+                client.escrow_recovery_key(_config(kms, tpms[vendor]), PERSISTENT, key)
+        assert sqlite_store.list_volumes() == [] and _recovery_secrets(sqlite_store) == []
+
+        client.get_passphrase(_config(kms, tpms["a"]), PERSISTENT)
+        assert client.escrow_recovery_key(_config(kms, tpms["a"]), PERSISTENT, key)
+        sqlite_store.create_volume(_registration("vendor-b-node", tpms["b"].identity.tpm_hash))
+        assert client.escrow_recovery_key(_config(kms, tpms["b"]), PERSISTENT, key)
+    assert _recovery_secrets(sqlite_store) == sorted(["tofu-%s-cos-persistent-recovery" % tpms["a"].identity.tpm_hash[:8],
+                                                      "vendor-b-node-cos-persistent-recovery"])
 
 
 def test_the_server_command(tmp_path, tpms, vendors):

@@ -23,7 +23,7 @@ import tempfile
 import pytest
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, server, store, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import policy, recovery as kms_recovery, server, store, store_factory
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, key_source
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
@@ -123,6 +123,13 @@ def tpm_hash(fleet, node):
         return handle.endorsement_key().tpm_hash
 
 
+def escrowed(fleet, node):
+    """The recovery key the KMS holds for ``node``'s partition, read as an administrator (audited)."""
+    (found,) = kms_recovery.reveal(fleet["kms"].store, tpm_hash(fleet, node), "pytest", partition="COS_PERSISTENT")
+    assert found["escrowed"], found
+    return found["recovery_key"]
+
+
 def quarantined(fleet, node):
     (volume,) = fleet["kms"].store.volumes_for(tpm_hash(fleet, node))
     return bool(volume["spec"].get("quarantined"))
@@ -186,6 +193,31 @@ class TestFleetOperations:
         assert again.rc == 0 and again.changed == 0, again.changed_tasks()
         assert served_key(fleet, "node2") == new
         fleet["keys"]["node2"] = new
+
+    def test_rekey_rotates_the_recovery_key_escrowed_in_the_kms(self, fleet):
+        """node2: a recovery key escrowed in the KMS, then one run re-keys the main key and rotates the recovery key."""
+        device, main = device_of(fleet, "node2"), fleet["keys"]["node2"]
+        only = {"rekey_id": "rec1", "rekey_recovery_key": True, "rekey_main_key": False, "rekey_recovery_escrow": "kms"}
+        done = run("playbooks/rekey.yml", fleet, only, limit="node2")
+        assert done.rc == 0 and done.changed == 1, done
+        first = escrowed(fleet, "node2")
+        assert opens_with(device, first) and served_key(fleet, "node2") == main and opens_with(device, main)
+
+        both = {"rekey_id": "r2", "rekey_recovery_key": True, "rekey_recovery_escrow": "kms"}
+        done = run("playbooks/rekey.yml", fleet, both, limit="node2")
+        assert done.rc == 0 and done.changed > 0, done
+        new_main, second = served_key(fleet, "node2"), escrowed(fleet, "node2")
+        assert new_main != main and second != first
+        assert opens_with(device, new_main) and opens_with(device, second)
+        assert not opens_with(device, main) and not opens_with(device, first)
+        assert len(luks_slots(device)) == 2  # the main key and the recovery key
+        output = done.stderr + json.dumps(done.data)
+        assert all(key.decode() not in output for key in (main, new_main, first, second))
+
+        again = run("playbooks/rekey.yml", fleet, both, limit="node2")
+        assert again.rc == 0 and again.changed == 0, again.changed_tasks()
+        assert escrowed(fleet, "node2") == second and served_key(fleet, "node2") == new_main
+        fleet["keys"]["node2"] = new_main
 
     def test_export_then_import_into_a_fresh_store(self, fleet):
         target = os.path.join(fleet["base"], "export", "kms.yaml")

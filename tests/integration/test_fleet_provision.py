@@ -20,7 +20,7 @@ import stat
 import pytest
 import yaml
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import kube_names, recovery as kms_recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store_factory import open_store
 from support import playbook
 from support.lab import force_remove, leftovers, processes
@@ -228,6 +228,26 @@ class TestProvisionTofu:
         for host, line in summary(run).items():
             assert " unchanged " in line and "the key opens every partition" in line, line
 
+    def test_recovery_keys_escrowed_in_the_kms(self, tofu_lab):
+        """node_recovery_escrow=kms: each node escrows its recovery key in the lab KMS; none reaches the output."""
+        extra = {"node_recovery_key": True, "node_recovery_escrow": "kms"}
+        run = tofu_lab.provision(extra)
+        assert run.rc == 0, run
+        results = node_results(run, tofu_lab.hosts)
+        assert set(results) == set(tofu_lab.hosts)
+        store = open_store(tofu_lab.store_path, create=False)
+        try:
+            for host, result in results.items():
+                (found,) = kms_recovery.reveal(store, result["tpm_hash"], "pytest")
+                assert found["escrowed"] and found["partition"] == "COS_PERSISTENT"
+                assert opens_with(tofu_lab.partition(host), found["recovery_key"])
+                assert found["recovery_key"].decode() not in str(run.data) + run.stderr
+            assert len(store.audit_events()) == len(tofu_lab.hosts)
+        finally:
+            store.close()
+        again = tofu_lab.provision(extra)
+        assert again.rc == 0 and again.changed == 0, again
+
     def test_lab_down_stops_the_kms_and_leaves_nothing(self, tofu_lab):
         """lab_down alone (no KMS settings passed): the KMS provision.yml deployed into the lab goes too."""
         assert tofu_lab.kms_pid(), "the lab KMS is not running"
@@ -344,7 +364,11 @@ class TestProvisionMixed:
         assert all(" unchanged " in line for line in summary(again).values())
 
     def test_recovery_keys_are_kept_on_the_controller(self, mixed_lab):
-        # node1 (offline) and node2 (static key in the KMS) are encrypted: each gets a recovery key slot
+        # node1 (offline) and node2 (static key in the KMS) are encrypted: each gets a recovery key slot. The node
+        # roles are set here too, so this test also runs alone (-k, or on another xdist worker than the first test).
+        mixed_lab.host_vars("node1", {"node_key_source": "tpm"})
+        mixed_lab.host_vars("node2", {"node_static_passphrases": {"COS_PERSISTENT": STATIC}})
+        mixed_lab.host_vars("node3", {"node_quarantined": True})
         keys_dir = mixed_lab.work + "/recovery"
         os.makedirs(keys_dir, mode=0o700)
         extra = {"node_recovery_key": True, "node_recovery_key_dir": keys_dir}

@@ -171,7 +171,7 @@ def test_legacy_is_still_served_for_a_legacy_registration(store, node_a):
 
 @pytest.mark.parametrize("protocols, disabled, enabled", [
     (("attestation",), [protocol.GET_PASS_PATH, protocol.POST_PASS_PATH, "/" + protocol.GET_PASS_PATH], protocol.ATTESTATION_PATH),
-    (("legacy",), [protocol.ATTESTATION_PATH, "/" + protocol.ATTESTATION_PATH], protocol.GET_PASS_PATH),
+    (("legacy",), [protocol.ATTESTATION_PATH, "/" + protocol.ATTESTATION_PATH, protocol.RECOVERY_ESCROW_PATH], protocol.GET_PASS_PATH),
 ])
 def test_a_disabled_protocol_answers_a_clear_http_error(store, node_a, protocols, disabled, enabled):
     store.create_volume(st.new_volume("node-a", node_a.tpm_hash, [{"label": "COS_PERSISTENT"}]))

@@ -8,10 +8,12 @@
 * every SealedVolume the store writes (each POST and PUT body the API emulator records) validates
   against it (jsonschema) and loses nothing to the API server's pruning of unknown fields;
 * every API request the store makes — server paths as the challenger's identity, admin paths as the
-  registrar's — is allowed by the Role bound to that identity in deploy/kubernetes/rbac.yaml, with the
-  request mapped to (verb, group, resource, subresource) by the API server's RequestInfo rules from the
-  recorded HTTP method and path, not from our own method names; and the challenger's Role grants
-  nothing its requests do not use (least privilege shown sufficient, not assumed).
+  registrar's, recovery-key reads as the recovery reader's — is allowed by a Role bound to that identity
+  in deploy/kubernetes/rbac.yaml, in the namespace of the request, with the request mapped to (verb,
+  group, resource, subresource) by the API server's RequestInfo rules from the recorded HTTP method and
+  path, not from our own method names; and the challenger's and the reader's Roles grant nothing their
+  requests do not use (least privilege shown sufficient, not assumed). In the recovery-key namespace the
+  challenger only writes: recovery keys are never readable with its identity.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ from support.stores import install_crd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMESPACE = "kcrypt"  # the namespace rbac.yaml's Roles live in
+RECOVERY_NAMESPACE = "kcrypt-recovery"  # the recovery-key Secrets' (the store's default: NAMESPACE + "-recovery")
 HASH_A, HASH_B = "a" * 64, "b" * 64
-CHALLENGER_TOKEN, REGISTRAR_TOKEN = "challenger-sa-token", "registrar-token"
+CHALLENGER_TOKEN, REGISTRAR_TOKEN, READER_TOKEN = "challenger-sa-token", "registrar-token", "recovery-reader-token"
+# Roles rbac.yaml leaves to the operator to bind (to people, CI): (Role, namespace) of each identity
+OPERATOR_BOUND = {REGISTRAR_TOKEN: [("kcrypt-registrar", NAMESPACE)],
+                  READER_TOKEN: [("kcrypt-recovery-reader", NAMESPACE), ("kcrypt-recovery-reader", RECOVERY_NAMESPACE)]}
 
 
 def load(name):
@@ -136,25 +142,33 @@ def request_attributes(entry):
     return verb, group, resource, match.group("namespace")
 
 
-def role_rules(name):
+def role_rules(name, namespace):
     items = load("rbac.yaml")["items"]
-    return [item for item in items if item["kind"] == "Role" and item["metadata"]["name"] == name][0]["rules"]
+    (role,) = [item for item in items if item["kind"] == "Role" and item["metadata"]["name"] == name
+               and item["metadata"]["namespace"] == namespace]
+    return role["rules"]
 
 
-def bound_role(service_account):
+def bound_roles(service_account):
+    """[(Role, namespace)] the manifest's RoleBindings give the ServiceAccount (a RoleBinding refers to a Role of its namespace)."""
     items = load("rbac.yaml")["items"]
-    for item in items:
-        if item["kind"] == "RoleBinding" and any(s["kind"] == "ServiceAccount" and s["name"] == service_account
-                                                 for s in item["subjects"]):
-            return item["roleRef"]["name"]
-    return None
+    return sorted((item["roleRef"]["name"], item["metadata"]["namespace"]) for item in items
+                  if item["kind"] == "RoleBinding" and item["roleRef"]["kind"] == "Role"
+                  and any(s["kind"] == "ServiceAccount" and s["name"] == service_account and s["namespace"] == NAMESPACE
+                          for s in item["subjects"]))
 
 
-def allowed(attributes, rules, namespace):
+def allowed(attributes, roles):
+    """Whether one of ``roles`` ([(Role, namespace)]) allows the request: a Role grants nothing outside its namespace."""
     verb, group, resource, request_namespace = attributes
-    if request_namespace != namespace:
-        return False  # a Role grants nothing outside its namespace (and nothing cluster-wide)
-    return any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"] for rule in rules)
+    return any(request_namespace == namespace and group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+               for name, namespace in roles for rule in role_rules(name, namespace))
+
+
+def granted(roles):
+    """{(namespace, group, resource, verb)} the Roles grant."""
+    return {(namespace, group, resource, verb) for name, namespace in roles for rule in role_rules(name, namespace)
+            for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
 
 
 @pytest.fixture
@@ -164,19 +178,19 @@ def api(tmp_path):
         install_crd(started.kubeconfig)
         started.kubeconfigs = {
             token: started.write_kubeconfig(str(tmp_path / ("%s.kubeconfig" % token)), namespace=NAMESPACE, token=token)
-            for token in (CHALLENGER_TOKEN, REGISTRAR_TOKEN)}
+            for token in (CHALLENGER_TOKEN, REGISTRAR_TOKEN, READER_TOKEN)}
         yield started
     finally:
         started.stop()
 
 
 def store_url(api, token):
-    return "kubernetes://?kubeconfig=%s&namespace=%s" % (api.kubeconfigs[token], NAMESPACE)
+    return "kubernetes://?kubeconfig=%s&namespace=%s&recovery_namespace=%s" % (api.kubeconfigs[token], NAMESPACE, RECOVERY_NAMESPACE)
 
 
-def admin(api, *argv, stdin=""):
+def admin(api, *argv, stdin="", token=REGISTRAR_TOKEN):
     out, err = io.StringIO(), io.StringIO()
-    code = challenger_cli.main(list(argv) + ["--store", store_url(api, REGISTRAR_TOKEN)], stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    code = challenger_cli.main(list(argv) + ["--store", store_url(api, token)], stdin=io.StringIO(stdin), stdout=out, stderr=err)
     assert code == 0, err.getvalue()
     return out.getvalue()
 
@@ -198,11 +212,17 @@ def exercise_every_store_path(api, tmp_path):
         policy.issue_passphrase(HASH_A, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # TOFU
         policy.issue_passphrase(HASH_A, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # next boot
         policy.issue_passphrase(HASH_A, "PEM", pcrs, PartitionRef(label="COS_OEM"), defer_pcr_enrollment=True)  # new partition
-        # The legacy paths first: once /tpm-attestation has enrolled HASH_B (spec.attestation), legacy is refused.
-        policy.legacy_post_pass(HASH_B, PartitionRef(label="COS_OEM2"), {"passphrase": "x", "generated_by": "tpm"})
-        policy.legacy_get_pass(HASH_B, PartitionRef(label="COS_PERSISTENT"))
+        # the legacy paths first: once /tpm-attestation served HASH_B, its volume has attestation and they refuse it
+        assert policy.legacy_post_pass(HASH_B, PartitionRef(label="COS_OEM2"), {"passphrase": "x", "generated_by": "tpm"})
+        assert policy.legacy_get_pass(HASH_B, PartitionRef(label="COS_PERSISTENT"))["passphrase"] == "static key"
         policy.issue_passphrase(HASH_B, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"))  # pre-registered, static
+        policy.escrow_recovery_key(HASH_A, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"), b"r" * 71)  # escrow
+        policy.escrow_recovery_key(HASH_A, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"), b"s" * 71)  # rotation
         store.ping()
+    shown = admin(api, "recovery", "show", HASH_A, "--reason", "contract test", "-o", "json", token=READER_TOKEN)  # by TPM
+    assert "s" * 71 in shown
+    admin(api, "recovery", "show", "tofu-" + HASH_A[:8], "--partition", "COS_PERSISTENT", token=READER_TOKEN)  # by name
+    admin(api, "recovery", "audit", token=READER_TOKEN)
     admin(api, "delete", HASH_B, "--purge-secrets")
 
 
@@ -214,23 +234,26 @@ def test_every_request_is_allowed_by_the_role_of_its_identity(api, tmp_path):
         attributes = request_attributes(entry)
         if attributes is not None:
             by_token.setdefault(entry["token"], []).append((attributes, entry))
-    assert set(by_token) >= {CHALLENGER_TOKEN, REGISTRAR_TOKEN}
-    roles = {CHALLENGER_TOKEN: bound_role("kcrypt-challenger"), REGISTRAR_TOKEN: "kcrypt-registrar"}
-    assert roles[CHALLENGER_TOKEN] == "kcrypt-challenger"
+    assert set(by_token) >= {CHALLENGER_TOKEN, REGISTRAR_TOKEN, READER_TOKEN}
+    roles = dict(OPERATOR_BOUND, **{CHALLENGER_TOKEN: bound_roles("kcrypt-challenger")})
+    assert roles[CHALLENGER_TOKEN] == [("kcrypt-challenger", NAMESPACE), ("kcrypt-challenger-recovery", RECOVERY_NAMESPACE)]
     for token, calls in by_token.items():
         if token not in roles:
             continue  # the test's own setup (CRD installation) as the default user
-        rules = role_rules(roles[token])
-        refused = sorted({"%s %s %s" % (verb, group or "core", resource)
-                          for (verb, group, resource, ns), entry in calls if not allowed((verb, group, resource, ns), rules, NAMESPACE)})
-        assert refused == [], "Role %s does not allow: %s" % (roles[token], refused)
-    # least privilege: the challenger's Role grants exactly what the server's requests use
-    used = {(group, resource, verb) for (verb, group, resource, ns), entry in by_token[CHALLENGER_TOKEN]}
-    granted = {(group, resource, verb) for rule in role_rules("kcrypt-challenger")
-               for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
-    assert used == granted
-    assert not any(verb in ("delete", "patch", "watch") for (group, resource, verb) in used)
-    assert ("", "secrets", "update") not in used  # the server never changes a Secret (checklist 34)
+        refused = sorted({"%s %s %s in %s" % (verb, group or "core", resource, ns)
+                          for (verb, group, resource, ns), entry in calls if not allowed((verb, group, resource, ns), roles[token])})
+        assert refused == [], "Roles %s do not allow: %s" % (roles[token], refused)
+    # least privilege: the challenger's and the reader's Roles grant exactly what their requests use
+    used = {token: {(ns, group, resource, verb) for (verb, group, resource, ns), entry in by_token[token]}
+            for token in (CHALLENGER_TOKEN, READER_TOKEN)}
+    assert used[CHALLENGER_TOKEN] == granted(roles[CHALLENGER_TOKEN])
+    assert used[READER_TOKEN] == granted(roles[READER_TOKEN])
+    assert not any(verb in ("delete", "patch", "watch") for (ns, group, resource, verb) in used[CHALLENGER_TOKEN])
+    assert (NAMESPACE, "", "secrets", "update") not in used[CHALLENGER_TOKEN]  # the server never changes a passphrase Secret (checklist 34)
+    # recovery keys: the server writes them and reads nothing there; nobody but the reader reads them
+    assert {verb for (ns, group, resource, verb) in used[CHALLENGER_TOKEN] if ns == RECOVERY_NAMESPACE} == {"create", "update"}
+    readers = {entry["token"] for entry in requests if entry["method"] == "GET" and "/namespaces/%s/secrets" % RECOVERY_NAMESPACE in entry["path"]}
+    assert readers == {READER_TOKEN}
 
 
 def test_every_sealedvolume_written_validates_against_the_crd_and_survives_pruning(api, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st, store_factory
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery, store as st, store_factory
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import TPM_HASH_LABEL, safe_kube_name
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import Policy
@@ -173,18 +173,20 @@ def test_a_lying_label_is_not_trusted_and_reindex_repairs_it(kube_api, capsys):
     assert "0 SealedVolume(s) indexed" in capsys.readouterr().out
 
 
+# API method -> (resource, RBAC verb, index of the namespace among the positional arguments)
 API_VERBS = {
-    "list_namespaced_custom_object": ("sealedvolumes", "list"), "get_namespaced_custom_object": ("sealedvolumes", "get"),
-    "create_namespaced_custom_object": ("sealedvolumes", "create"),
-    "replace_namespaced_custom_object": ("sealedvolumes", "update"),
-    "delete_namespaced_custom_object": ("sealedvolumes", "delete"),
-    "read_namespaced_secret": ("secrets", "get"), "create_namespaced_secret": ("secrets", "create"),
-    "replace_namespaced_secret": ("secrets", "update"), "delete_namespaced_secret": ("secrets", "delete"),
+    "list_namespaced_custom_object": ("sealedvolumes", "list", 2), "get_namespaced_custom_object": ("sealedvolumes", "get", 2),
+    "create_namespaced_custom_object": ("sealedvolumes", "create", 2),
+    "replace_namespaced_custom_object": ("sealedvolumes", "update", 2),
+    "delete_namespaced_custom_object": ("sealedvolumes", "delete", 2),
+    "read_namespaced_secret": ("secrets", "get", 1), "create_namespaced_secret": ("secrets", "create", 0),
+    "replace_namespaced_secret": ("secrets", "update", 1), "delete_namespaced_secret": ("secrets", "delete", 1),
+    "create_namespaced_event": ("events", "create", 0), "list_namespaced_event": ("events", "list", 0),
 }
 
 
 class Recorder(object):
-    """Wraps a kubernetes API object and records which RBAC (resource, verb) each call needs."""
+    """Wraps a kubernetes API object and records which RBAC (namespace, resource, verb) each call needs."""
 
     def __init__(self, api, used):
         self._api, self._used = api, used
@@ -193,15 +195,23 @@ class Recorder(object):
         method = getattr(self._api, name)
 
         def call(*args, **kwargs):
-            self._used.add(API_VERBS[name])  # KeyError: a call nobody mapped to RBAC yet
+            resource, verb, where = API_VERBS[name]  # KeyError: a call nobody mapped to RBAC yet
+            self._used.add((args[where], resource, verb))
             return method(*args, **kwargs)
         return call
 
 
+def granted_by(items, name, namespace):
+    """{(namespace, resource, verb)} of the Role ``name`` in the manifest namespace ``namespace``."""
+    (role,) = [i for i in items if i["kind"] == "Role" and i["metadata"]["name"] == name and i["metadata"]["namespace"] == namespace]
+    return {(namespace, resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
 def test_rbac_role_grants_exactly_what_the_server_uses(kube_api, repo_root):
-    """Every server code path through the store, recorded; the Role in deploy/kubernetes/rbac.yaml must match."""
+    """Every server code path through the store, recorded; the Roles in deploy/kubernetes/rbac.yaml must match:
+    in the recovery namespace the server writes recovery keys and reads nothing, the reader reads and records."""
     used = set()
-    url = "kubernetes://?kubeconfig=%s&namespace=kcrypt-rbac" % kube_api.kubeconfig
+    url = "kubernetes://?kubeconfig=%s&namespace=kcrypt&recovery_namespace=kcrypt-recovery" % kube_api.kubeconfig
     with store_factory.open_store(url) as store:
         store.custom, store.core = Recorder(store.custom, used), Recorder(store.core, used)
         policy = Policy(store)
@@ -213,9 +223,22 @@ def test_rbac_role_grants_exactly_what_the_server_uses(kube_api, repo_root):
         store.create_volume(st.new_volume("legacy-node", legacy, [{"label": "COS_OEM"}]))
         assert policy.legacy_post_pass(legacy, PartitionRef(label="COS_OEM"), {"passphrase": "x", "generated_by": "tpm"})
         assert policy.legacy_get_pass(legacy, PartitionRef(label="COS_OEM"))["passphrase"] == "x"
+        policy.escrow_recovery_key(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"), b"r" * 71)  # escrow
+        policy.escrow_recovery_key(HASH, "PEM", pcrs, PartitionRef(label="COS_PERSISTENT"), b"s" * 71)  # rotation
         store.ping()
+        read = set()
+        store.custom, store.core = Recorder(store.custom._api, read), Recorder(store.core._api, read)
+        (found,) = recovery.reveal(store, HASH, "rbac test", partition="COS_PERSISTENT")
+        assert found["recovery_key"] == b"s" * 71
+        recovery.reveal(store, found["sealedvolume"], "rbac test", show_key=False)  # by name, both partitions
+        assert [(e["action"], e["partition"]) for e in store.audit_events()] == [
+            ("recovery-key-revealed", "COS_PERSISTENT"), ("recovery-key-checked", "COS_PERSISTENT"), ("recovery-key-checked", "COS_OEM")]
     with open(os.path.join(repo_root, "deploy", "kubernetes", "rbac.yaml")) as handle:
         items = yaml.safe_load(handle)["items"]
-    role = [i for i in items if i["kind"] == "Role" and i["metadata"]["name"] == "kcrypt-challenger"][0]
-    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-    assert used == granted
+    assert used == granted_by(items, "kcrypt-challenger", "kcrypt") | granted_by(items, "kcrypt-challenger-recovery", "kcrypt-recovery")
+    assert not {verb for namespace, resource, verb in used if namespace == "kcrypt-recovery"} & {"get", "list", "watch", "patch"}
+    assert read == granted_by(items, "kcrypt-recovery-reader", "kcrypt") | granted_by(items, "kcrypt-recovery-reader", "kcrypt-recovery")
+    bindings = {i["metadata"]["name"]: i for i in items if i["kind"] == "RoleBinding"}
+    assert bindings["kcrypt-challenger-recovery"]["metadata"]["namespace"] == "kcrypt-recovery"
+    assert bindings["kcrypt-challenger-recovery"]["subjects"] == [{"kind": "ServiceAccount", "name": "kcrypt-challenger", "namespace": "kcrypt"}]
+    assert "kcrypt-recovery-reader" not in bindings  # bound by the operator to the administrators only

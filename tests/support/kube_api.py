@@ -16,8 +16,9 @@ store, with the API server's rules:
 * 409 ``AlreadyExists`` on a second create of a name, 404 ``NotFound`` for a missing object;
 * lists sorted by namespace and name, as the API server returns them, with equality (``a=b``,
   ``a!=b``) and existence (``a``, ``!a``) label selectors;
-* PUT (replace): 404 if missing, 422 without ``resourceVersion``, 409 ``Conflict``
-  when it is stale, else the object is replaced and gets a new resourceVersion;
+* PUT (replace): 404 if missing, 422 without ``resourceVersion`` (except for Secrets and
+  ConfigMaps, whose registry strategy allows an unconditional update, as the API server's does),
+  409 ``Conflict`` when it is stale, else the object is replaced and gets a new resourceVersion;
 * Secret ``stringData`` folded into base64 ``data``;
 * CustomResourceDefinitions: creating one registers its served versions, so the
   CRD manifest must be applied before SealedVolumes can be used, as on a cluster; custom
@@ -369,6 +370,9 @@ def _emulator_class():
                     raise self._not_found(request)
                 current = self.objects[key].raw
                 wanted = (body.get("metadata") or {}).get("resourceVersion")
+                unconditional = request.resource.group == "" and request.resource.plural in ("secrets", "configmaps")
+                if not wanted and unconditional:
+                    wanted = current["metadata"].get("resourceVersion")
                 if not wanted:
                     raise kmock.KubernetesError(status=422, reason="Invalid",
                                                 message="metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
@@ -405,6 +409,8 @@ async def _serve(port_file):
     # Core resources the stores use; CRDs register themselves when created.
     emulator.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True,
                                                           verbs={"get", "list", "create", "update", "delete"})
+    emulator.resources["v1/events"] = kmock.ResourceInfo(kind="Event", singular="event", namespaced=True,
+                                                         verbs={"get", "list", "create", "delete"})
     emulator.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
         verbs={"get", "list", "create", "delete"})

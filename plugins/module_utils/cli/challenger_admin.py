@@ -19,13 +19,16 @@ Private to the collection. ``cli/challenger.py`` mounts them with
     kcrypt-challenger pcr-window close TPM_HASH [--pcr 7 ...] [--dry-run]     (no --pcr: every window)
     kcrypt-challenger pcr-window status TPM_HASH
     kcrypt-challenger check
+    kcrypt-challenger recovery show NAME|TPM_HASH [--partition LABEL] [--reason TEXT] [-o text|json]
+    kcrypt-challenger recovery audit [-o text|json]
 
 ``check`` reports Secrets that are not exactly one partition's (kms/secret_ownership.py);
 ``add`` and ``import`` refuse to create such sharing.
 
 A static passphrase is read from a file or stdin (``-``; prompted twice on a terminal),
 never from the command line. Nothing secret is printed unless ``export --include-secrets``
-is asked for, and then only into the export.
+is asked for, and then only into the export, or ``recovery show`` reveals escrowed recovery keys,
+each read recorded in the store's audit trail first (kms/recovery.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import tempfile
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.identity import is_tpm_hash
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import registration as reg
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import store as st
@@ -107,6 +111,22 @@ def add_subcommands(subparsers, common=None):
                                     "other tools wrote, or whose TPMHash was edited by hand)")
     command("check", cmd_check, "report Secrets that are not exactly one partition's (shared or ambiguous names); "
                                 "exit 1 if there is any")
+
+    parser = subparsers.add_parser("recovery", help="recovery keys escrowed by nodes (reading one is audited)",
+                                   description="recovery keys escrowed by nodes (reading one is audited)")
+    recovery_commands = parser.add_subparsers(dest="recovery_command", metavar="{show,audit}")
+    recovery_commands.required = True
+    parser = recovery_commands.add_parser("show", parents=parents, help="print the escrowed recovery keys of a node",
+                                          description="print the escrowed recovery keys of a node; each read is "
+                                                      "recorded in the audit trail first (who, when, which)")
+    parser.set_defaults(func=cmd_recovery_show)
+    parser.add_argument("target", metavar="NAME|TPM_HASH")
+    parser.add_argument("--partition", metavar="LABEL", help="only this partition (label, device name or UUID)")
+    parser.add_argument("--reason", default="", help="why (a ticket, a sentence), recorded with the read")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    parser = recovery_commands.add_parser("audit", parents=parents, help="list the recorded reads of recovery keys")
+    parser.set_defaults(func=cmd_recovery_audit)
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
     return subparsers
 
 
@@ -416,6 +436,40 @@ def cmd_reindex(args):
             fixed += 1
             _out(args).write("SealedVolume %s: indexed\n" % st.volume_name(volume))
     _out(args).write("%d SealedVolume(s) indexed\n" % fixed)
+    return 0
+
+
+def cmd_recovery_show(args):
+    with _open(args) as store:
+        found = recovery.reveal(store, args.target, recovery.local_actor("kcrypt-challenger recovery show"),
+                                partition=args.partition, reason=args.reason)
+    out = _out(args)
+    if args.output == "json":
+        views = [dict(item, recovery_key=item["recovery_key"].decode("utf-8", "replace") if item["recovery_key"] else None)
+                 for item in found]
+        out.write(json.dumps(views, indent=2, sort_keys=True) + "\n")
+    else:
+        for item in found:
+            if item["escrowed"]:
+                out.write("SealedVolume %s partition %s (escrowed %s): %s\n" % (
+                    item["sealedvolume"], item["partition"], item["escrowed_at"] or "-",
+                    item["recovery_key"].decode("utf-8", "replace")))
+            else:
+                _err(args).write("SealedVolume %s partition %s: no recovery key escrowed\n" % (item["sealedvolume"], item["partition"]))
+    return 0 if any(item["escrowed"] for item in found) else 1
+
+
+def cmd_recovery_audit(args):
+    with _open(args) as store:
+        events = store.audit_events()
+    out = _out(args)
+    if args.output == "json":
+        out.write(json.dumps(events, indent=2, sort_keys=True) + "\n")
+        return 0
+    for event in events:
+        out.write("%s %s SealedVolume %s partition %s (Secret %s) by %s%s\n" % (
+            event["time"], event["action"], event["sealedvolume"], event["partition"], event["secret"], event["actor"],
+            (": " + event["reason"]) if event.get("reason") else ""))
     return 0
 
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, unlock
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery, unlock
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import nv_area
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import DEFAULT_C_INDEX, DEFAULT_DEVICES, DEFAULT_NV_INDEX, ENV_TPM_DEVICE, parse_nv_index
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM_LAYOUTS
@@ -103,7 +103,10 @@ def build_parser():
     encrypt.add_argument("--pbkdf-iteration-count", type=int)
     encrypt.add_argument("--pbkdf-memory", type=int, help="KiB")
     encrypt.add_argument("--pbkdf-parallel", type=int)
-    encrypt.add_argument("--recovery-key", action="store_true", help="add a recovery key and print it once")
+    encrypt.add_argument("--recovery-key", action="store_true", help="add a recovery key")
+    encrypt.add_argument("--recovery-escrow", choices=recovery.ESCROWS, default=recovery.ESCROW_CONTROLLER,
+                         help="controller (default): print the new recovery key once; kms: escrow it in the KMS "
+                              "of --challenger-server (a kairos.kcrypt challenger), never print it")
     encrypt.add_argument("--check", action="store_true", help="show what would change, change nothing")
     _add_key_source(encrypt)
 
@@ -146,10 +149,14 @@ def _selector(spec):
     return Selector(label=spec.get("label", ""), device=spec.get("device", ""), uuid=spec.get("uuid", "")).validate()
 
 
-def _key_source(args, stdin, err=None):
-    params = {name: getattr(args, name) for name in (
+def _key_params(args):
+    return {name: getattr(args, name) for name in (
         "key_source", "tpm_device", "nv_index", "c_index", "tpm_layout", "challenger_server", "certificate", "mdns", "mdns_interfaces",
         "kms_protocol", "kms_attempts", "kms_retry_delay")}
+
+
+def _key_source(args, stdin, err=None):
+    params = _key_params(args)
     if args.key_source == "passphrase":
         if not args.passphrase_file:
             raise KcryptError("--key-source passphrase needs --passphrase-file (a file, or - for stdin)")
@@ -181,6 +188,7 @@ def cmd_encrypt(args, log, stdin):
         wipe=args.wipe,
         options=_luks_options(args),
         recovery_key=args.recovery_key,
+        recovery_escrow=recovery.build_escrow(args.recovery_escrow, _key_params(args), args.config_dirs, args.cmdline_path),
     )
     source = _key_source(args, stdin)
     plans = encryption.plan(request, source)

@@ -34,6 +34,9 @@ Behaviour follows upstream's clients (spec §2.A "Client behaviour", §2.B):
   retried after its ``Retry-After`` (at most 10 s) instead of ``retry_delay``,
   stretched by a random 0-50 % so a fleet refused at one moment does not come
   back at one moment. It still counts as an attempt: a call stays bounded.
+
+``escrow_recovery_key`` stores a partition's recovery key in a kairos.kcrypt KMS (``/recovery-escrow``,
+ours): the newest protocol's messages 1-3, the proof carrying the key, with the same retries.
 """
 
 from __future__ import annotations
@@ -217,6 +220,10 @@ class _KmsExchange:
         except websocket.WebSocketBadStatusException as error:
             ws.close()
             said = _short_text(getattr(error, "resp_body", None))  # e.g. why a KMS disabled this protocol
+            if error.status_code == 404 and path == messages.RECOVERY_ESCROW_PATH:
+                raise _Fatal("%s answers 404%s: this KMS cannot escrow recovery keys (it is not a kairos.kcrypt challenger, "
+                             "an older one, or one that does not serve the attestation protocol); keep the recovery key on "
+                             "the controller (recovery_escrow=controller)" % (url, ' "%s"' % said if said else "")) from None
             if error.status_code == 503:  # busy (max_connections): no work was done, come back later
                 headers = getattr(error, "resp_headers", None) or {}
                 retry_after = retry_after_seconds(headers.get("retry-after"))
@@ -288,7 +295,7 @@ def retry_pause(config, error):
     return max(error.retry_after or 0.0, config.retry_delay) * (1 + RETRY_JITTER * random.random())  # nosec: jitter, not crypto
 
 
-def _retry(config, attempt, log, describe):
+def _retry(config, attempt, log, describe, failed="no passphrase for"):
     """Call ``attempt()`` up to ``config.attempts`` times; AttestationRejected and _Fatal end at once."""
     last = None
     for number in range(1, int(config.attempts) + 1):
@@ -307,8 +314,8 @@ def _retry(config, attempt, log, describe):
                 log("the KMS asked to retry after %s s; waiting %.1f s" % (
                     "?" if last.retry_after is None else "%g" % last.retry_after, pause))
             time.sleep(pause)
-    raise KcryptError("no passphrase for %s from %s after %d attempts; last error: %s"
-                      % (describe, config.challenger_server, config.attempts, last))
+    raise KcryptError("%s %s from %s after %d attempts; last error: %s"
+                      % (failed, describe, config.challenger_server, config.attempts, last))
 
 
 class _Attestation(_KmsExchange):
@@ -329,8 +336,9 @@ class _Attestation(_KmsExchange):
             ek.tpm_hash, "EK certificate and %d CA certificate(s) from NV" % len(chain) if ek.certificate is not None
             else "no EK certificate"))
 
-    def attempt(self):
-        ws = self.connect(messages.ATTESTATION_PATH)
+    def _exchange(self, path, proof_message, parse_response):
+        """Messages 1 to 4 on ``path``: ``proof_message(secret, pcr_quote)`` makes message 3, ``parse_response`` reads 4."""
+        ws = self.connect(path)
         try:
             self.send(ws, self.init, "attestation init")
             challenge = messages.load_json_object(self.receive(ws, "challenge"), "attestation.AttestationChallenge")
@@ -342,18 +350,36 @@ class _Attestation(_KmsExchange):
             quote, signature = self.tpm.quote(self.ak, messages.QUOTE_PCRS, qualifying_data=secret)
             pcrs = self.tpm.pcr_read(messages.QUOTE_PCRS)
             pcr_quote = messages.PCRQuote(messages.QUOTE_VERSION, quote, signature, pcrs)
-            self.send(ws, messages.write_json(messages.proof_message(secret, pcr_quote)), "proof")
-            response = messages.load_json_object(self.receive(ws, "response"), "attestation.AttestationResponse")
-            passphrase, error = messages.parse_response(response)
+            self.send(ws, messages.write_json(proof_message(secret, pcr_quote)), "proof")
+            return parse_response(messages.load_json_object(self.receive(ws, "response"), "attestation.AttestationResponse"))
         except messages.ProtocolError as error:
             raise KcryptError("the KMS sent a malformed message: %s" % error) from None
         finally:
             ws.close()
+
+    def attempt(self):
+        passphrase, error = self._exchange(messages.ATTESTATION_PATH, messages.proof_message, messages.parse_response)
         if error:
             raise AttestationRejected("attestation failed: %s" % error)
         if not passphrase:
             raise KcryptError("server returned empty passphrase without error message")
         return passphrase
+
+
+class _Escrow(_Attestation):
+    """``/recovery-escrow``: the newest protocol's proof, carrying the recovery key of the partition."""
+
+    def __init__(self, config, partition, log, tpm, recovery_key):
+        super().__init__(config, partition, log, tpm)
+        self.recovery_key = recovery_key
+
+    def attempt(self):
+        error = self._exchange(messages.RECOVERY_ESCROW_PATH,
+                               lambda secret, pcr_quote: messages.escrow_message(secret, pcr_quote, self.recovery_key),
+                               messages.parse_escrow_response)
+        if error:
+            raise AttestationRejected("the KMS refused to escrow the recovery key: %s" % error)
+        return True
 
 
 class _Legacy(_KmsExchange):
@@ -434,6 +460,29 @@ class _Legacy(_KmsExchange):
         raise KcryptError(error or "the KMS returned neither a passphrase nor an error")
 
 
+def _prepared(config):
+    try:
+        config.validate()
+    except _Fatal as error:
+        raise KcryptError(str(error)) from None
+    return dataclasses.replace(config, certificate=certificate_pem(config.certificate))
+
+
+def escrow_recovery_key(config, partition, recovery_key, log=None):
+    """Store ``recovery_key`` (bytes) for ``partition`` in the kairos.kcrypt KMS of ``config``.
+
+    The KMS keeps it for administrators and never serves it to a node. Raises AttestationRejected
+    when the KMS refuses (not retried), KcryptError when every attempt failed or the KMS has no escrow.
+    """
+    if not messages.MIN_RECOVERY_KEY_SIZE <= len(recovery_key) <= messages.MAX_RECOVERY_KEY_SIZE:
+        raise KcryptError("a recovery key must be %d to %d bytes" % (messages.MIN_RECOVERY_KEY_SIZE, messages.MAX_RECOVERY_KEY_SIZE))
+    log = _logger(log)
+    config = _prepared(config)
+    with TPM(config.tpm_device) as tpm:
+        exchange = _Escrow(config, partition, log, tpm, recovery_key)
+        return _retry(config, exchange.attempt, log, partition.describe(), failed="could not escrow the recovery key of")
+
+
 def get_passphrase(config, partition, log=None):
     """The passphrase bytes for ``partition`` (a PartitionRef) from the KMS in ``config``.
 
@@ -441,11 +490,7 @@ def get_passphrase(config, partition, log=None):
     when every attempt failed (the message says why the last one did).
     """
     log = _logger(log)
-    try:
-        config.validate()
-    except _Fatal as error:
-        raise KcryptError(str(error)) from None
-    config = dataclasses.replace(config, certificate=certificate_pem(config.certificate))
+    config = _prepared(config)
     with TPM(config.tpm_device) as tpm:
         exchange = (_Legacy if config.protocol == PROTOCOL_LEGACY else _Attestation)(config, partition, log, tpm)
         return _retry(config, exchange.attempt, log, partition.describe())

@@ -14,6 +14,9 @@ Nothing here checks a TPM structure: that is the server's job (kms/attestation.p
 * Legacy protocol (spec §2.B): the ``Authorization: Bearer TPM<base64 JSON>``
   token, ``{"EC": ...}`` challenge frames, ``{"Secret": ...}`` answers and the
   ``{passphrase, error, generated_by}`` payload of ``/getPass`` and ``/postPass``.
+* Recovery-key escrow (ours; upstream has no such call): ``/recovery-escrow`` runs
+  the newest protocol's messages 1 and 2 unchanged; message 3 is the proof plus
+  ``recovery_key``; message 4 is ``{"escrowed": true}`` or ``{"error": text}``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ QUOTE_VERSION = "2"
 ATTESTATION_PATH = "/tpm-attestation"
 GET_PASS_PATH = "/getPass"
 POST_PASS_PATH = "/postPass"
+RECOVERY_ESCROW_PATH = "/recovery-escrow"
+
+# Recovery-key escrow: bounds both ends check (our keys are 71 ASCII bytes, see node/recovery.py)
+MIN_RECOVERY_KEY_SIZE = 16
+MAX_RECOVERY_KEY_SIZE = 256
 
 # A message of either protocol holds at most 5 JSON objects, nested 3 deep. Python's json module recurses
 # per level (60,000 "[" raise RecursionError), so a frame with more objects or arrays than this is refused
@@ -385,6 +393,42 @@ def parse_response(obj):
     if error is not None and not isinstance(error, str):
         raise ProtocolError("json: cannot unmarshal %s into Go struct field AttestationResponse.error of type string" % _json_type(error))
     return b64decode(_field(obj, "passphrase"), "Go struct field AttestationResponse.passphrase"), error or ""
+
+
+# -- recovery-key escrow (ours) ---------------------------------------------
+
+
+def escrow_message(secret, pcr_quote, recovery_key):
+    """Client → server message 3 of ``/recovery-escrow``: the proof of message 3 plus the recovery key."""
+    message = proof_message(secret, pcr_quote)
+    message["recovery_key"] = b64encode(recovery_key)
+    return message
+
+
+def parse_escrow_key(obj):
+    """The recovery key of an escrow message 3 (bounded). Raises ProtocolError."""
+    key = b64decode(_field(obj, "recovery_key"), "recovery_key")
+    if not MIN_RECOVERY_KEY_SIZE <= len(key) <= MAX_RECOVERY_KEY_SIZE:
+        raise ProtocolError("recovery_key must be %d to %d bytes, got %d"
+                            % (MIN_RECOVERY_KEY_SIZE, MAX_RECOVERY_KEY_SIZE, len(key)))
+    return key
+
+
+def escrow_response(error=""):
+    """Server → client message 4 of ``/recovery-escrow``."""
+    return {"error": error} if error else {"escrowed": True}
+
+
+def parse_escrow_response(obj):
+    """Client side of escrow message 4: the error text ("" when the key was escrowed). Raises ProtocolError."""
+    error = _field(obj, "error")
+    if error is not None and not isinstance(error, str):
+        raise ProtocolError("the escrow answer's error must be a string, not %s" % _json_type(error))
+    if error:
+        return error
+    if _field(obj, "escrowed") is not True:
+        raise ProtocolError("the escrow answer says neither escrowed nor error")
+    return ""
 
 
 # -- legacy protocol messages (spec §2.B) ----------------------------------

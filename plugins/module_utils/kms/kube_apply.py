@@ -8,7 +8,8 @@ kubernetes.core may not be installed).
 
 * ``namespace`` puts every namespaced object (and the ServiceAccount subjects of
   RoleBindings) into it, like kustomize's ``namespace:``; the manifests under
-  deploy/kubernetes are written for namespace ``kcrypt``.
+  deploy/kubernetes are written for namespace ``kcrypt``. ``namespace_map`` ({FROM: TO}) puts the
+  objects of manifest namespace FROM into TO instead (the recovery-key namespace ``kcrypt-recovery``).
 * present: an object that does not exist is created; one that exists is patched (JSON merge
   patch) only when a field of the wanted object differs from the live one, so a second run
   reports no change. Fields the API server adds (defaults, status) are left alone.
@@ -74,10 +75,11 @@ def label(obj):
 
 
 class Applier:
-    def __init__(self, namespace="", kubeconfig=None, context=None, check_mode=False):
+    def __init__(self, namespace="", kubeconfig=None, context=None, check_mode=False, namespace_map=None):
         require("kubernetes", "to apply Kubernetes objects")
         self.client = dynamic.DynamicClient(load_api_client(kubeconfig, context))
         self.namespace = namespace
+        self.namespace_map = dict(namespace_map or {})
         self.check_mode = check_mode
 
     def resource(self, obj):
@@ -90,9 +92,11 @@ class Applier:
 
     def place(self, obj, resource):
         obj = copy.deepcopy(obj)
-        if self.namespace:
-            if resource.namespaced:
-                obj["metadata"]["namespace"] = self.namespace
+        if resource.namespaced and obj["metadata"].get("namespace") in self.namespace_map:
+            obj["metadata"]["namespace"] = self.namespace_map[obj["metadata"]["namespace"]]
+        elif resource.namespaced and self.namespace:
+            obj["metadata"]["namespace"] = self.namespace
+        if self.namespace:  # the service accounts live in the main namespace
             for subject in obj.get("subjects") or []:
                 if subject.get("kind") == "ServiceAccount":
                     subject["namespace"] = self.namespace
@@ -137,12 +141,12 @@ class Applier:
         return result
 
 
-def apply_objects(objects, state="present", namespace="", kubeconfig=None, context=None, check_mode=False):
+def apply_objects(objects, state="present", namespace="", kubeconfig=None, context=None, check_mode=False, namespace_map=None):
     """Apply (state=present) or delete (absent) ``objects``; {"changed", "created", "updated", "deleted"} (``Kind ns/name``)."""
     objects = flatten(objects)
     check_objects(objects)
     try:
-        applier = Applier(namespace, kubeconfig, context, check_mode)
+        applier = Applier(namespace, kubeconfig, context, check_mode, namespace_map)
         result = applier.delete(objects) if state == "absent" else applier.apply(objects)
     except KcryptError:
         raise

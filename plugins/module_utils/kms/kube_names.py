@@ -18,6 +18,11 @@ PARTITION_LABEL = "kcrypt.kairos.io/partition"
 # Ours (upstream does not set it): the SealedVolume a Secret was made for, so "whose is it" is one label
 # comparison instead of a scan of every SealedVolume (kms/secret_ownership.py).
 VOLUME_LABEL = "kcrypt.kairos.io/sealedvolume"
+# Recovery keys (escrowed by nodes, read only by administrators): their own label, key and name suffix
+SECRET_TYPE_LABEL = "kcrypt.kairos.io/secret-type"
+RECOVERY_SECRET_TYPE = "recovery-key"
+RECOVERY_SECRET_KEY = "recovery-key"
+RECOVERY_NAME_SUFFIX = "-recovery"
 
 
 def _is_alnum(char):
@@ -132,6 +137,23 @@ def secret_labels(tpm_hash, partition_label, volume=None):
     }
     if volume:
         labels[VOLUME_LABEL] = volume_label_value(volume)
+    return labels
+
+
+def recovery_secret_name(volume, partition_suffix):
+    """The recovery-key Secret of one partition of a SealedVolume: ``<volume>-<partition>-recovery``.
+
+    It lives in the store's recovery space (its own SQLite table, its own Kubernetes namespace), and the
+    suffix keeps it apart from passphrase Secrets even where both are listed together (an export, a reader).
+    """
+    return object_name("%s-%s" % (volume, partition_suffix)) + RECOVERY_NAME_SUFFIX  # at most 72 characters
+
+
+def recovery_secret_labels(tpm_hash, partition_label, volume):
+    """Labels of a recovery-key Secret: a passphrase Secret's (with its SealedVolume), their own component and secret type."""
+    labels = secret_labels(tpm_hash, partition_label, volume)
+    labels["app.kubernetes.io/component"] = RECOVERY_SECRET_TYPE
+    labels[SECRET_TYPE_LABEL] = RECOVERY_SECRET_TYPE
     return labels
 
 

@@ -15,7 +15,8 @@ import multiprocessing
 PROTOCOL_ATTESTATION = "attestation"
 PROTOCOL_LEGACY_GET = "legacy-get"
 PROTOCOL_LEGACY_POST = "legacy-post"
-PROTOCOL_LABELS = (PROTOCOL_ATTESTATION, PROTOCOL_LEGACY_GET, PROTOCOL_LEGACY_POST)
+PROTOCOL_RECOVERY_ESCROW = "recovery-escrow"  # ours: a node escrows a recovery key (kms/recovery.py)
+PROTOCOL_LABELS = (PROTOCOL_ATTESTATION, PROTOCOL_LEGACY_GET, PROTOCOL_LEGACY_POST, PROTOCOL_RECOVERY_ESCROW)
 
 OUTCOME_SUCCESS = "success"
 OUTCOME_REJECTED = "rejected"  # credential, quote or policy said no

@@ -43,6 +43,7 @@ import random
 import time
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import secret_ownership as ownership
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.ek_certificate import EKCertificatePolicy
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
@@ -71,7 +72,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestati
     normalize_pcrs,
     relearn_pcrs,
     should_defer_pcrs,
-    verify_attestation,
+    verify_volume,
 )
 
 ENROLLMENT_TOFU = "tofu"
@@ -194,16 +195,8 @@ class Policy(object):
                 raise PolicyRejection("TPM %s refused on first contact: %s" % (tpm_hash, verdict.describe()))
             return self._enroll(tpm_hash, ek_pem, pcrs, partition, verdict)
 
-        spec = volume["spec"]
         index = find_partition(volume, partition)
-        if spec.get("quarantined"):
-            raise PolicyRejection("TPM is quarantined")
-        attestation = spec.get("attestation")
-        try:
-            verify_attestation(attestation, ek_pem, pcrs)
-        except PolicyRejection as exc:
-            raise PolicyRejection("attestation verification failed: %s" % exc)
-
+        verify_volume(volume["spec"], ek_pem, pcrs)
         if index is None:
             return self._add_partition(volume, tpm_hash, partition)
         return self._existing_partition(volume, index, tpm_hash, ek_pem, pcrs, partition)
@@ -348,6 +341,16 @@ class Policy(object):
         if path not in secret["data"]:
             raise PolicyRejection("passphrase not found in secret at key: %s" % path)
         return secret["data"][path]
+
+    # -- recovery-key escrow (ours) ------------------------------------------
+
+    def escrow_recovery_key(self, tpm_hash, ek_pem, pcrs, partition, recovery_key):
+        """``/recovery-escrow`` after the TPM proof: kms/recovery.py. Returns the recovery Secret's name.
+
+        The partition is bounded as for a passphrase (check_partition); nothing is enrolled or added here.
+        """
+        check_partition(partition)
+        return recovery.escrow(self.store, tpm_hash, ek_pem, pcrs, partition, recovery_key)
 
     # -- legacy protocol (spec §2.B) ----------------------------------------
 

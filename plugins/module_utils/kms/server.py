@@ -7,11 +7,14 @@ Private to the collection. Endpoints, all on one port:
 
 * ``/tpm-attestation`` — newest protocol (WebSocket, four JSON messages);
 * ``/getPass`` and ``/postPass`` — legacy protocol (Bearer TPM token, binary frames);
+* ``/recovery-escrow`` — ours: a node stores the recovery key of one of its partitions after the
+  newest protocol's TPM proof (kms/recovery.py; nothing serves a recovery key back);
 * ``/healthz`` (process alive), ``/readyz`` (store reachable), ``/metrics`` (Prometheus).
 
 ``protocols`` chooses which of the two protocols are served (both by default, for mixed
 fleets); the endpoints of a disabled one answer HTTP 404 with the reason, as a server of
-the other generation would (checklist 50).
+the other generation would (checklist 50). ``/recovery-escrow`` counts as the attestation
+protocol's (it is its TPM proof).
 
 Why aiohttp: one well-kept library gives HTTP/1.1, WebSocket (RFC 6455, with
 C-accelerated parsing and masking), TLS through the standard ``ssl`` module and
@@ -79,6 +82,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.metrics import (
     PROTOCOL_ATTESTATION,
     PROTOCOL_LEGACY_GET,
     PROTOCOL_LEGACY_POST,
+    PROTOCOL_RECOVERY_ESCROW,
     REFUSED_MAX_CONNECTIONS,
     Metrics,
 )
@@ -90,6 +94,7 @@ web = optional_import("aiohttp.web")
 ATTESTATION_PATH = messages.ATTESTATION_PATH
 GET_PASS_PATH = messages.GET_PASS_PATH
 POST_PASS_PATH = messages.POST_PASS_PATH
+RECOVERY_ESCROW_PATH = messages.RECOVERY_ESCROW_PATH
 
 # The connection budget (docs/challenger.md). The node's first message can wait for its TPM to create keys:
 # upstream clients open the WebSocket, then create the AK (and, without an EK certificate, the EK), each
@@ -232,9 +237,14 @@ class Challenger:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=store_threads, thread_name_prefix="kcrypt-store")
 
     def _protocol_handlers(self):
-        """path -> handler of the node endpoints; a disabled protocol's paths get handle_disabled."""
+        """path -> handler of the node endpoints; a disabled protocol's paths get handle_disabled.
+
+        ``/recovery-escrow`` belongs to the attestation protocol: it runs the same TPM proof (and parses
+        the same TPM structures), so a KMS that does not serve ``/tpm-attestation`` does not serve it either.
+        """
         handlers = {}
         for path, name, handler in ((ATTESTATION_PATH, "attestation", self.handle_attestation),
+                                    (RECOVERY_ESCROW_PATH, "attestation", self.handle_recovery_escrow),
                                     (GET_PASS_PATH, "legacy", self.handle_get_pass),
                                     (POST_PASS_PATH, "legacy", self.handle_post_pass)):
             handlers[path] = handler if name in self.protocols else functools.partial(self.handle_disabled, name)
@@ -380,6 +390,24 @@ class Challenger:
 
     # -- newest protocol (spec §2.A) -------------------------------------------
 
+    async def _prove(self, exchange, session):
+        """Messages 1 to 3 of the newest protocol: init, challenge, proof. Returns (VerifiedAttestation, proof frame)."""
+        ws = exchange.ws
+        init = await self._read(exchange, "attestation init", "WebSocket read: reading attestation init: ", _json_error, first=True)
+        try:
+            challenge = session.challenge(init)
+        except attestation.StageError as error:
+            raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
+        await ws.send_str(messages.write_json(challenge))
+        proof = await self._read(exchange, "proof", "Proof read: reading proof: ", _json_error)
+        try:
+            verified = session.verify(proof)
+        except attestation.StageError as error:
+            kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
+            raise _Abort(kind, str(error), message=_json_error(str(error))) from None
+        exchange.extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
+        return verified, proof
+
     async def handle_attestation(self, request):
         busy = self._admit(request)
         if busy is not None:
@@ -387,19 +415,7 @@ class Challenger:
         session = attestation.AttestationSession(self.nonce_mode)
         async with _AuditedExchange(self, request, PROTOCOL_ATTESTATION, session=session) as exchange:
             ws = exchange.ws
-            init = await self._read(exchange, "attestation init", "WebSocket read: reading attestation init: ", _json_error, first=True)
-            try:
-                challenge = session.challenge(init)
-            except attestation.StageError as error:
-                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
-            await ws.send_str(messages.write_json(challenge))
-            proof = await self._read(exchange, "proof", "Proof read: reading proof: ", _json_error)
-            try:
-                verified = session.verify(proof)
-            except attestation.StageError as error:
-                kind = OUTCOME_REJECTED if error.rejection else OUTCOME_BAD_REQUEST
-                raise _Abort(kind, str(error), message=_json_error(str(error))) from None
-            exchange.extra = " nonce=%s" % ("bound" if verified.nonce_bound else "none")
+            verified, dummy = await self._prove(exchange, session)
             try:
                 passphrase = await self._store(
                     self.policy.issue_passphrase, verified.tpm_hash, verified.ek_pem, verified.pcrs, exchange.partition,
@@ -414,6 +430,36 @@ class Challenger:
             if not passphrase:
                 raise self._internal_error("issuing a passphrase", KcryptError("the store returned an empty passphrase"))
             await ws.send_str(messages.write_json(messages.response_message(passphrase=passphrase)))
+        return exchange.ws
+
+    # -- recovery-key escrow (ours) ------------------------------------------------
+
+    async def handle_recovery_escrow(self, request):
+        """The newest protocol's proof, the quote always bound to the activation secret (only our clients
+        call this endpoint, and they always bind it), then the recovery key of one partition of the
+        TPM's own SealedVolume is stored. A failed proof or policy check stores nothing. Admission (503 when
+        busy), the connection budget and the policy (EK, PCRs with their windows, quarantine) are
+        /tpm-attestation's."""
+        busy = self._admit(request)
+        if busy is not None:
+            return busy
+        session = attestation.AttestationSession(attestation.NONCE_REQUIRED)
+        async with _AuditedExchange(self, request, PROTOCOL_RECOVERY_ESCROW, session=session) as exchange:
+            verified, proof = await self._prove(exchange, session)
+            try:
+                key = messages.parse_escrow_key(messages.load_json_object(proof, "recovery escrow"))
+            except messages.ProtocolError as error:
+                raise _Abort(OUTCOME_BAD_REQUEST, str(error), message=_json_error(str(error))) from None
+            try:
+                name = await self._store(self.policy.escrow_recovery_key, verified.tpm_hash, verified.ek_pem,
+                                         verified.pcrs, exchange.partition, key)
+            except PolicyRejection as error:
+                text = "%s: %s" % (attestation.STAGE_VERIFY, error)
+                raise _Abort(OUTCOME_REJECTED, text, message=_json_error(text)) from None
+            except Exception as error:  # the store failed: close with 1011 so the node retries
+                raise self._internal_error("escrowing a recovery key of TPM %s" % verified.tpm_hash, error) from None
+            exchange.extra += " secret=%s" % name
+            await exchange.ws.send_str(messages.write_json(messages.escrow_response()))
         return exchange.ws
 
     # -- legacy protocol (spec §2.B) ---------------------------------------------

@@ -140,6 +140,26 @@ class Store(object):
         """Delete by name; return False if it did not exist (admin tools only)."""
         raise NotImplementedError
 
+    # Recovery keys live apart from passphrase Secrets (their own SQLite table, their own Kubernetes
+    # namespace): ``get_secret`` never returns one, so no protocol path can serve one to a node.
+
+    def put_recovery_secret(self, doc):
+        """Create or replace a recovery-key Secret. Returns nothing: the server, which calls it, never
+        reads a recovery key (with Kubernetes it has no right to: docs/store.md, "Recovery keys")."""
+        raise NotImplementedError
+
+    def get_recovery_secret(self, name):
+        """A recovery-key Secret, or None (administrators only; kms/recovery.py audits every call)."""
+        raise NotImplementedError
+
+    def record_audit_event(self, event):
+        """Append an audit event (a dict of AUDIT_FIELDS strings; ``time`` is set here)."""
+        raise NotImplementedError
+
+    def audit_events(self):
+        """The recorded audit events, oldest first."""
+        raise NotImplementedError
+
     def close(self):
         pass
 
@@ -201,6 +221,20 @@ def new_secret(name, data, labels=None, namespace=None):
         metadata["labels"] = dict(labels)
     return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque",
             "data": {k: _as_bytes(v) for k, v in data.items()}}
+
+
+AUDIT_FIELDS = ("time", "action", "actor", "tpm_hash", "sealedvolume", "partition", "secret", "reason")
+
+
+def audit_event(**fields):
+    """An audit event: the AUDIT_FIELDS as strings (missing ones empty), ``time`` now unless given."""
+    unknown = sorted(set(fields) - set(AUDIT_FIELDS))
+    if unknown:
+        raise InvalidDocument("unknown audit field(s) %s" % ", ".join(unknown))
+    event = {name: str(fields.get(name) or "") for name in AUDIT_FIELDS}
+    # microseconds: events of one second keep their order wherever they are listed by time
+    event["time"] = event["time"] or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return event
 
 
 def volume_name(doc):

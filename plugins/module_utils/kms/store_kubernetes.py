@@ -25,12 +25,20 @@ lists the whole namespace per lookup: a known TPM costs one small list, an unkno
 
 A label that no longer matches ``spec.TPMHash`` (the hash edited by hand, label kept) is
 never trusted, and such a volume is found again only after ``reindex`` (docs/store.md).
+
+Recovery keys are Secrets in their own namespace (``recovery_namespace``, default ``<namespace>-recovery``),
+labelled ``kcrypt.kairos.io/secret-type: recovery-key``. Kubernetes RBAC grants ``get`` on all Secrets of a
+namespace or on Secrets named in advance, never by label, so only a namespace of their own lets the KMS
+write recovery keys (``create``, and ``update`` to replace one: a PUT answers with what it wrote, nothing
+older) without any right to read them; the ``kcrypt-recovery-reader`` Role reads them
+(deploy/kubernetes/rbac.yaml). Reveals are recorded as Events next to the Secret.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
@@ -44,13 +52,19 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
     Store,
     StoreError,
     StoreUnavailable,
+    audit_event,
     normalize_secret,
     normalize_volume,
     resource_version,
     secret_to_wire,
 )
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import TPM_HASH_LABEL, safe_kube_name
+from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.kube_names import (
+    RECOVERY_SECRET_TYPE,
+    SECRET_TYPE_LABEL,
+    TPM_HASH_LABEL,
+    safe_kube_name,
+)
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import RELEARN_TO, RELEARN_UNTIL
 
 # Imported when a Kubernetes store is opened (require), not with this file: the client is slow to
@@ -66,6 +80,9 @@ class CRDPruned(StoreError):
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 LIST_PAGE = 500
+RECOVERY_NAMESPACE_SUFFIX = "-recovery"
+AUDIT_EVENT_REASON = "RecoveryKeyRevealed"
+AUDIT_ANNOTATION = "kcrypt.kairos.io/audit-event"
 
 
 def load_api_client(kubeconfig=None, context=None, pool_size=32):
@@ -111,9 +128,13 @@ def default_namespace():
 
 
 class KubernetesStore(Store):
-    def __init__(self, namespace=None, kubeconfig=None, context=None, timeout=10, api_client=None):
+    def __init__(self, namespace=None, kubeconfig=None, context=None, timeout=10, api_client=None, recovery_namespace=None):
         require("kubernetes", "for the Kubernetes store")
         self.namespace = namespace or default_namespace()
+        self.recovery_namespace = recovery_namespace or self.namespace + RECOVERY_NAMESPACE_SUFFIX
+        if self.recovery_namespace == self.namespace:
+            raise StoreError("recovery_namespace must differ from namespace %s: RBAC can deny the KMS reading recovery "
+                             "keys only in a namespace of their own (docs/store.md, \"Recovery keys\")" % self.namespace)
         self.timeout = float(timeout)
         self.api = api_client or load_api_client(kubeconfig, context)
         self.core = kclient.CoreV1Api(self.api)
@@ -291,6 +312,61 @@ class KubernetesStore(Store):
             return True
         except NotFound:
             return False
+
+    def _body_in(self, doc, namespace):
+        body = self._body(doc, False)
+        body["metadata"]["namespace"] = namespace
+        return body
+
+    def put_recovery_secret(self, doc):
+        doc = normalize_secret(doc)
+        name, namespace = doc["metadata"]["name"], self.recovery_namespace
+        body = secret_to_wire(self._body_in(doc, namespace))
+        try:
+            self._call("creating recovery Secret %s in namespace %s" % (name, namespace),
+                       self.core.create_namespaced_secret, namespace, body)
+        except Conflict:  # it exists: replace it without reading it (an unconditional PUT, allowed for Secrets)
+            self._call("replacing recovery Secret %s in namespace %s" % (name, namespace),
+                       self.core.replace_namespaced_secret, name, namespace, body)
+
+    def get_recovery_secret(self, name):
+        try:
+            raw = self._call("reading recovery Secret %s in namespace %s" % (name, self.recovery_namespace),
+                             self.core.read_namespaced_secret, name, self.recovery_namespace)
+        except NotFound:
+            return None
+        return normalize_secret(raw)
+
+    def record_audit_event(self, event):
+        """A v1 Event on the recovery Secret (``kubectl describe secret`` shows it), the whole record in an annotation."""
+        event = audit_event(**event)
+        stamp = event["time"][:19] + "Z"  # firstTimestamp/lastTimestamp hold seconds
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": "%s.%s" % (event["secret"] or "recovery", uuid.uuid4().hex[:16]),
+                         "namespace": self.recovery_namespace,
+                         "labels": {SECRET_TYPE_LABEL: RECOVERY_SECRET_TYPE, TPM_HASH_LABEL: safe_kube_name(event["tpm_hash"] or "-")},
+                         "annotations": {AUDIT_ANNOTATION: json.dumps(event, sort_keys=True)}},
+            "involvedObject": {"apiVersion": "v1", "kind": "Secret", "namespace": self.recovery_namespace, "name": event["secret"]},
+            "reason": AUDIT_EVENT_REASON, "type": "Normal", "count": 1,
+            "message": "%s: %s of SealedVolume %s partition %s, by %s" % (
+                event["action"], event["secret"], event["sealedvolume"], event["partition"], event["actor"]),
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "kcrypt-challenger"}, "reportingComponent": "kcrypt.kairos.io/recovery",
+        }
+        self._call("recording an audit Event in namespace %s" % self.recovery_namespace,
+                   self.core.create_namespaced_event, self.recovery_namespace, body)
+        return event
+
+    def audit_events(self):
+        page = self._call("listing audit Events in namespace %s" % self.recovery_namespace, self.core.list_namespaced_event,
+                          self.recovery_namespace, label_selector="%s=%s" % (SECRET_TYPE_LABEL, RECOVERY_SECRET_TYPE))
+        events = []
+        for item in page.get("items") or []:
+            text = ((item.get("metadata") or {}).get("annotations") or {}).get(AUDIT_ANNOTATION)
+            if item.get("reason") == AUDIT_EVENT_REASON and text:
+                events.append(json.loads(text))
+        return sorted(events, key=lambda e: e.get("time", ""))
 
     def close(self):
         try:

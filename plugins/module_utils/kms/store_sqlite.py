@@ -18,6 +18,10 @@ Private to the collection.
   ``<db>.key``) created 0600 on first start; the Secret's name is authenticated
   with it, so a ciphertext copied to another row does not decrypt. A check value
   in the database detects a wrong key file at open time. The key is never logged.
+* Recovery keys have their own table (``recovery_secrets``, authenticated as ``recovery:<name>``, so a row
+  copied into ``secrets`` does not decrypt): the passphrase paths, which read ``secrets`` only, cannot
+  return one. Reveals are recorded in ``audit_events``. One file and one key cannot keep the server from
+  reading the recovery table: docs/store.md, "Recovery keys", says what does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import (
     Store,
     StoreError,
     StoreUnavailable,
+    audit_event,
     ensure_private_dir,
     normalize_secret,
     normalize_volume,
@@ -49,6 +54,7 @@ aead = optional_import("cryptography.hazmat.primitives.ciphers.aead")
 
 SCHEMA_VERSION = "1"
 KEY_CHECK_PLAINTEXT = b"kcrypt.kairos.io store key check v1"
+RECOVERY_DOMAIN = b"recovery:"  # authenticated with a recovery Secret's name: it decrypts only as one
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,6 +73,15 @@ CREATE TABLE IF NOT EXISTS secrets (
     nonce BLOB NOT NULL,
     ciphertext BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS recovery_secrets (
+    name TEXT PRIMARY KEY,
+    resource_version INTEGER NOT NULL,
+    metadata TEXT NOT NULL,
+    type TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_events (id INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
 """
 
 
@@ -214,14 +229,14 @@ class SQLiteStore(Store):
             raise StoreError("the store key file %s must hold 32 bytes (base64); it holds %d" % (self.key_file, len(key)))
         return key
 
-    def _encrypt(self, name, data):
+    def _encrypt(self, name, data, domain=b"secret:"):
         nonce = os.urandom(12)
         plaintext = json.dumps({k: base64.b64encode(v).decode("ascii") for k, v in data.items()}).encode("utf-8")
-        return nonce, self._aead.encrypt(nonce, plaintext, b"secret:" + name.encode("utf-8"))
+        return nonce, self._aead.encrypt(nonce, plaintext, domain + name.encode("utf-8"))
 
-    def _decrypt(self, name, nonce, ciphertext):
+    def _decrypt(self, name, nonce, ciphertext, domain=b"secret:"):
         try:
-            plaintext = self._aead.decrypt(nonce, ciphertext, b"secret:" + name.encode("utf-8"))
+            plaintext = self._aead.decrypt(nonce, ciphertext, domain + name.encode("utf-8"))
         except Exception:
             raise StoreError("Secret %s in %s cannot be decrypted (tampered with, or written with another key)" % (name, self.path))
         return {k: base64.b64decode(v) for k, v in json.loads(plaintext.decode("utf-8")).items()}
@@ -367,6 +382,38 @@ class SQLiteStore(Store):
 
     def delete_secret(self, name):
         return self._write(lambda conn: conn.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount) > 0
+
+    def put_recovery_secret(self, doc):
+        doc = normalize_secret(doc)
+        name = doc["metadata"]["name"]
+        doc["metadata"]["creationTimestamp"] = now_rfc3339()
+        nonce, ciphertext = self._encrypt(name, doc["data"], RECOVERY_DOMAIN)
+
+        def work(conn):
+            conn.execute("INSERT INTO recovery_secrets (name, resource_version, metadata, type, nonce, ciphertext) "
+                         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET resource_version = excluded.resource_version, "
+                         "metadata = excluded.metadata, type = excluded.type, nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+                         (name, self._next_version(conn), self._stored_secret_metadata(doc), doc["type"], nonce, ciphertext))
+
+        self._write(work)
+
+    def get_recovery_secret(self, name):
+        rows = self._read("SELECT resource_version, metadata, type, nonce, ciphertext FROM recovery_secrets WHERE name = ?", (name,))
+        if not rows:
+            return None
+        version, metadata, kind, nonce, ciphertext = rows[0]
+        metadata = json.loads(metadata)
+        metadata.update({"name": name, "namespace": self.namespace, "resourceVersion": str(version)})
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": kind,
+                "data": self._decrypt(name, nonce, ciphertext, RECOVERY_DOMAIN)}
+
+    def record_audit_event(self, event):
+        event = audit_event(**event)
+        self._write(lambda conn: conn.execute("INSERT INTO audit_events (event) VALUES (?)", (json.dumps(event, sort_keys=True),)))
+        return event
+
+    def audit_events(self):
+        return [json.loads(row[0]) for row in self._read("SELECT event FROM audit_events ORDER BY id")]
 
     def close(self):
         with self._connections_lock:

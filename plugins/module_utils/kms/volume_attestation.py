@@ -134,6 +134,18 @@ def verify_attestation(attestation, ek_pem, pcrs, now=None):
             raise PolicyRejection("PCR verification failed: %s" % exc)
 
 
+def verify_volume(spec, ek_pem, pcrs, now=None):
+    """What a verified TPM must pass before its SealedVolume serves it anything, or has anything written for it:
+    not quarantined, then verify_attestation (EK, PCRs with their open upgrade windows). The one check of
+    ``/tpm-attestation`` (policy.py) and ``/recovery-escrow`` (recovery.py)."""
+    if spec.get("quarantined"):
+        raise PolicyRejection("TPM is quarantined")
+    try:
+        verify_attestation(spec.get("attestation"), ek_pem, pcrs, now)
+    except PolicyRejection as exc:
+        raise PolicyRejection("attestation verification failed: %s" % exc) from None
+
+
 def initial_attestation(ek_pem, pcrs, now=None):
     """Upstream createInitialTOFUAttestation + EK: stores every PCR it is given."""
     now = now or now_rfc3339()

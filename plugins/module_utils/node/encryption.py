@@ -27,9 +27,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, filesystem, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, filesystem, luks, recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node.key_source import generate_recovery_key
 
 MODES = ("format", "in_place")
 
@@ -88,6 +87,7 @@ class EncryptRequest:
     wipe: bool = False
     options: luks.LuksOptions = luks.LuksOptions()
     recovery_key: bool = False
+    recovery_escrow: object = recovery.ControllerEscrow()  # where a new recovery key is kept (node/recovery.py)
 
     def validate(self):
         if self.mode not in MODES:
@@ -225,7 +225,7 @@ def _plan_encrypted(request, source, selector, device, label):
         item.action = "resume"
         item.notes.append("in-place encryption was interrupted; it will be finished")
         _require_free(device)
-    if request.recovery_key and not header.recovery_slots:
+    if request.recovery_key and not recovery.kept_slots(header):
         item.add_recovery_key = True
     return item
 
@@ -266,11 +266,11 @@ def apply(plans, request, source, log=None, results=None):
     options = effective_options(request.options, source)
     results = [] if results is None else results
     for item in plans:
-        results.append(_apply_partition(item, options, source, log))
+        results.append(_apply_partition(item, options, source, log, request.recovery_escrow))
     return results
 
 
-def _apply_partition(item, options, source, log):
+def _apply_partition(item, options, source, log, escrow):
     path = item.device.path
     recovery_key = None
     if not item.changes:
@@ -291,11 +291,10 @@ def _apply_partition(item, options, source, log):
         log("finishing the interrupted encryption of %s" % path)
         luks.resume(path, key)
     if item.add_recovery_key:
-        log("adding a recovery key to %s" % path)
-        # Not added to source.secrets: the caller must be able to return it (once).
-        recovery_key = generate_recovery_key()
-        slot = luks.add_key(path, key, recovery_key, options)
-        luks.import_token(path, {"type": luks.RECOVERY_TOKEN_TYPE, "keyslots": [str(slot)]})
+        log("adding a recovery key to %s (kept by: %s)" % (path, escrow.name))
+        added = recovery.add(item.device, key, options, escrow, label=item.label)
+        # Not added to source.secrets: with the controller escrow the caller must be able to return it (once).
+        recovery_key = added["key"] if escrow.returns_key else None
     return result(item, source, applied=True, recovery_key=recovery_key)
 
 

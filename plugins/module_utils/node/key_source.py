@@ -21,7 +21,6 @@ so callers can redact them (Ansible ``no_log_values``).
 from __future__ import annotations
 
 import os
-import secrets as secrets_lib
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client import builder, kairos_config, kms_client
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
@@ -30,16 +29,6 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM, parse_nv_index, parse_persistent_handle, parse_tpm_layout
 
 KEY_SOURCES = ("tpm", "kms", "passphrase", "auto")
-
-# Recovery keys look like systemd-cryptenroll's: 256 random bits as 64 "modhex" characters
-# in groups of 8. The alphabet reads the same on QWERTY, AZERTY and QWERTZ keyboards.
-MODHEX = "cbdefghijklnrtuv"
-
-
-def generate_recovery_key():
-    raw = secrets_lib.token_bytes(32)
-    chars = "".join(MODHEX[b >> 4] + MODHEX[b & 0xF] for b in raw)
-    return "-".join(chars[i : i + 8] for i in range(0, 64, 8)).encode("ascii")
 
 
 def partition_ref(device, label):
@@ -206,21 +195,41 @@ def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None)
         return PassphraseKeySource(params.get("passphrase"))
     if params.get("passphrase"):
         raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
-    if kind == "auto":
-        base = kairos_config.read_settings(config_dirs, cmdline_path, at_boot=at_boot, warn=warn)
-    else:
-        base = kairos_config.KcryptSettings()
-    overrides = _overrides(params)
-    settings = builder.apply_overrides(base, overrides)
+    base, overrides, settings = _settings(params, kind, config_dirs, cmdline_path, at_boot, warn)
     if kind == "auto":
         kind = "kms" if settings.remote else "tpm"
     if kind == "tpm":
         return TpmKeySource(settings.tpm_device, settings.nv_index, settings.c_index, settings.tpm_layout)
     if not settings.challenger_server:
         raise KcryptError("key_source=kms needs challenger_server (with mdns, a *.local URL)")
-    config = builder.client_config(base, overrides, attempts=params.get("kms_attempts", builder.DEFAULT_ATTEMPTS),
-                                   retry_delay=params.get("kms_retry_delay"), cmdline_path=cmdline_path)
-    return KmsKeySource(config)
+    return KmsKeySource(_client_config(params, base, overrides, cmdline_path))
+
+
+def kms_client_config(params, config_dirs=None, cmdline_path=None, purpose="key_source=kms"):
+    """The KMS client configuration of the same options whatever the key source (the recovery-key escrow).
+
+    With ``key_source=auto`` the node's Kairos config fills what the options leave unset.
+    """
+    params = {key: value for key, value in params.items() if builder.is_set(value)}
+    base, overrides, settings = _settings(params, params.get("key_source") or "tpm", config_dirs, cmdline_path)
+    if not settings.challenger_server:
+        raise KcryptError("%s needs challenger_server (with mdns, a *.local URL)" % purpose)
+    return _client_config(params, base, overrides, cmdline_path)
+
+
+def _settings(params, kind, config_dirs, cmdline_path, at_boot=False, warn=None):
+    """(Kairos settings, overrides from the options, the two combined)."""
+    if kind == "auto":
+        base = kairos_config.read_settings(config_dirs, cmdline_path, at_boot=at_boot, warn=warn)
+    else:
+        base = kairos_config.KcryptSettings()
+    overrides = _overrides(params)
+    return base, overrides, builder.apply_overrides(base, overrides)
+
+
+def _client_config(params, base, overrides, cmdline_path):
+    return builder.client_config(base, overrides, attempts=params.get("kms_attempts", builder.DEFAULT_ATTEMPTS),
+                                 retry_delay=params.get("kms_retry_delay"), cmdline_path=cmdline_path)
 
 
 def _overrides(params):

@@ -321,6 +321,15 @@ def import_token(device, token):
     )
 
 
+def replace_token(device, token_id, token):
+    """Replace LUKS2 token ``token_id`` in one header write (never a moment without it)."""
+    run(
+        ["cryptsetup", "token", "import", "--json-file", "-", "--token-id", str(token_id), "--token-replace", device],
+        "replacing token %s of %s" % (token_id, device),
+        stdin=json.dumps(token).encode("utf-8"),
+    )
+
+
 def remove_token(device, token_id):
     """Remove LUKS2 token ``token_id`` (JSON metadata only; key slots are untouched)."""
     run(["cryptsetup", "token", "remove", "--token-id", str(token_id), device], "removing token %s of %s" % (token_id, device))

@@ -15,6 +15,9 @@ For the ``kairos_luks_rekey`` module. There is never a moment without a working 
 3. ``finish``: the key the source serves now must open the recorded slot; every other
    key slot is removed, except recovery-key slots (``luks.RECOVERY_TOKEN_TYPE``).
 
+The recovery key is rotated on request (``rotate_recovery``, after the main key's round): a new one is
+added and kept (returned, or escrowed in the KMS), then the old recovery slots go (node/recovery.py).
+
 States a crash can leave, and what a re-run with the same ``rekey_id`` does:
 
 - before 1 completes: no token for this round (or a slot without token holding a key
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import os
 
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev, encryption, luks, recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm import blob
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import TPM
@@ -233,6 +236,31 @@ def rekey_with_source(devices, source, step, new_key, rekey_id, options, check_m
                 outcome["removed_slots"] = old_slots(device)
             else:
                 outcome["removed_slots"] += finish(device, current, source.describe(), rekey_id, check_mode)
+        outcomes[device.path] = outcome
+    return outcomes
+
+
+def rotate_recovery(devices, key_for, escrow, rekey_id, options, check_mode=False):
+    """Give each partition a new recovery key kept by ``escrow`` and remove its old recovery slots (node/recovery.py).
+
+    ``key_for(device)`` is the key that opens the partition now (after the main-key re-key of the same
+    run). A partition whose recovery key of round ``rekey_id`` is kept and alone is left as it is.
+    Returns {device path: {"rotated": bool, "removed_slots": [slot], "recovery_key": bytes or None}}.
+    """
+    outcomes = {}
+    for device in devices:
+        header = luks.read_header(device.path)
+        outcome = {"rotated": False, "removed_slots": [], "recovery_key": None}
+        if not recovery.round_done(header, rekey_id):
+            outcome["rotated"] = True
+            current = key_for(device)
+            luks.require_key(device.path, current, "the key source")
+            if check_mode:
+                outcome["removed_slots"] = list(header.recovery_slots)
+            else:
+                added = recovery.add(device, current, options, escrow, label=device.label, rekey_id=rekey_id)
+                outcome["removed_slots"] = added["removed_slots"]
+                outcome["recovery_key"] = added["key"] if escrow.returns_key else None
         outcomes[device.path] = outcome
     return outcomes
 

@@ -27,6 +27,7 @@ GROUPS = {
     "kairos.kcrypt.offline_key": ansible_common.OFFLINE_KEY_SPEC,
     "kairos.kcrypt.key_source": ansible_common.KEY_SOURCE_SPEC,
     "kairos.kcrypt.partitions": ansible_common.PARTITIONS_SPEC,
+    "kairos.kcrypt.recovery_escrow": ansible_common.RECOVERY_ESCROW_SPEC,
 }
 
 

@@ -36,3 +36,25 @@ def test_refuses_what_is_not_an_object_before_calling_the_api(bad):
     with pytest.raises(KcryptError, match="object 1 is not a Kubernetes object"):
         kube_apply.apply_objects([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}}, bad],
                                  kubeconfig="/nonexistent/kubeconfig")
+
+
+class _Resource:
+    def __init__(self, namespaced):
+        self.namespaced = namespaced
+
+
+def test_namespace_map_moves_its_namespaces_and_namespace_the_rest():
+    """The recovery-key Role goes to the mapped namespace; its binding's ServiceAccount stays the challenger's."""
+    applier = kube_apply.Applier.__new__(kube_apply.Applier)  # place() needs no API client
+    applier.namespace, applier.namespace_map = "kms", {"kcrypt-recovery": "kms-recovery"}
+    role = {"kind": "Role", "metadata": {"name": "r", "namespace": "kcrypt-recovery"}}
+    binding = {"kind": "RoleBinding", "metadata": {"name": "b", "namespace": "kcrypt-recovery"},
+               "subjects": [{"kind": "ServiceAccount", "name": "kcrypt-challenger", "namespace": "kcrypt"}]}
+    other = {"kind": "Role", "metadata": {"name": "o", "namespace": "kcrypt"}}
+    namespace = {"kind": "Namespace", "metadata": {"name": "kcrypt-recovery"}}
+    assert applier.place(role, _Resource(True))["metadata"]["namespace"] == "kms-recovery"
+    placed = applier.place(binding, _Resource(True))
+    assert placed["metadata"]["namespace"] == "kms-recovery" and placed["subjects"][0]["namespace"] == "kms"
+    assert applier.place(other, _Resource(True))["metadata"]["namespace"] == "kms"
+    assert "namespace" not in applier.place(namespace, _Resource(False))["metadata"]
+    assert role["metadata"]["namespace"] == "kcrypt-recovery"  # the caller's object is left as it was

@@ -23,6 +23,7 @@ import pytest
 import websocket
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import messages as protocol
+from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms import listener, metrics, server
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.volume_attestation import PolicyRejection
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.store import StoreUnavailable
@@ -58,6 +59,12 @@ class FakePolicy:
         if self.fail:
             raise self.fail  # pylint: disable=raising-bad-type
         return True
+
+    def escrow_recovery_key(self, tpm_hash, ek_pem, pcrs, partition, recovery_key):
+        self.calls.append(("escrow", tpm_hash, partition, recovery_key))
+        if self.fail:
+            raise self.fail  # pylint: disable=raising-bad-type
+        return "node-data-recovery"
 
 
 @pytest.fixture(scope="module")
@@ -458,6 +465,59 @@ def test_metrics_of_worker_slots_render_as_one_sum():
         metrics.Metrics(shared, 2)
 
 
+# -- recovery-key escrow ------------------------------------------------------------------------
+
+
+def _escrow(kms, node, recovery_key, nonce=True, headers=None):
+    """One /recovery-escrow exchange; returns (the answer dict or the close frame's data, whether it closed)."""
+    ws = connect(kms.ws_url, path=protocol.RECOVERY_ESCROW_PATH, headers=headers)
+    try:
+        ws.send(protocol.write_json(node.init_message()))
+        proof = node.proof_message(json.loads(ws.recv()), nonce=nonce)
+        if recovery_key is not None:
+            proof["recovery_key"] = protocol.b64encode(recovery_key)
+        ws.send(protocol.write_json(proof))
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return data, True
+        return json.loads(data), _closed(ws)
+    finally:
+        ws.close()
+
+
+def test_recovery_escrow_stores_the_key_and_audits_without_it(kms, policy, node, caplog):
+    key = b"cbdefghi-" * 7 + b"cbdefghi"
+    with caplog.at_level(logging.INFO, logger="kcrypt.audit"):
+        answer, closed = _escrow(kms, node, key, headers={"label": "DATA", "name": "vdb1", "uuid": ""})
+        time.sleep(0.1)  # the audit line is written after the reply
+    assert answer == {"escrowed": True} and closed
+    assert policy.calls == [("escrow", node.tpm_hash, PartitionRef(label="DATA", device_name="vdb1"), key)]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "kcrypt.audit"]
+    assert "protocol=recovery-escrow" in line and "outcome=success" in line and "secret=node-data-recovery" in line
+    assert "nonce=bound" in line and key.decode() not in line and protocol.b64encode(key) not in line
+
+
+@pytest.mark.parametrize("recovery_key, nonce, expected", [
+    (None, True, "recovery_key must be 16 to 256 bytes, got 0"),
+    (b"k" * 15, True, "recovery_key must be 16 to 256 bytes, got 15"),
+    (b"k" * 257, True, "recovery_key must be 16 to 256 bytes, got 257"),
+    (b"k" * 32, False, "qualifying data does not match the nonce"),  # /tpm-attestation takes it (when-supported)
+])
+def test_recovery_escrow_refusals_never_reach_the_policy(kms, policy, node, recovery_key, nonce, expected):
+    answer, closed = _escrow(kms, node, recovery_key, nonce=nonce)
+    assert expected in answer["error"] and closed
+    assert policy.calls == []
+
+
+def test_recovery_escrow_policy_rejection_and_store_failure(kms, policy, node):
+    policy.fail = PolicyRejection("partition label=X is not registered for this TPM")
+    answer, closed = _escrow(kms, node, b"k" * 32, headers={"label": "X", "name": "", "uuid": ""})
+    assert answer == {"error": "Attestation verification failed: partition label=X is not registered for this TPM"}
+    policy.fail = StoreUnavailable("database is locked")
+    data, closed = _escrow(kms, node, b"k" * 32)
+    assert closed and int.from_bytes(data[:2], "big") == 1011 and b"database is locked" in data
+
+
 # -- the connection budget (issue 14.7, 13.4, 15) ---------------------------------------------------------
 
 
@@ -596,3 +656,28 @@ def test_max_connections_counts_every_worker(policy):
         other_worker.in_flight = 2
         with raw_ws.RawSocket(kms.port) as sock:
             assert sock.upgrade()[0] == 101
+
+
+def test_recovery_escrow_shares_the_admission_and_the_connection_budget(policy, node):
+    """/recovery-escrow counts against max_connections like /tpm-attestation (503 + Retry-After beyond, before any
+    work), and its first message has the same deadline."""
+    limits = listener.ConnectionLimits(max_connections=1, worker_exchanges=1, worker_connections=64, per_client=0)
+    with _budget_kms(policy, limits=limits, first_message_timeout=1.0, read_timeout=1.0) as kms:
+        held = connect(kms.ws_url, path=protocol.RECOVERY_ESCROW_PATH)  # an escrow in flight, silent
+        try:
+            with raw_ws.RawSocket(kms.port) as sock:
+                status, headers, dummy = sock.upgrade()  # /tpm-attestation while the escrow holds the only place
+            with pytest.raises(websocket.WebSocketBadStatusException) as info:
+                connect(kms.ws_url, path=protocol.RECOVERY_ESCROW_PATH)
+            started = time.monotonic()
+            error = json.loads(held.recv())["error"]  # the held escrow is closed at the first message's deadline
+            waited = time.monotonic() - started
+        finally:
+            held.close()
+        assert status == 503 and headers["retry-after"] == "1"
+        assert info.value.status_code == 503 and info.value.resp_headers["retry-after"] == "1"
+        assert error == "WebSocket read: reading attestation init: no attestation init within 1s" and waited < 3.0
+        time.sleep(0.2)  # the audit and in-flight count are updated after the close
+        answer, closed = _escrow(kms, node, b"k" * 32)  # capacity is back
+        assert answer == {"escrowed": True} and closed
+    assert [call[0] for call in policy.calls] == ["escrow"]

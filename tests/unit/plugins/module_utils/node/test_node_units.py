@@ -12,7 +12,7 @@ import pytest
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.client import kms_client
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
-from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks
+from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node.blockdev import BlockDevice
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.command import CommandError, run, secret_pipe
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
@@ -58,7 +58,7 @@ def test_generated_keys_get_upstream_iter_time_unless_set():
 
 
 def test_recovery_key_shape_and_uniqueness():
-    keys = set(key_source.generate_recovery_key() for count in range(20))
+    keys = set(recovery.generate_recovery_key() for count in range(20))
     assert len(keys) == 20
     for key in keys:
         assert re.fullmatch(rb"([cbdefghijklnrtuv]{8}-){7}[cbdefghijklnrtuv]{8}", key)
