@@ -148,7 +148,7 @@ def one_size(count, forks, profile, settings):
         up = time.monotonic() - start
         port = free_port()
         runs = []
-        for _ in ("first", "second"):
+        for _run_name in ("first", "second"):
             load = os.getloadavg()[0]
             runs.append(dict(run_playbook("playbooks/provision.yml", {"challenger_port": port},
                                           lab["lab_inventory_path"], forks, settings), load=load))

@@ -124,23 +124,24 @@ def fleet_sizes(kubeconfig, emulator_pid, sizes, sample):
 
         for size in sizes:
             started = time.monotonic()
-            wanted = ["%064x" % random.getrandbits(256) for _ in range(size - len(enrolled))]
+            wanted = ["%064x" % random.getrandbits(256) for _count in range(size - len(enrolled))]
             with ThreadPoolExecutor(8) as pool:  # the emulator is one process; threads hide its latency
                 enrolled.extend(pool.map(enrol, wanted))
             fill = time.monotonic() - started
             kms_store.custom = counter = ItemCounter(kms_store.custom)
             known = random.sample(enrolled, min(sample, len(enrolled)))
-            unknown = ["%064x" % random.getrandbits(256) for _ in known]
+            unknown = ["%064x" % random.getrandbits(256) for _known in known]
             rows = [
                 ("lookup", [lambda h=h: kms_store.find_volume(h) for h in known]),
                 ("attest", [lambda h=h: policy.issue_passphrase(h, EK, PCRS, PART) for h in known]),
                 ("unknown", [lambda h=h: kms_store.find_volume(h) for h in unknown]),
-                ("full list", [kms_store.list_volumes for _ in range(max(3, min(20, 20000 // size)))]),
+                ("full list", [kms_store.list_volumes for _repeat in range(max(3, min(20, 20000 // size)))]),
             ]
             for name, calls in rows:
                 figures = measure_fleet_call(kms_store, counter, emulator_pid, calls)
-                print("%-8d %-10s %8.3f %10.2f %10.2f %8.1f %12.2f" % (size, name, figures["cpu_ms"], figures["p50_ms"],
-                                                                      figures["p99_ms"], figures["items"], figures["emulator_ms"]))
+                print("%-8d %-10s %8.3f %10.2f %10.2f %8.1f %12.2f" % (
+                    size, name, figures["cpu_ms"], figures["p50_ms"], figures["p99_ms"], figures["items"],
+                    figures["emulator_ms"]))
             kms_store.custom = counter._api
             print("%-8d (filled in %.0f s)" % (size, fill))
             sys.stdout.flush()
