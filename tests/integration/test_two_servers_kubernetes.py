@@ -69,7 +69,7 @@ def test_two_replicas_200_concurrent_first_contacts(kube_target, tmp_path):
                 for i, port in enumerate(ports)]
     try:
         for replica in replicas:
-            replica.start(timeout=30)
+            replica.start()
         barrier = threading.Barrier(CONTACTS)
 
         def first_contact(index):

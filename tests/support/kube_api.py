@@ -65,7 +65,7 @@ class KubeAPI:
     def url(self):
         return "http://127.0.0.1:%d" % self.port
 
-    def start(self, timeout=20):
+    def start(self, timeout=60):  # a startup deadline only: CI runs it next to heavy I/O
         os.makedirs(self.work_dir, exist_ok=True)
         port_file = os.path.join(self.work_dir, "port")
         if os.path.exists(port_file):

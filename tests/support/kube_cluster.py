@@ -41,7 +41,7 @@ VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 class KubeCluster(kube_api.KubeAPI):
     """One emulator process with workload resources, stopped by the PID this code started."""
 
-    def start(self, timeout=20):
+    def start(self, timeout=60):  # a startup deadline only: CI runs it next to heavy I/O
         script = kube_api.__file__
         kube_api.__file__ = os.path.abspath(__file__)  # KubeAPI.start runs the module it names
         try:
