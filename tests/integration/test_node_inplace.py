@@ -114,7 +114,10 @@ def test_killed_encryption_resumes_with_the_cli(loop_disks, tmp_path, repo_root)
     command = [sys.executable, os.path.join(repo_root, "bin", "kcrypt"), "--json", "encrypt", "--label", label,
                "--mode", "in_place", "--key-source", "passphrase", "--passphrase-file", str(secret),
                "--pbkdf-algorithm", "pbkdf2", "--pbkdf-iteration-count", "1000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # A SIGKILLed run cannot remove its private working directory: keep it under tmp_path, not /tmp.
+    killed_env = dict(os.environ, TMPDIR=str(tmp_path))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env=killed_env)
     try:
         interrupted = wait_for_progress(device, process)
     finally:
