@@ -39,29 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from support import playbook  # noqa: E402
 from support.ports import free_port  # noqa: E402
-from support.process import children  # noqa: E402
-
-
-def _status_kib(pid, field):
-    try:
-        with open("/proc/%d/status" % pid) as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kib(pid):
-    try:
-        with open("/proc/%d/smaps_rollup" % pid) as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from support.process import children, proc_kib  # noqa: E402
 
 
 def _is_controller(pid):
@@ -91,11 +69,12 @@ class ControllerMemory(threading.Thread):
             return self.main_cpu
 
     def run(self):
-        while _status_kib(self.pid, "VmHWM"):
+        while proc_kib(self.pid, "VmHWM"):
             self.main_cpu = self._cpu()
-            self.main_peak_kib = max(self.main_peak_kib, _status_kib(self.pid, "VmHWM"))
+            self.main_peak_kib = max(self.main_peak_kib, proc_kib(self.pid, "VmHWM"))
             workers = [child for child in children(self.pid) if _is_controller(child)]
-            self.all_peak_kib = max(self.all_peak_kib, _pss_kib(self.pid) + sum(_pss_kib(w) for w in workers))
+            pss = sum(proc_kib(pid, "Pss", "smaps_rollup") for pid in [self.pid] + workers)
+            self.all_peak_kib = max(self.all_peak_kib, pss)
             time.sleep(0.5)
 
 

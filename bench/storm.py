@@ -52,6 +52,7 @@ sys.path.insert(0, BENCH)
 import attestation as bench  # noqa: E402  (the software nodes, the WebSocket client, the server helpers)
 
 from support import soft_tpm  # noqa: E402
+from support.process import proc_kib  # noqa: E402
 
 REFUSAL_KINDS = ("http", "close", "timeout", "connection", "other")
 
@@ -217,17 +218,6 @@ class ServerSampler(threading.Thread):
         self.peak_rss_kib = self.peak_fds = 0
 
     @staticmethod
-    def _rss_kib(pid):
-        try:
-            with open("/proc/%d/status" % pid) as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
     def _fds(pid):
         try:
             return len(os.listdir("/proc/%d/fd" % pid))
@@ -237,7 +227,7 @@ class ServerSampler(threading.Thread):
     def run(self):
         while not self.stop.is_set():
             pids = [self.pid] + bench.child_pids(self.pid)
-            self.peak_rss_kib = max(self.peak_rss_kib, sum(self._rss_kib(p) for p in pids))
+            self.peak_rss_kib = max(self.peak_rss_kib, sum(proc_kib(p, "VmRSS") for p in pids))
             self.peak_fds = max(self.peak_fds, sum(self._fds(p) for p in pids))
             self.stop.wait(0.2)
 

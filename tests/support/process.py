@@ -43,3 +43,15 @@ def alive(pid):
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, TypeError):
         return False
+
+
+def proc_kib(pid, field, source="status"):
+    """The kB figure ``field`` (VmRSS, VmHWM, Pss, ...) of /proc/PID/``source``; 0 once the process is gone."""
+    try:
+        with open("/proc/%d/%s" % (pid, source)) as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
