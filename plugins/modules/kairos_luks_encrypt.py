@@ -103,6 +103,15 @@ options:
         M(kairos.kcrypt.kairos_luks_rekey) with O(kairos.kcrypt.kairos_luks_rekey#module:recovery_key=true) replaces it.
     type: bool
     default: false
+  verify:
+    description:
+      - After encrypting, get each key again from a new start and test that it opens every selected
+        partition, as a second run in check mode would. With O(key_source=kms) this is a new attestation
+        with the KMS, as at boot; with O(key_source=tpm) a new read of the NV blob.
+      - Fails the task if a key does not open a partition it just encrypted. The partitions stay encrypted.
+      - Does nothing in check mode or when nothing was changed.
+    type: bool
+    default: false
 extends_documentation_fragment:
   - kairos.kcrypt.partitions
   - kairos.kcrypt.key_source
@@ -150,6 +159,7 @@ EXAMPLES = r"""
     key_source: kms
     challenger_server: https://kms.example.com:8082
     certificate: /etc/kcrypt/kms-ca.pem
+    verify: true  # attest again and test that the new keys open both partitions
 
 - name: Encrypt with a recovery key and keep the key in a vault
   kairos.kcrypt.kairos_luks_encrypt:
@@ -178,9 +188,32 @@ EXAMPLES = r"""
     mode: in_place
   check_mode: true
   diff: true
+
+- name: Find out the TPM hash to register before encrypting with a KMS key (changes nothing)
+  kairos.kcrypt.kairos_luks_encrypt:
+    partitions:
+      - label: COS_PERSISTENT
+    mode: in_place
+    key_source: kms
+    challenger_server: https://kms.example.com:8082
+  check_mode: true
+  register: plan
+  # plan.tpm_hash goes to kairos.kcrypt.kairos_sealedvolume, plan.partitions[0].label too
 """
 
 RETURN = r"""
+tpm_hash:
+  description:
+    - The node's TPM hash, the identity the KMS knows it by (as M(kairos.kcrypt.kairos_tpm_hash) returns it).
+      Read before anything changes, in check mode too, so a dry run can register the node with the KMS.
+    - Empty when O(key_source=passphrase) and the node has no usable TPM.
+  returned: always
+  type: str
+  sample: 8b8f4b1d0d3a0e4c0bc9a6a0f4e3d9c2b7c1f0a5e6d4c3b2a1908f7e6d5c4b3a
+verified:
+  description: Whether O(verify) tested the key of every partition after encrypting (and they opened).
+  returned: always
+  type: bool
 partitions:
   description: One entry per selected partition, in the order given. It never holds the partition key.
   returned: always
@@ -239,6 +272,7 @@ from ansible_collections.kairos.kcrypt.plugins.module_utils.ansible_common impor
 )
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import encryption, key_source, luks, recovery
+from ansible_collections.kairos.kcrypt.plugins.module_utils.tpm.device import read_tpm_hash
 
 # The options that say how to format, by the names LuksOptions.from_options takes.
 LUKS_OPTIONS = ("type", "cipher", "keysize", "hash", "sector_size", "pbkdf")
@@ -270,6 +304,7 @@ def argument_spec():
             mutually_exclusive=[("iteration_time", "iteration_count")],
         ),
         recovery_key=dict(type="bool", default=False, no_log=False),
+        verify=dict(type="bool", default=False),
     )
 
 
@@ -296,6 +331,7 @@ def run(module, results):
     )
     source = key_source.build(params)
     hide_secrets(module, source)
+    tpm_hash = node_tpm_hash(source, request)
     plans = encryption.plan(request, source)
     if any(p.add_recovery_key for p in plans) and request.recovery_escrow.returns_key and not module.no_log:
         raise KcryptError(
@@ -303,18 +339,40 @@ def run(module, results):
             "'no_log: true' on the task so it stays out of logs (or escrow it with recovery_escrow=kms). Nothing was changed."
         )
     diff = {"before": state_text(plans, "before"), "after": state_text(plans, "after")}
+    changed = any(p.changes for p in plans)
+    verified = False
     if module.check_mode:
         results.extend(encryption.result(item, source) for item in plans)
     else:
         encryption.apply(plans, request, source, results=results)
-    return {"changed": any(p.changes for p in plans), "partitions": results, "diff": diff}
+        if params["verify"] and changed:
+            fresh = key_source.build(params)  # nothing cached: each key is fetched again, as at boot
+            hide_secrets(module, fresh)
+            try:
+                encryption.verify(request, fresh)
+            except KcryptError as error:
+                raise KcryptError("encrypted, but the key does not open what was encrypted: %s" % error) from None
+            verified = True
+    return {"changed": changed, "partitions": results, "diff": diff, "tpm_hash": tpm_hash, "verified": verified}
+
+
+def node_tpm_hash(source, request):
+    """The node's TPM hash; empty only when nothing here needs the TPM and it cannot be read."""
+    needs_tpm = source.needs_tpm or (request.recovery_key and request.recovery_escrow.name == recovery.ESCROW_KMS)
+    try:
+        return read_tpm_hash(source.tpm_device)
+    except KcryptError:  # no TPM, or no tpm2-pytss to talk to one
+        if needs_tpm:
+            raise
+        return ""
 
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), required_if=KEY_SOURCE_REQUIRED_IF, supports_check_mode=True)
     results = []
     outcome = run_or_fail(module, run, module, results,
-                          failure=lambda: {"changed": any(r["changed"] for r in results), "partitions": results})
+                          failure=lambda: {"changed": any(r["changed"] for r in results), "partitions": results,
+                                           "tpm_hash": "", "verified": False})
     module.exit_json(**outcome)
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev
 from support.loopdisk import make_ext4, opens_with, unique_label
@@ -129,12 +131,22 @@ def test_kms_four_steps_and_quarantine(swtpm_factory, loop_disks, repo_root, sub
             args = {"partitions": [{"label": label}], "mode": "in_place", "key_source": "kms", "challenger_server": kms.url,
                     "tpm_device": node.tcti, "kms_attempts": 2, "kms_retry_delay": 0.1,
                     "pbkdf": {"algorithm": "pbkdf2", "iteration_count": 1000}}
-            steps = [run_module(repo_root, subprocess_env, "kairos_luks_encrypt", args, tmp_path, check=check)
+            # verify: after encrypting, the module attests again and tests the new key (the role's last step)
+            steps = [run_module(repo_root, subprocess_env, "kairos_luks_encrypt", dict(args, verify=True), tmp_path, check=check)
                      for check in (True, False, False, True)]
             assert [rc for rc, result in steps] == [0, 0, 0, 0], steps
             assert [r["changed"] for rc, r in steps] == [True, True, False, False]
             assert [r["partitions"][0]["action"] for rc, r in steps] == ["in_place", "in_place", "none", "none"]
+            assert [r["verified"] for rc, r in steps] == [False, True, False, False]
+            # attestations: the encryption's, the verification's, then one per run that tests the key
+            # (the first dry run asks for nothing: the partition was not encrypted yet)
+            assert successful_attestations(kms.url) == 4
             (volume,) = kms_store.list_volumes()
+            # the dry run already tells the TPM hash to register, and it is the one the KMS enrolled
+            with TPM(node.tcti) as tpm:
+                expected_hash = tpm.endorsement_key().tpm_hash
+            assert [r["tpm_hash"] for rc, r in steps] == [expected_hash] * 4
+            assert volume["spec"]["TPMHash"] == expected_hash
             entry = volume["spec"]["partitions"][0]
             passphrase = kms_store.get_secret(entry["secret"]["name"])["data"][entry["secret"]["path"]]
             assert opens_with(disk.partitions[0], passphrase)
@@ -153,6 +165,12 @@ def test_kms_four_steps_and_quarantine(swtpm_factory, loop_disks, repo_root, sub
     finally:
         kms_store.close()
         node.stop()
+
+
+def successful_attestations(url):
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return int(re.search(r'kcrypt_attestations_total\{protocol="attestation",outcome="success"\} (\d+)', text).group(1))
 
 
 def luks_header_bytes(device):

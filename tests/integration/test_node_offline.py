@@ -283,3 +283,23 @@ def test_generated_keys_get_upstreams_pbkdf_by_default(swtpm, loop_disks):
     kdf = luks.read_header(disk.partitions[0]).keyslots["0"]["kdf"]
     assert kdf["type"] == "argon2id"
     assert kdf["time"] == 4 and kdf["memory"] <= 65536  # cryptsetup's floor, what --iter-time 5 yields
+
+
+def test_verify_fetches_the_key_again_and_fails_when_it_does_not_open(swtpm, loop_disks):
+    """encryption.verify (kairos_luks_encrypt verify=true) tests a key from a new source against every partition."""
+    disk = loop_disks([("a", 40), ("b", 40)])
+    labels = [unique_label(), unique_label()]
+    for device, label in zip(disk.partitions, labels):
+        make_ext4(device, label)
+    request = encrypt_request(encryption.Selector(label=labels[0]))
+    source = key_source.TpmKeySource(swtpm.tcti)
+    encryption.apply(encryption.plan(request, source), request, source)
+
+    encryption.verify(request, key_source.TpmKeySource(swtpm.tcti))  # the NV blob read again opens it
+    with pytest.raises(luks.WrongKey, match="does not open it"):
+        encryption.verify(request, key_source.PassphraseKeySource("not the key"))
+    # a partition still to encrypt is reported, and left as it is
+    both = encrypt_request(encryption.Selector(label=labels[0]), encryption.Selector(label=labels[1]))
+    with pytest.raises(KcryptError, match="%s would still be changed" % re.escape(disk.partitions[1])):
+        encryption.verify(both, key_source.TpmKeySource(swtpm.tcti))
+    assert blockdev.probe(disk.partitions[1]).fstype == "ext4"

@@ -173,6 +173,17 @@ def plan(request, source, scope=None):
     return plans
 
 
+def verify(request, source, scope=None):
+    """Prove that keys from ``source`` open every partition of ``request``: a new plan finds nothing to do.
+
+    Give a new source (nothing cached), so each key is fetched again as at boot (KMS attestation,
+    TPM NV read) and tested against the partition with cryptsetup. Raises KcryptError otherwise.
+    """
+    pending = [item.device.path for item in plan(request, source, scope) if item.changes]
+    if pending:
+        raise KcryptError("%s would still be changed by another run; the encryption did not take" % ", ".join(pending))
+
+
 def _plan_partition(request, source, selector, device):
     label = selector.label or device.kairos_label
     if device.is_luks:

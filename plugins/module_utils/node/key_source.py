@@ -38,6 +38,11 @@ def partition_ref(device, label):
 
 class KeySource:
     name = ""
+    # The TPM this source attests or seals with ("" = the default device), also where the node's
+    # TPM hash is read (kairos_luks_encrypt returns it, so provisioning needs no second TPM read).
+    tpm_device = ""
+    # Whether the source cannot work without the TPM (the passphrase source can).
+    needs_tpm = True
     # Whether keys are machine-generated high-entropy secrets: then a cheap PBKDF costs nothing
     # in security and saves seconds at every boot (see docs/node.md, "PBKDF").
     generated = True
@@ -78,9 +83,11 @@ class PassphraseKeySource(KeySource):
 
     name = "passphrase"
     generated = False
+    needs_tpm = False
 
-    def __init__(self, passphrase):
+    def __init__(self, passphrase, tpm_device=""):
         super().__init__()
+        self.tpm_device = tpm_device or ""
         if isinstance(passphrase, str):
             passphrase = passphrase.encode("utf-8")
         if not passphrase:
@@ -141,6 +148,7 @@ class KmsKeySource(KeySource):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.tpm_device = config.tpm_device or ""
         self._cache = {}
 
     def describe(self):
@@ -192,7 +200,7 @@ def build(params, config_dirs=None, cmdline_path=None, at_boot=False, warn=None)
     if kind not in KEY_SOURCES:
         raise KcryptError("key_source must be one of %s, not %r" % (", ".join(KEY_SOURCES), kind))
     if kind == "passphrase":
-        return PassphraseKeySource(params.get("passphrase"))
+        return PassphraseKeySource(params.get("passphrase"), params.get("tpm_device"))
     if params.get("passphrase"):
         raise KcryptError("passphrase is only used with key_source=passphrase (key_source is %s)" % kind)
     base, overrides, settings = _settings(params, kind, config_dirs, cmdline_path, at_boot, warn)

@@ -329,6 +329,12 @@ def pcr_selection(pcrs, bank="sha256"):
     return tss.TPML_PCR_SELECTION.parse("%s:%s" % (bank, ",".join(str(p) for p in pcrs)))
 
 
+def read_tpm_hash(device=None):
+    """The TPM hash the KMS knows a node by (spec §1.1), read from the TPM at ``device``."""
+    with TPM(device) as tpm:
+        return tpm.endorsement_key().tpm_hash
+
+
 class TPM:
     """One connection to a TPM. Use as a context manager.
 
