@@ -39,8 +39,10 @@ from urllib.parse import urlsplit, urlunsplit
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.deps import optional_import, require
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.errors import KcryptError
 
-zeroconf = optional_import("zeroconf")
-ifaddr = optional_import("ifaddr")  # installed with zeroconf
+# Lazy: every KMS client imports this module, and zeroconf costs ~0.1 s of CPU to import, which a
+# fleet pays in every module run of every node; only a *.local server needs it.
+zeroconf = optional_import("zeroconf", lazy=True)
+ifaddr = optional_import("ifaddr", lazy=True)  # installed with zeroconf
 
 SERVICE_TYPE = "_kcrypt._tcp"
 DOMAIN = "local."
