@@ -60,3 +60,16 @@ def subprocess_env():
     env["ANSIBLE_CONFIG"] = os.path.join(ROOT, "ansible.cfg")
     env.pop("KCRYPT_TPM_DEVICE", None)
     return env
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``slow`` first, the longest first (the mark's ``minutes``, about how long its class or module takes).
+
+    scripts/test.sh runs pytest-xdist with ``--dist loadscope --no-loadscope-reorder``, which hands out classes and
+    modules in this order: a long class started last keeps one worker busy after the others have finished.
+    """
+    def minutes(item):
+        mark = item.get_closest_marker("slow")
+        return mark.kwargs.get("minutes", 1) if mark else 0
+
+    items.sort(key=lambda item: -minutes(item))  # stable: the order within a class or module stays

@@ -160,7 +160,7 @@ def deploy(kms, check=False, **overrides):
 
 
 # the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)
-@pytest.mark.slow
+@pytest.mark.slow(minutes=9)
 class TestChallengerOnThisHost:
     def test_deploy_plain_http(self, kms):
         run = deploy(kms)

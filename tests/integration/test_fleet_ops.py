@@ -135,6 +135,7 @@ def quarantined(fleet, node):
     return bool(volume["spec"].get("quarantined"))
 
 
+@pytest.mark.slow(minutes=6)
 class TestFleetOperations:
     def test_nodes_start_encrypted_with_kms_keys(self, fleet):
         for node, key in fleet["keys"].items():

@@ -178,6 +178,7 @@ tofu_lab = pytest.fixture(scope="class", name="tofu_lab")(three_prepared_nodes)
 mixed_lab = pytest.fixture(scope="class", name="mixed_lab")(three_prepared_nodes)
 
 
+@pytest.mark.slow(minutes=7)
 @pytest.mark.usefixtures("tofu_lab")
 class TestProvisionTofu:
     """Three nodes, key source kms, the KMS enrolling them on first contact (TOFU)."""
@@ -262,6 +263,7 @@ class TestProvisionTofu:
 STATIC = "static passphrase of node2 " + secrets.token_hex(8)
 
 
+@pytest.mark.slow(minutes=9)
 @pytest.mark.usefixtures("mixed_lab")
 class TestProvisionMixed:
     """node1 offline (TPM), node2 a static passphrase in the KMS, node3 quarantined: it fails alone."""

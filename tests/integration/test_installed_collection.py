@@ -92,6 +92,7 @@ def summary_block(stdout):
 
 
 # the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope)
+@pytest.mark.slow(minutes=4)
 class TestInstalledCollection:
     def test_lab_up_writes_its_inventory_outside_the_collection(self, installed):
         before = installed.files()

@@ -71,6 +71,7 @@ def read_inventory(lab):
 
 
 # the tests of this class build on each other, in order (scripts/test.sh: --dist loadscope keeps a class on one worker)
+@pytest.mark.slow(minutes=1)
 class TestLab:
     def test_lab_up(self, lab):
         run = playbook.playbook("playbooks/lab_up.yml", lab["vars"])

@@ -12,10 +12,13 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 from ansible_collections.kairos.kcrypt.plugins.module_utils.node import blockdev
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import loop_disks  # noqa: F401  # pylint: disable=unused-import
 
+pytestmark = pytest.mark.slow(minutes=2)
 PLAYBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playbooks")
 
 

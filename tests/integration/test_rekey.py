@@ -28,6 +28,7 @@ from support.challenger import ChallengerThread
 from support.loopdisk import make_ext4, opens_with, unique_label
 from support.node_fixtures import fast_options, loop_disks, node  # noqa: F401  # pylint: disable=unused-import
 
+pytestmark = pytest.mark.slow(minutes=3)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULE = os.path.join(ROOT, "plugins", "modules", "kairos_luks_rekey.py")
 

@@ -10,12 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common import identity
 from ansible_collections.kairos.kcrypt.plugins.module_utils.common.partition_ref import PartitionRef
 from ansible_collections.kairos.kcrypt.plugins.module_utils.kms.policy import Policy
 
+pytestmark = pytest.mark.slow(minutes=3)
 PLAYBOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playbooks")
 PASSPHRASE = "module-static-Passphrase-42"
 
