@@ -16,9 +16,10 @@ the fixed part (KMS deployment, Ansible start-up).
 is single-threaded; workers and modules not counted); ``all CPU`` that of ansible-playbook with
 every process it started and reaped (workers, modules, cryptsetup: the nodes' work, which on real
 machines runs on their own CPUs). On this shared machine wall time cannot go below all CPU / cores.
-The controller's memory: ``main`` is the peak RSS of the ansible-playbook process (VmHWM); ``all`` the peak, over samples every 0.5 s, of the summed PSS of ansible-playbook and its
-forked workers (PSS shares the pages forks have in common, so the sum is not inflated). Module
-processes (the "nodes") are not counted. ``--profile`` prints the slowest tasks of each run.
+The controller's memory: ``main`` is the peak RSS of the ansible-playbook process (VmHWM);
+``all`` the peak, over samples every 0.5 s, of the summed PSS of ansible-playbook and its forked
+workers (PSS shares the pages forks have in common, so the sum is not inflated). Module processes
+(the "nodes") are not counted. ``--profile`` prints the slowest tasks of each run.
 Asserts only that the runs succeed.
 """
 
